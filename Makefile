@@ -1,0 +1,26 @@
+# Two set-up commands (see README): `make demo` and `make test`. Both create .venv from scratch.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/scoredistill: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(BIN)/scoredistill
+
+.PHONY: install demo test test-fast lint
+install: $(BIN)/scoredistill
+
+demo: install
+	$(BIN)/scoredistill demo
+
+test: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+
+test-fast: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,5 @@
+import sys
+
+from scoredistill.cli.main import main
+
+sys.exit(main())

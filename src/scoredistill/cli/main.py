@@ -1,0 +1,219 @@
+"""``scoredistill`` command line: distill, sample, teacher-sample, train-teacher, demo.
+
+Bad input (unknown keys or values, wrong shapes, missing files, unreadable checkpoints) prints one
+line ``scoredistill: error: FIELD: message`` on stderr and exits with code 2, without a traceback
+and without touching what is already in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+EXIT_BAD_INPUT = 2
+EXIT_ABORTED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + message by default)
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT):
+    sys.stderr.write(f"scoredistill: error: {msg}\n")
+    sys.exit(code)
+
+
+def _load_run_config(run_dir: str) -> dict:
+    from scoredistill.config import ConfigError, load_yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isdir(run_dir):
+        raise ConfigError("RUN_DIR", f"folder not found: {run_dir}")
+    if not os.path.exists(path):
+        raise ConfigError("RUN_DIR", f"{run_dir} has no config.yaml (not a scoredistill run folder)")
+    return load_yaml(path)
+
+
+def cmd_distill(args):
+    from scoredistill.config import ConfigError, load_yaml, resolve
+    from scoredistill.engine.distiller import Distiller
+    from scoredistill.engine.io import list_checkpoints
+    from scoredistill.engine.report import write_report
+
+    if args.resume:
+        run_dir = args.resume
+        cfg = resolve(_load_run_config(run_dir), args.set)
+    else:
+        if not args.config or not args.out:
+            raise ConfigError("distill", "needs CONFIG.yaml --out RUN_DIR, or --resume RUN_DIR")
+        run_dir = args.out
+        cfg = resolve(load_yaml(args.config), args.set)
+        if list_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise ConfigError("--out", f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    t0 = time.time()
+    d = Distiller(cfg, run_dir)
+    res = d.train(resume=bool(args.resume))
+    tab, _ = write_report(d, time.time() - t0, cfg["eval"]["teacher_steps"])
+    print(tab)
+    print(f"wrote {os.path.join(run_dir, 'report.md')}")
+    return res
+
+
+def cmd_sample(args):
+    import numpy as np
+    import torch
+
+    from scoredistill.config import ConfigError
+    from scoredistill.models.registry import load_model
+
+    folder = os.path.join(args.run_dir, "generator")
+    if not os.path.isdir(args.run_dir):
+        raise ConfigError("RUN_DIR", f"folder not found: {args.run_dir}")
+    try:
+        gen, gcfg = load_model(folder)
+    except FileNotFoundError:
+        raise ConfigError("RUN_DIR", f"{args.run_dir} has no generator/ yet (train first)") from None
+    if args.n < 1:
+        raise ConfigError("--n", "must be >= 1")
+    gen.eval()
+    g = torch.Generator().manual_seed(args.seed)
+    shape = tuple(gcfg.get("data_shape") or gen.data_shape)
+    z = torch.randn(args.n, *shape, generator=g)
+    cond = None
+    if gen.num_classes:
+        if args.cls is not None:
+            if not 0 <= args.cls < gen.num_classes:
+                raise ConfigError("--class", f"must be in [0, {gen.num_classes - 1}]")
+            cond = torch.full((args.n,), args.cls, dtype=torch.long)
+        else:
+            cond = torch.randint(0, gen.num_classes, (args.n,), generator=g)
+    elif args.cls is not None:
+        raise ConfigError("--class", "this generator is unconditional")
+    with torch.no_grad():
+        x = gen(z, cond).float().numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.save(args.out, x.astype(np.float32))
+    print(f"wrote {args.out} {x.shape}")
+
+
+def cmd_teacher_sample(args):
+    import numpy as np
+    import torch
+
+    from scoredistill.config import ConfigError, load_yaml, resolve
+    from scoredistill.engine.build import build_teacher, sample_classes
+    from scoredistill.sampling import SAMPLERS, nfe, teacher_sample
+
+    cfg = resolve(load_yaml(args.config), args.set)
+    if args.sampler not in SAMPLERS:
+        raise ConfigError("--sampler", f"unknown value {args.sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    if args.steps < 1 or args.n < 1:
+        raise ConfigError("--steps" if args.steps < 1 else "--n", "must be >= 1")
+    teacher, _ = build_teacher(cfg["teacher"])
+    g = torch.Generator().manual_seed(args.seed)
+    cond = sample_classes(teacher.num_classes, args.n, g)
+    if args.cls is not None:
+        cond = torch.full((args.n,), args.cls, dtype=torch.long)
+    x = teacher_sample(teacher, args.n, steps=args.steps, sampler=args.sampler, cond=cond, w=args.guidance,
+                       generator=g)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.save(args.out, x.float().numpy().astype(np.float32))
+    print(f"wrote {args.out} {tuple(x.shape)} ({nfe(args.sampler, args.steps)} NFE)")
+
+
+def cmd_train_teacher(args):
+    from scoredistill.engine.teacher_training import train_teacher
+
+    res = train_teacher(args.config, args.out, args.set)
+    print(f"wrote teacher to {res['out']} (final loss {res['final_loss']:.4f}); use it with "
+          f"teacher: {{kind: learned, path: {res['out']}}}")
+
+
+def cmd_demo(args):
+    from scoredistill.cli.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="scoredistill", description="Score distillation of diffusion and flow models.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    d = sub.add_parser("distill", help="distill a teacher into a one-step generator")
+    d.add_argument("config", nargs="?", help="recipe YAML")
+    d.add_argument("--out", help="run folder to create")
+    d.add_argument("--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    d.set_defaults(fn=cmd_distill)
+
+    s = sub.add_parser("sample", help="sample a trained generator to .npy")
+    s.add_argument("run_dir")
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--class", dest="cls", type=int, default=None)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_sample)
+
+    ts = sub.add_parser("teacher-sample", help="sample the teacher with a multi-step ODE sampler")
+    ts.add_argument("config")
+    ts.add_argument("--n", type=int, default=1000)
+    ts.add_argument("--steps", type=int, default=18)
+    ts.add_argument("--sampler", default="heun")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--class", dest="cls", type=int, default=None)
+    ts.add_argument("--guidance", type=float, default=1.0, help="canonical CFG scale (1 = unguided)")
+    ts.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ts.add_argument("--out", required=True)
+    ts.set_defaults(fn=cmd_teacher_sample)
+
+    tt = sub.add_parser("train-teacher", help="fit a small learned teacher to a GMM")
+    tt.add_argument("config")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tt.set_defaults(fn=cmd_train_teacher)
+
+    dm = sub.add_parser("demo", help="ring8 -> one-step DMD2 generator in under two minutes on a CPU")
+    dm.add_argument("--out", default=os.path.join("runs", "demo"))
+    dm.add_argument("--quick", action="store_true", help="a few hundred steps (smoke test)")
+    dm.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    from scoredistill.config import ConfigError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "fn", None):
+            parser.print_help()
+            return 0
+        if getattr(args, "config", None) and not os.path.exists(args.config):
+            raise ConfigError("CONFIG", f"file not found: {args.config}")
+        from scoredistill.engine.distiller import TrainingAborted
+        from scoredistill.engine.io import CheckpointError
+
+        try:
+            args.fn(args)
+        except TrainingAborted as e:
+            _fail(f"training aborted: {e}", EXIT_ABORTED)
+        except CheckpointError as e:
+            _fail(f"checkpoint: {e}")
+    except _UsageError as e:
+        _fail(str(e))
+    except ConfigError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; resume with `scoredistill distill --resume RUN_DIR`", 130)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

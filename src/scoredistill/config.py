@@ -1,0 +1,228 @@
+"""Run configuration: YAML recipes + ``--set a.b=c`` overrides, validated against a schema.
+
+Every problem is a :class:`ConfigError` naming the dotted field and what is accepted; the CLI turns
+it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+
+class ConfigError(Exception):
+    """A bad field in a config or a command line; ``str()`` is the one-line message."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+def check_keys(cfg: dict, accepted: Iterable[str], section: str) -> None:
+    accepted = list(accepted)
+    for k in cfg:
+        if k not in accepted:
+            raise ConfigError(f"{section}.{k}" if section else k,
+                              f"unknown key; accepted: {', '.join(sorted(accepted))}")
+
+
+# The schema: every accepted key with its default. ``None`` means "not set / derived".
+DEFAULTS: dict[str, Any] = {
+    "teacher": {
+        "kind": "gmm",            # gmm | learned
+        "preset": None,           # ring8 | grid25 | pair | asym | gmm10d (kind: gmm)
+        "means": None, "std": None, "stds": None, "weights": None, "classes": None,
+        "dim": None,              # embed a 2-D preset in more dimensions (zero padding)
+        "path": None,             # kind: learned -> folder written by `scoredistill train-teacher`
+        "process": {"kind": "edm"},
+        "guidance_convention": "canonical",  # how guidance scales in this file are written
+    },
+    "generator": {
+        "kind": "mlp",            # mlp (fresh) | teacher (copy of a learned teacher)
+        "width": 256, "depth": 4,
+        "sigma_init": 2.5,        # kind: teacher -> G(z) = D(sigma_init z, sigma_init)
+        "z_std": 1.0,
+    },
+    "fake_score": {
+        "kind": "mlp",            # mlp (fresh) | teacher (copy of a learned teacher)
+        "width": 256, "depth": 4,
+        "sigma_data": None,       # EDM preconditioning scale; default: the teacher's data std
+    },
+    "objective": {"name": "dmd2"},
+    "train": {
+        "steps": 1000,
+        "batch_size": 256,
+        "seed": 0,
+        "lr": 1e-4, "fake_lr": None, "disc_lr": None,
+        "betas": [0.0, 0.99], "fake_betas": None, "disc_betas": None,
+        "weight_decay": 0.0,
+        "generator_every": 1,             # generator updated when iteration % generator_every == 0
+        "fake_on_generator_steps": True,  # DMD2: fake also updated on generator iterations (5:1)
+        "grad_clip": 10.0,
+        "ema": 0.99,
+        "nan_guard_max": 20,              # abort after this many consecutive non-finite steps
+        "checkpoint_every": 500,
+        "keep_checkpoints": 2,
+        "log_every": 25,
+        "device": "cpu",
+        "threads": None,
+        "progress": True,
+        "real_data": "teacher",           # teacher (draw from the teacher's sampler) | none | PATH.npy
+        "real_pool": 20000,               # how many real samples to draw from the teacher
+        "ode_pairs": 2000,                # (noise, teacher ODE output) pairs for regression losses
+        "ode_steps": 18,
+    },
+    "eval": {
+        "every": 250,
+        "n_samples": 2000,
+        "plots": True,
+        "teacher_steps": 18,              # Heun steps for the teacher baseline (2*18-1 = 35 NFE)
+    },
+}
+
+SECTIONS = tuple(DEFAULTS)
+
+
+def _merge(base: dict, new: dict, path: str) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        field = f"{path}.{k}" if path else k
+        if path == "" and k not in DEFAULTS:
+            raise ConfigError(k, f"unknown section; accepted: {', '.join(SECTIONS)}")
+        if path == "objective" or path.startswith("objective."):
+            out[k] = copy.deepcopy(v)  # objective params are validated by the objective itself
+            continue
+        if path and k not in base:
+            raise ConfigError(field, f"unknown key; accepted: {', '.join(sorted(base))}")
+        if isinstance(base.get(k), dict) and k != "process":
+            if not isinstance(v, dict):
+                raise ConfigError(field, "must be a mapping")
+            out[k] = _merge(base[k], v, field)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception:
+        return text
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML scalars/lists)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts[0] not in DEFAULTS:
+            raise ConfigError(key, f"unknown section; accepted: {', '.join(SECTIONS)}")
+        node, schema = cfg, DEFAULTS
+        for i, p in enumerate(parts[:-1]):
+            if parts[0] != "objective" and isinstance(schema, dict) and p not in schema:
+                raise ConfigError(".".join(parts[: i + 1]), "unknown key")
+            node = node.setdefault(p, {})
+            schema = schema.get(p, {}) if isinstance(schema, dict) else {}
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is not a mapping")
+        last = parts[-1]
+        if parts[0] != "objective" and isinstance(schema, dict) and schema and last not in schema \
+                and parts[-2:-1] != ["process"]:
+            raise ConfigError(key, f"unknown key; accepted: {', '.join(sorted(schema))}")
+        node[last] = _parse_value(text)
+    return cfg
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError("config", f"file not found: {path}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError("config", f"{path} is not valid YAML{where}") from None
+    except Exception as e:  # omegaconf interpolation / structure errors
+        raise ConfigError("config", f"{path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of sections")
+    return data
+
+
+def resolve(user: dict, overrides: Iterable[str] = ()) -> dict:
+    """Merge a user config over :data:`DEFAULTS`, apply overrides and validate generic fields."""
+    cfg = _merge(DEFAULTS, user, "")
+    cfg = apply_overrides(cfg, overrides)
+    cfg = _merge(DEFAULTS, cfg, "")  # re-validate keys that came from overrides
+    validate_common(cfg)
+    return cfg
+
+
+def _positive_int(cfg, section, key, minimum=1):
+    v = cfg[section][key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ConfigError(f"{section}.{key}", f"must be an integer >= {minimum}, got {v!r}")
+
+
+def _number(cfg, section, key, lo=None, allow_none=False):
+    v = cfg[section][key]
+    if v is None and allow_none:
+        return
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise ConfigError(f"{section}.{key}", f"must be a number, got {v!r}")
+    if lo is not None and v < lo:
+        raise ConfigError(f"{section}.{key}", f"must be >= {lo}, got {v!r}")
+
+
+def validate_common(cfg: dict) -> None:
+    t = cfg["train"]
+    for k in ("steps", "batch_size", "generator_every", "checkpoint_every", "keep_checkpoints",
+              "log_every", "nan_guard_max", "real_pool", "ode_pairs", "ode_steps"):
+        _positive_int(cfg, "train", k)
+    _positive_int(cfg, "train", "seed", minimum=0)
+    for k in ("lr",):
+        _number(cfg, "train", k, lo=0)
+    for k in ("fake_lr", "disc_lr"):
+        _number(cfg, "train", k, lo=0, allow_none=True)
+    _number(cfg, "train", "grad_clip", lo=0, allow_none=True)
+    _number(cfg, "train", "ema", lo=0)
+    if t["ema"] >= 1:
+        raise ConfigError("train.ema", f"must be in [0, 1), got {t['ema']!r}")
+    for k in ("betas", "fake_betas", "disc_betas"):
+        b = t[k]
+        if b is None and k != "betas":
+            continue
+        if (not isinstance(b, (list, tuple)) or len(b) != 2
+                or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)):
+            raise ConfigError(f"train.{k}", f"must be two numbers in [0, 1), got {b!r}")
+    _positive_int(cfg, "eval", "every")
+    _positive_int(cfg, "eval", "n_samples", minimum=16)
+    _positive_int(cfg, "eval", "teacher_steps")
+    for sec in ("generator", "fake_score"):
+        _positive_int(cfg, sec, "width")
+        _positive_int(cfg, sec, "depth")
+    if cfg["generator"]["kind"] not in ("mlp", "teacher"):
+        raise ConfigError("generator.kind", f"unknown value {cfg['generator']['kind']!r}; accepted: mlp, teacher")
+    if cfg["fake_score"]["kind"] not in ("mlp", "teacher"):
+        raise ConfigError("fake_score.kind",
+                          f"unknown value {cfg['fake_score']['kind']!r}; accepted: mlp, teacher")
+    _number(cfg, "generator", "sigma_init", lo=0)
+    if not isinstance(cfg["objective"], dict) or "name" not in cfg["objective"]:
+        raise ConfigError("objective.name", "missing")
+    if t["device"] not in ("cpu", "cuda") and not str(t["device"]).startswith("cuda:"):
+        raise ConfigError("train.device", f"unknown value {t['device']!r}; accepted: cpu, cuda, cuda:N")
+
+
+def dump(cfg: dict, path: str | os.PathLike) -> None:
+    from scoredistill.engine.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

@@ -1,0 +1,127 @@
+"""Build every role of a run from a resolved config (teacher, generator, fake score, head)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+
+from scoredistill.config import ConfigError, check_keys
+from scoredistill.models.denoiser import Denoiser
+from scoredistill.models.generators import DenoiserGenerator, DiscriminatorHead
+from scoredistill.models.mlp import MLPDenoiser, MLPGenerator
+from scoredistill.models.registry import load_model, process_from_description
+from scoredistill.process.processes import make_process
+from scoredistill.teachers.gmm import GMMTeacher, build_gmm
+
+GMM_KEYS = ("kind", "preset", "means", "std", "stds", "weights", "classes", "dim", "process", "guidance_convention")
+LEARNED_KEYS = ("kind", "path", "process", "guidance_convention")
+
+
+def build_teacher(tcfg: dict) -> tuple[Denoiser, GMMTeacher | None]:
+    """Return ``(teacher, reference)``; ``reference`` is the GMM the metrics compare against."""
+    kind = tcfg.get("kind")
+    set_keys = [k for k, v in tcfg.items() if v is not None and k != "process"]
+    if kind == "gmm":
+        check_keys({k: 1 for k in set_keys}, GMM_KEYS, "teacher")
+        g = build_gmm(tcfg, make_process(tcfg.get("process")))
+        return g, g
+    if kind == "learned":
+        check_keys({k: 1 for k in set_keys}, LEARNED_KEYS, "teacher")
+        path = tcfg.get("path")
+        if not path:
+            raise ConfigError("teacher.path", "missing; give the folder written by `scoredistill train-teacher`")
+        if not os.path.isdir(path):
+            raise ConfigError("teacher.path", f"folder not found: {path}")
+        try:
+            model, cfg = load_model(path)
+        except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
+            raise ConfigError("teacher.path", f"not a teacher folder ({e})") from None
+        model.requires_grad_(False).eval()
+        ref = None
+        if "source" in cfg:
+            src = cfg["source"]
+            ref = GMMTeacher(src["means"], src["stds"], src["weights"], src.get("classes"),
+                             process_from_description(src["process"]))
+        return model, ref
+    raise ConfigError("teacher.kind", f"unknown value {kind!r}; accepted: gmm, learned")
+
+
+def data_std(teacher: Denoiser, reference: GMMTeacher | None) -> float:
+    if reference is not None:
+        return reference.data_std()
+    return float(getattr(teacher, "sigma_data", 1.0))
+
+
+def build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
+    dim = int(np.prod(teacher.data_shape))
+    if gcfg["kind"] == "mlp":
+        return MLPGenerator(dim, gcfg["width"], gcfg["depth"], teacher.num_classes)
+    if not isinstance(teacher, MLPDenoiser):
+        raise ConfigError("generator.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
+                          "accepted for exact-score teachers: mlp")
+    t_init = float(teacher.process.t_from_rho(gcfg["sigma_init"]))
+    return DenoiserGenerator(copy.deepcopy(teacher).requires_grad_(True).train(), t_init)
+
+
+def build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
+    dim = int(np.prod(teacher.data_shape))
+    if fcfg["kind"] == "mlp":
+        sd = fcfg["sigma_data"] if fcfg["sigma_data"] is not None else sigma_data
+        return MLPDenoiser(teacher.process, dim, fcfg["width"], fcfg["depth"], teacher.num_classes, sd)
+    if not isinstance(teacher, MLPDenoiser):
+        raise ConfigError("fake_score.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
+                          "accepted for exact-score teachers: mlp")
+    return copy.deepcopy(teacher).requires_grad_(True).train()
+
+
+def build_discriminator(fake: Denoiser) -> DiscriminatorHead:
+    if not hasattr(fake, "features"):
+        raise ConfigError("fake_score.kind", "the discriminator head needs a fake network with features()")
+    with torch.no_grad():
+        x = torch.zeros(2, *fake.data_shape)
+        t = torch.full((2,), 0.5, dtype=torch.float64)
+        h = fake.features(x, t, None)
+    return DiscriminatorHead(int(np.prod(h.shape[1:])))
+
+
+def load_real_data(spec, teacher: Denoiser, reference, n: int, seed: int):
+    """Real samples ``(x, cond)``: exact GMM samples, the teacher's ODE samples, or a ``.npy`` file."""
+    from scoredistill.sampling import teacher_sample
+
+    g = torch.Generator().manual_seed(seed + 1000003)
+    if spec == "teacher":
+        cond = sample_classes(teacher.num_classes, n, g)
+        if isinstance(teacher, GMMTeacher):
+            return teacher.sample(n, cond=cond, generator=g), cond
+        return teacher_sample(teacher, n, steps=18, cond=cond, generator=g), cond
+    if isinstance(spec, str) and spec.endswith(".npy"):
+        if not os.path.exists(spec):
+            raise ConfigError("train.real_data", f"file not found: {spec}")
+        arr = np.load(spec, allow_pickle=False)
+        if tuple(arr.shape[1:]) != tuple(teacher.data_shape):
+            raise ConfigError("train.real_data", f"samples have shape {tuple(arr.shape[1:])}, the teacher's data "
+                              f"shape is {tuple(teacher.data_shape)}")
+        return torch.from_numpy(arr.astype(np.float32)), None
+    raise ConfigError("train.real_data", f"unknown value {spec!r}; accepted: teacher, none, PATH.npy")
+
+
+def sample_classes(num_classes: int | None, n: int, g: torch.Generator | None):
+    if not num_classes:
+        return None
+    return torch.randint(0, num_classes, (n,), generator=g)
+
+
+def make_ode_pairs(teacher: Denoiser, n: int, steps: int, seed: int, w: float = 1.0):
+    """(noise, teacher Heun ODE output) pairs for regression losses (DMD, arXiv 2311.18828 §3.3)."""
+    from scoredistill.sampling import get_rhos_karras, sample_heun
+
+    g = torch.Generator().manual_seed(seed + 2000003)
+    z = torch.randn(n, *teacher.data_shape, generator=g)
+    cond = sample_classes(teacher.num_classes, n, g)
+    p = teacher.process
+    rhos = get_rhos_karras(steps, max(p.rho_min, 0.002), min(p.rho_max, 80.0))
+    x = sample_heun(teacher, z, rhos, cond, w)
+    return z, x, cond

@@ -1,0 +1,39 @@
+"""A rich progress bar with live losses; silent when disabled or when output is not a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+        self.total, self.start = total, start
+        self.enabled = enabled and sys.stderr.isatty()
+        self._p = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RP
+
+            self._p = RP(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+            self._p.__enter__()
+            self._task = self._p.add_task("distill", total=self.total, completed=self.start, info="")
+        return self
+
+    def update(self, step: int, losses: dict):
+        if self._p is not None:
+            info = " ".join(f"{k}={v:.3g}" for k, v in list(losses.items())[:3])
+            self._p.update(self._task, completed=step, info=info)
+
+    def note(self, res: dict):
+        if self._p is not None and "precision" in res:
+            self._p.console.print(f"step {res['step']:>6}: precision {res['precision']:.3f}  modes "
+                                  f"{res['modes_covered']}/{res['num_modes']}  TV {res['weight_tv']:.3f}  "
+                                  f"SW2 {res['sw2']:.3f}")
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.__exit__(*exc)
+        return False

@@ -1,0 +1,58 @@
+"""The canonical denoiser contract: ``D(x_t, t, cond) -> x0_hat`` with its process attached.
+
+Every teacher, fake score and teacher-shaped generator backbone is reachable through
+:class:`Denoiser`, whatever it predicts natively; adapters convert at the edge (k-diffusion's
+``external.py`` idea). Conditioning is a LongTensor of class labels with ``-1`` meaning "no
+condition" (the null class of classifier-free guidance), or ``None`` for unconditional calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scoredistill.process.guidance import cfg_combine
+from scoredistill.process.processes import Process
+
+NULL_CLASS = -1
+
+
+class Denoiser(nn.Module):
+    """Base class. Subclasses implement :meth:`denoise`; ``forward`` is an alias."""
+
+    process: Process
+    data_shape: tuple[int, ...]
+    num_classes: int | None = None
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_t, t, cond=None):
+        return self.denoise(x_t, t, cond)
+
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, w: float) -> torch.Tensor:
+        """Canonical CFG ``D_u + w (D_c - D_u)``; one batched call of size ``2B`` when guiding.
+
+        ``w == 1`` (or no condition) is exactly the conditional call, so every field reduces to the
+        unguided one (methods.md §1.3). Samples whose label is already null are left unguided.
+        """
+        if cond is None or w == 1.0:
+            return self.denoise(x_t, t, cond)
+        null = torch.full_like(cond, NULL_CLASS)
+        both = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+        d_c, d_u = both.chunk(2)
+        return cfg_combine(d_u, d_c, w)
+
+    def score(self, x_t, t, cond=None):
+        return self.process.score(x_t, self.denoise(x_t, t, cond), t)
+
+    def eps(self, x_t, t, cond=None):
+        return self.process.from_x0(x_t, self.denoise(x_t, t, cond), t, "eps")
+
+
+def expand_t(t: torch.Tensor | float, batch: int, device=None) -> torch.Tensor:
+    """Broadcast a scalar or ``(B,)`` time to shape ``(B,)`` float64."""
+    if not torch.is_tensor(t):
+        t = torch.tensor(float(t), dtype=torch.float64)
+    t = t.to(device=device, dtype=torch.float64)
+    return t.expand(batch) if t.dim() == 0 else t

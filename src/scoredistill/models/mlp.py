@@ -1,0 +1,132 @@
+"""Small native networks for vector data: an EDM-preconditioned MLP denoiser and an MLP generator.
+
+Preconditioning (arXiv 2206.00364 Table 1) is applied in the VE-equivalent coordinates of any
+process: with ``rho = s_t/a_t`` and ``y = x_t/a_t = x0 + rho eps``,
+``D(x_t) = c_skip y + c_out F(c_in y, c_noise)``, ``c_skip = sd^2/(rho^2 + sd^2)``,
+``c_out = rho sd / sqrt(rho^2 + sd^2)``, ``c_in = 1/sqrt(rho^2 + sd^2)``, ``c_noise = ln(rho)/4``.
+So one network definition serves VP, EDM and flow teachers alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
+from scoredistill.process.processes import Process
+
+
+class FourierTime(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(64.0), dim // 2)))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        arg = c_noise[:, None] * self.freqs[None]
+        return torch.cat([arg.sin(), arg.cos()], 1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int, emb: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.emb = nn.Linear(emb, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, h, e):
+        y = self.fc1(nn.functional.silu(self.norm(h))) + self.emb(e)
+        return h + self.fc2(nn.functional.silu(y))
+
+
+class MLPBackbone(nn.Module):
+    """Residual MLP ``F(x, emb)``; ``features`` is the last hidden state (DMD2's GAN head input)."""
+
+    def __init__(self, dim: int, width: int, depth: int, emb_dim: int):
+        super().__init__()
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(ResBlock(width, emb_dim) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+
+    def features(self, x, e):
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h, e)
+        return nn.functional.silu(self.out_norm(h))
+
+    def forward(self, x, e):
+        return self.out(self.features(x, e))
+
+
+class MLPDenoiser(Denoiser):
+    """EDM-preconditioned MLP denoiser for flat vector data, optionally class-conditional."""
+
+    def __init__(self, process: Process, dim: int, width: int = 256, depth: int = 4,
+                 num_classes: int | None = None, sigma_data: float = 1.0, emb_dim: int = 64):
+        super().__init__()
+        self.process = process
+        self.data_shape = (dim,)
+        self.num_classes = num_classes
+        self.sigma_data = float(sigma_data)
+        self.arch = dict(dim=dim, width=width, depth=depth, num_classes=num_classes,
+                         sigma_data=float(sigma_data), emb_dim=emb_dim)
+        self.time = FourierTime(emb_dim)
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.net = MLPBackbone(dim, width, depth, emb_dim)
+        nn.init.zeros_(self.net.out.weight)
+        nn.init.zeros_(self.net.out.bias)
+
+    def _precond(self, x_t, t, cond):
+        b = x_t.shape[0]
+        t = expand_t(t, b, x_t.device)
+        a = self.process.alpha(t)[:, None]
+        rho = (self.process.sigma(t) / self.process.alpha(t))[:, None]
+        sd = self.sigma_data
+        y = x_t.reshape(b, -1).double() / a
+        c_in = 1 / (rho * rho + sd * sd).sqrt()
+        c_skip = sd * sd / (rho * rho + sd * sd)
+        c_out = rho * sd / (rho * rho + sd * sd).sqrt()
+        e = self.time_mlp(self.time((rho.squeeze(1).log() / 4).float()))
+        if self.class_emb is not None:
+            idx = torch.full((b,), self.num_classes, dtype=torch.long, device=x_t.device) if cond is None \
+                else torch.where(cond.long() == NULL_CLASS, self.num_classes, cond.long())
+            e = e + self.class_emb(idx)
+        return y, c_in, c_skip, c_out, e
+
+    def denoise(self, x_t, t, cond=None):
+        y, c_in, c_skip, c_out, e = self._precond(x_t, t, cond)
+        f = self.net((c_in * y).to(x_t.dtype), e)
+        return (c_skip * y + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)
+
+    def features(self, x_t, t, cond=None):
+        """Last hidden layer of the backbone at ``(x_t, t)`` (input to a discriminator head)."""
+        y, c_in, _, _, e = self._precond(x_t, t, cond)
+        return self.net.features((c_in * y).to(x_t.dtype), e)
+
+
+class MLPGenerator(nn.Module):
+    """Fresh one-step generator ``x = G(z, c)`` for vector data (residual MLP)."""
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 4, num_classes: int | None = None,
+                 emb_dim: int = 64):
+        super().__init__()
+        self.data_shape = (dim,)
+        self.num_classes = num_classes
+        self.arch = dict(dim=dim, width=width, depth=depth, num_classes=num_classes, emb_dim=emb_dim)
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.emb_dim = emb_dim
+        self.net = MLPBackbone(dim, width, depth, emb_dim)
+
+    def forward(self, z, cond=None):
+        b = z.shape[0]
+        if self.class_emb is not None:
+            idx = torch.full((b,), self.num_classes, dtype=torch.long, device=z.device) if cond is None \
+                else torch.where(cond.long() == NULL_CLASS, self.num_classes, cond.long())
+            e = self.class_emb(idx)
+        else:
+            e = torch.zeros(b, self.emb_dim, device=z.device, dtype=z.dtype)
+        return self.net(z.reshape(b, -1), e).reshape(b, *self.data_shape)

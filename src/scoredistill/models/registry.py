@@ -1,0 +1,73 @@
+"""Save / load models as diffusers-style folders: ``config.json`` + ``model.safetensors``.
+
+The config names the class and its constructor arguments, so a generator directory is loadable
+without the run that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from scoredistill.models.generators import DenoiserGenerator
+from scoredistill.models.mlp import MLPDenoiser, MLPGenerator
+from scoredistill.process.processes import PROCESS_KINDS, Process
+
+
+def process_from_description(d: dict) -> Process:
+    d = dict(d)
+    kind = d.pop("kind")
+    if kind == "edm" and "rho" in d:
+        d["rho_karras"] = d.pop("rho")
+    return PROCESS_KINDS[kind](**d)
+
+
+def model_config(model: torch.nn.Module) -> dict:
+    if isinstance(model, MLPDenoiser):
+        return {"class": "MLPDenoiser", "arch": model.arch, "process": model.process.describe()}
+    if isinstance(model, MLPGenerator):
+        return {"class": "MLPGenerator", "arch": model.arch}
+    if isinstance(model, DenoiserGenerator):
+        return {"class": "DenoiserGenerator", "t_init": model.t_init, "denoiser": model_config(model.denoiser)}
+    raise TypeError(f"no folder format for {type(model).__name__}")
+
+
+def model_from_config(cfg: dict) -> torch.nn.Module:
+    cls = cfg["class"]
+    if cls == "MLPDenoiser":
+        return MLPDenoiser(process_from_description(cfg["process"]), **cfg["arch"])
+    if cls == "MLPGenerator":
+        return MLPGenerator(**cfg["arch"])
+    if cls == "DenoiserGenerator":
+        return DenoiserGenerator(model_from_config(cfg["denoiser"]), cfg["t_init"])
+    raise ValueError(f"unknown model class {cls!r}")
+
+
+def save_model(model: torch.nn.Module, folder: str, extra: dict | None = None) -> None:
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` atomically (temp + rename)."""
+    from scoredistill.engine.io import atomic_dir
+
+    cfg = model_config(model)
+    if extra:
+        cfg.update(extra)
+    with atomic_dir(folder) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
+def load_model(folder: str) -> tuple[torch.nn.Module, dict]:
+    """Load a model folder; returns ``(model, config)``. Raises ``FileNotFoundError``/``ValueError``."""
+    cfg_path = os.path.join(folder, "config.json")
+    w_path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(cfg_path) or not os.path.exists(w_path):
+        raise FileNotFoundError(f"{folder} has no config.json + model.safetensors")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    model = model_from_config(cfg)
+    model.load_state_dict(load_file(w_path))
+    return model, cfg

@@ -1,0 +1,153 @@
+"""The objective contract shared by the generator trainer and the parameter optimizer.
+
+An objective is a small, pure rule. It receives samples ``x`` (from a generator, a parameter
+tensor or a renderer) in a :class:`Batch`, the frozen/learned networks in :class:`Roles`, and returns
+a dict whose ``"loss"`` entry is the scalar to backpropagate and whose other entries are detached
+diagnostics. It never steps an optimizer, moves a device or toggles ``requires_grad``: the engine
+owns all of that (NVIDIA Model-Optimizer ``fastgen`` boundary, see STYLE.md).
+
+Requirements an objective can declare (the engine checks them before training):
+``fake_score`` (a learned score of the sample distribution), ``discriminator`` (a head on the
+fake network's features), ``real_data`` (samples of the target), ``ode_pairs`` (noise / teacher-ODE
+output pairs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from scoredistill.config import ConfigError
+from scoredistill.models.denoiser import Denoiser
+from scoredistill.process.processes import Process
+from scoredistill.process.time import TimeSampler, make_time_sampler
+
+REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs")
+
+
+@dataclass
+class Batch:
+    """What an objective sees in one call. ``x`` carries the generator graph in generator phases
+    and is detached in auxiliary phases."""
+
+    x: torch.Tensor
+    cond: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    real_cond: torch.Tensor | None = None
+    ode_z: torch.Tensor | None = None
+    ode_x: torch.Tensor | None = None
+    ode_cond: torch.Tensor | None = None
+    rng: torch.Generator | None = None
+    step: int = 0
+
+
+@dataclass
+class Roles:
+    """The networks an objective may read. Only the engine steps them."""
+
+    teacher: Denoiser
+    fake: Denoiser | None = None
+    discriminator: nn.Module | None = None
+    generator: Any = None  # callable G(z, cond) for objectives with regression terms
+
+    @property
+    def process(self) -> Process:
+        return self.teacher.process
+
+
+@dataclass
+class ObjectiveParams:
+    """Base for each objective's parameters; fields are the accepted ``objective.*`` keys."""
+
+    guidance_scale: float = 1.0  # canonical CFG scale on the teacher (w = 1: unguided)
+
+
+class Objective:
+    """Base class. Subclasses set ``name``, ``Params`` and implement the loss methods."""
+
+    name: ClassVar[str] = "objective"
+    Params: ClassVar[type] = ObjectiveParams
+    default_time: ClassVar[TimeSampler] = None  # per-method generator time sampler
+
+    def __init__(self, params: ObjectiveParams, time: TimeSampler | None = None,
+                 fake_time: TimeSampler | None = None):
+        self.p = params
+        self.time = time
+        self.fake_time = fake_time
+
+    # -- declaration -------------------------------------------------------------------------------
+    def requirements(self) -> set[str]:
+        return set()
+
+    # -- losses ------------------------------------------------------------------------------------
+    def generator_loss(self, batch: Batch, roles: Roles) -> dict:
+        raise NotImplementedError
+
+    def auxiliary_losses(self, batch: Batch, roles: Roles) -> dict | None:
+        """Loss for the auxiliary roles (fake score, discriminator); ``None`` if there are none."""
+        return None
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def sample_t(self, batch: Batch, process: Process, sampler: TimeSampler | None = None) -> torch.Tensor:
+        sampler = sampler or self.time
+        return sampler(batch.x.shape[0], process, generator=batch.rng, device=batch.x.device)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+_TIME_KEYS = ("time", "fake_time")
+
+
+def build_objective(cfg: dict, guidance_convention: str = "canonical") -> Objective:
+    """Build an objective from the ``objective`` section: ``name`` + the method's parameters.
+
+    ``time`` / ``fake_time`` take a time-sampler spec (``{kind: uniform, t_min: .., t_max: ..}``).
+    Guidance scales written in the ``cond_plus`` convention are converted here, once.
+    """
+    from scoredistill.process.guidance import canonical_scale
+
+    cfg = dict(cfg)
+    name = cfg.pop("name", None)
+    import scoredistill.objectives  # noqa: F401  (registers built-in objectives)
+
+    if name not in OBJECTIVES:
+        raise ConfigError("objective.name", f"unknown value {name!r}; accepted: {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+    accepted = sorted(list(fields) + list(_TIME_KEYS))
+    times = {k: cfg.pop(k) for k in _TIME_KEYS if k in cfg}
+    for k, v in cfg.items():
+        if k not in fields:
+            raise ConfigError(f"objective.{k}", f"unknown key for {name}; accepted: {', '.join(accepted)}")
+        default = fields[k].default
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise ConfigError(f"objective.{k}", f"must be true or false, got {v!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ConfigError(f"objective.{k}", f"must be a number, got {v!r}")
+    for k in [k for k in cfg if "guidance_scale" in k and isinstance(cfg[k], (int, float))]:
+        cfg[k] = canonical_scale(cfg[k], guidance_convention)
+    params = cls.Params(**cfg)
+    if hasattr(params, "validate"):
+        params.validate()
+    time = make_time_sampler(times.get("time"), "objective.time", cls.default_time)
+    fake_time = make_time_sampler(times.get("fake_time"), "objective.fake_time", DEFAULT_FAKE_TIME)
+    return cls(params, time=time, fake_time=fake_time)
+
+
+from scoredistill.process.time import Uniform  # noqa: E402
+
+# DMD2 trains the fake score on the whole noise range the generator field visits (uniform index on
+# the Karras grid for EDM, arXiv 2405.14867 code); EDM weighting keeps small noise levels balanced.
+DEFAULT_FAKE_TIME = Uniform(t_min=0.0, t_max=1.0)

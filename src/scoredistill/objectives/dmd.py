@@ -1,0 +1,176 @@
+"""DMD and DMD2: reverse-KL distribution matching with a learned fake score.
+
+DMD (arXiv 2311.18828): generator field in x0 space
+``g = (D_fake(x_t) - D^w_real(x_t)) / mean|x - D^w_real(x_t)|`` (per-sample mean, detached),
+optionally times ``a_t`` (the paper's eq. 7; the official DMD2 code omits it, methods.md §3.4),
+injected with ``L = 1/2 mean ||x - sg(x - g)||^2``; plus an optional regression loss
+``lambda_reg ||G(z_ref) - y_ref||^2`` on (noise, teacher-ODE output) pairs.
+The fake score is trained by EDM-weighted denoising score matching on detached samples.
+
+DMD2 (arXiv 2405.14867): DMD without regression; two time-scale updates (the engine's
+``train.generator_every`` with ``fake_on_generator_steps: true`` is the official 5:1 semantics);
+optional non-saturating GAN on a head over the fake network's features with diffusion-GAN
+re-noising, fed real samples. Stop-gradients: the DM field is fully detached; the generator GAN
+term backpropagates through the frozen fake network into ``x``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scoredistill.config import ConfigError
+from scoredistill.objectives.base import Batch, Objective, ObjectiveParams, Roles, register
+from scoredistill.objectives.common import (
+    denoising_loss,
+    dm_normaliser,
+    drop_condition,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    gan_logits,
+    inject,
+    noise_like,
+)
+from scoredistill.process.time import Uniform
+
+
+class FakeScoreObjective(Objective):
+    """Shared auxiliary step: DSM of the fake score on detached samples, with condition dropout."""
+
+    def fake_loss(self, batch: Batch, roles: Roles) -> torch.Tensor:
+        x = batch.x.detach()
+        t = self.sample_t(batch, roles.process, self.fake_time)
+        cond = drop_condition(batch.cond, getattr(self.p, "fake_cond_dropout", 0.0), batch.rng)
+        sd = getattr(roles.fake, "sigma_data", 0.5)
+        return denoising_loss(roles.fake, x, cond, t, batch.rng, sd)
+
+    def requirements(self):
+        return {"fake_score"}
+
+    def auxiliary_losses(self, batch, roles):
+        loss = self.fake_loss(batch, roles)
+        return {"loss": loss, "loss_fake": loss.detach()}
+
+
+@dataclass
+class DMDParams(ObjectiveParams):
+    alpha_factor: bool = False        # multiply the field by a_t (DMD paper eq. 7); False = DMD2 code
+    regression_weight: float = 0.25   # lambda_reg on teacher ODE pairs (0 disables)
+    fake_cond_dropout: float = 0.1
+
+    def validate(self):
+        if self.guidance_scale < 0:
+            raise ConfigError("objective.guidance_scale", "must be >= 0 (canonical CFG, 1 = unguided)")
+        if self.regression_weight < 0:
+            raise ConfigError("objective.regression_weight", "must be >= 0")
+        if not 0 <= self.fake_cond_dropout < 1:
+            raise ConfigError("objective.fake_cond_dropout", "must be in [0, 1)")
+
+
+def dm_field(x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cond, roles: Roles, w: float,
+             alpha_factor: bool = False):
+    """The detached DMD field ``(D_fake - D^w_real) / mean|x - D^w_real|`` and diagnostics."""
+    with torch.no_grad():
+        d_real = roles.teacher.guided(x_t, t, cond, w)
+        d_fake = roles.fake(x_t, t, cond)
+        norm = dm_normaliser(x, d_real)
+        g = (d_fake.double() - d_real.double()) / norm.double()
+        if alpha_factor:
+            a, _ = roles.process.coeffs(t, x)
+            g = g * a
+    return g.to(x.dtype), norm
+
+
+@register
+class DMD(FakeScoreObjective):
+    name = "dmd"
+    Params = DMDParams
+    default_time = Uniform(t_min=0.02, t_max=0.98)
+
+    def requirements(self):
+        req = {"fake_score"}
+        if getattr(self.p, "regression_weight", 0) > 0:
+            req.add("ode_pairs")
+        return req
+
+    def dm_loss(self, batch: Batch, roles: Roles) -> tuple[torch.Tensor, dict]:
+        x = batch.x
+        t = self.sample_t(batch, roles.process)
+        x_t = roles.process.add_noise(x.detach(), noise_like(x, batch.rng), t)
+        g, norm = dm_field(x.detach(), x_t, t, batch.cond, roles, self.p.guidance_scale, self.p.alpha_factor)
+        loss = inject(x, g)
+        diag = {"loss_dm": loss.detach(), "field_norm": g.flatten(1).norm(dim=1).mean(),
+                "normaliser": norm.mean(), "t_mean": t.mean()}
+        return loss, diag
+
+    def generator_loss(self, batch, roles):
+        loss, diag = self.dm_loss(batch, roles)
+        if self.p.regression_weight > 0:
+            pred = roles.generator(batch.ode_z, batch.ode_cond)
+            reg = ((pred - batch.ode_x) ** 2).mean()
+            diag["loss_reg"] = reg.detach()
+            loss = loss + self.p.regression_weight * reg
+        return {"loss": loss, **diag}
+
+
+@dataclass
+class DMD2Params(ObjectiveParams):
+    alpha_factor: bool = False
+    fake_cond_dropout: float = 0.1
+    gan_weight_gen: float = 0.0       # generator GAN weight (DMD2: 1e-3 .. 5e-3); 0 disables the GAN
+    gan_weight_disc: float = 1e-2     # discriminator loss weight inside the fake-network update
+    gan_t_min: float = 0.0            # diffusion-GAN re-noising range (canonical time)
+    gan_t_max: float = 0.5
+
+    def validate(self):
+        DMDParams.validate(self)
+        if self.gan_weight_gen < 0 or self.gan_weight_disc < 0:
+            raise ConfigError("objective.gan_weight_gen", "GAN weights must be >= 0")
+        if not 0 <= self.gan_t_min <= self.gan_t_max <= 1:
+            raise ConfigError("objective.gan_t_max", "need 0 <= gan_t_min <= gan_t_max <= 1")
+
+    regression_weight = 0.0
+
+
+@register
+class DMD2(DMD):
+    name = "dmd2"
+    Params = DMD2Params
+
+    @property
+    def gan(self) -> bool:
+        return self.p.gan_weight_gen > 0
+
+    def requirements(self):
+        return {"fake_score", "discriminator", "real_data"} if self.gan else {"fake_score"}
+
+    def _gan_t(self, batch, n, device):
+        u = torch.rand(n, generator=batch.rng, dtype=torch.float64)
+        return (self.p.gan_t_min + (self.p.gan_t_max - self.p.gan_t_min) * u).to(device)
+
+    def generator_loss(self, batch, roles):
+        loss, diag = self.dm_loss(batch, roles)
+        if self.gan:
+            x = batch.x
+            t = self._gan_t(batch, x.shape[0], x.device)
+            logits = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
+            gl = gan_generator_loss(logits)
+            diag["loss_gan_gen"] = gl.detach()
+            loss = loss + self.p.gan_weight_gen * gl
+        return {"loss": loss, **diag}
+
+    def auxiliary_losses(self, batch, roles):
+        loss = self.fake_loss(batch, roles)
+        out = {"loss_fake": loss.detach()}
+        if self.gan:
+            x, real = batch.x.detach(), batch.real
+            t = self._gan_t(batch, x.shape[0], x.device)
+            lf = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
+            t_r = self._gan_t(batch, real.shape[0], real.device)
+            lr = gan_logits(roles.fake, roles.discriminator, real, batch.real_cond, t_r, noise_like(real, batch.rng))
+            dl = gan_discriminator_loss(lf, lr)
+            out["loss_disc"] = dl.detach()
+            out["disc_acc"] = 0.5 * ((lf < 0).float().mean() + (lr > 0).float().mean())
+            loss = loss + self.p.gan_weight_disc * dl
+        return {"loss": loss, **out}

@@ -1,0 +1,58 @@
+"""Plots (matplotlib, Agg backend): scatter plots of vector samples."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _project(x: torch.Tensor, basis: torch.Tensor | None):
+    x = x.reshape(x.shape[0], -1).double()
+    if x.shape[1] <= 2 or basis is None:
+        return x[:, :2]
+    return x @ basis
+
+
+def pca_basis(x: torch.Tensor) -> torch.Tensor | None:
+    x = x.reshape(x.shape[0], -1).double()
+    if x.shape[1] <= 2:
+        return None
+    xc = x - x.mean(0)
+    _, _, v = torch.linalg.svd(xc, full_matrices=False)
+    return v[:2].T
+
+
+def scatter_panels(panels: list[tuple[str, torch.Tensor]], path: str, means: torch.Tensor | None = None,
+                   basis_from: torch.Tensor | None = None, title: str | None = None, max_points: int = 2000):
+    """One row of scatter plots (first two coordinates, or a shared PCA plane for D > 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    basis = pca_basis(basis_from if basis_from is not None else panels[0][1])
+    ref = _project(basis_from if basis_from is not None else panels[0][1], basis)
+    lo, hi = ref.min(0).values, ref.max(0).values
+    pad = 0.25 * (hi - lo) + 0.1
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.3), squeeze=False)
+    for ax, (name, x) in zip(axes[0], panels):
+        p = _project(x[:max_points], basis)
+        p = p[torch.isfinite(p).all(1)]
+        ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.5, color="tab:blue", rasterized=True)
+        if means is not None:
+            m = _project(means, basis)
+            ax.scatter(m[:, 0], m[:, 1], s=30, marker="x", color="tab:red")
+        ax.set_xlim(float(lo[0] - pad[0]), float(hi[0] + pad[0]))
+        ax.set_ylim(float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+        ax.set_title(name, fontsize=9)
+        ax.set_aspect("equal", adjustable="box")
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
