@@ -19,8 +19,11 @@ def inject(x: torch.Tensor, g: torch.Tensor, reduction: str = "mean") -> torch.T
 
     ``reduction="mean"`` (DMD2, SwiftBrush): ``dL/dx = g / numel``; ``"sum_per_sample"``
     (threestudio, ``sum / B``): ``dL/dx_i = g_i``.
+
+    A non-finite field is *not* zeroed here (the reference codes' ``nan_to_num`` hides teacher
+    failures): it makes the loss non-finite, and the engine's guard skips the step and counts it.
     """
-    g = torch.nan_to_num(g.detach())
+    g = g.detach()
     target = (x - g).detach()
     sq = (x - target) ** 2
     if reduction == "mean":

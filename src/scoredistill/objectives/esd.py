@@ -1,0 +1,152 @@
+"""VSD for optimized samples (ProlificDreamer, arXiv 2305.16213) and ESD — Entropic Score Distillation
+(arXiv 2401.00909); methods.md §3.1 and §3.3.
+
+Field (epsilon space): ``g = w(t) (eps^w_real(x_t, t, c) - eps_fake(x_t, t, c, view))``,
+``w = 1 - alpha_bar = s_t^2`` (weighting ``sds``), fully detached, threestudio reduction
+(``sum / B``). The fake score ``phi`` is a learned denoiser of the *current samples* conditioned on the
+teacher condition ``c`` and a **view** (the camera of 3-D work; for particles the particle index or a
+group id): it is trained by denoising score matching on detached renders with condition dropout
+(``fake_cond_dropout`` on ``c``, ``fake_view_dropout`` on the view, 10 % each by default, ProlificDreamer's
+``uncond_p`` / threestudio's camera drop).
+
+* ``vsd_particles``: ``eps_fake = eps_phi(x_t, t, c, view)`` — ProlificDreamer (LoRA CFG 1). Without a
+  view the fake is the exact-in-the-limit score of the sample distribution, whose fixed point is
+  ``q = p`` (w = 1); with a per-particle view the fake becomes a Dirac per view and VSD degenerates to
+  SDS (the ESD argument).
+* ``esd``: ``eps_fake = lambda eps_phi(x_t, t, c, null view) + (1 - lambda) eps_phi(x_t, t, c, view)``.
+  ``lambda = 0`` is ``vsd_particles``; ``lambda = 1`` uses the view-marginal fake (maximum entropy).
+  In threestudio terms ``guidance_scale_lora = s`` means ``lambda = 1 - s``; the official recommendation
+  ``s = 0.5`` is the default ``lambda = 0.5``.
+
+``fake_guidance_scale`` (canonical, default 1) applies CFG over ``c`` on the fake inside each view
+branch (SwiftBrush-style); ProlificDreamer and ESD use 1.
+
+The fake role is called with ``cond`` of shape ``(B, 2)`` = ``[class, view]`` (``-1`` = null in either
+slot) when it declares ``takes_view = True`` (the optimizer driver's
+:class:`~scoredistill.optimize.fake.ViewConditionedDenoiser`); a plain denoiser gets the class only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scoredistill.config import ConfigError
+from scoredistill.models.denoiser import NULL_CLASS
+from scoredistill.objectives.base import ObjectiveParams, register
+from scoredistill.objectives.common import denoising_loss, drop_condition, noise_like
+from scoredistill.objectives.sds import (
+    FieldObjective,
+    check_clamp,
+    check_weighting,
+    eps_of,
+    eps_weight,
+    field_diag,
+    finish_field,
+    to_eps,
+)
+from scoredistill.process.time import Uniform
+
+
+def fake_condition(fake, cond: torch.Tensor | None, view: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+    """The fake role's condition: ``(B, 2)`` ``[class, view]`` for a view-aware fake, else the class."""
+    if not getattr(fake, "takes_view", False):
+        return cond
+    null = torch.full((n,), NULL_CLASS, dtype=torch.long, device=device)
+    c = cond.long().to(device) if cond is not None else null
+    v = view.long().to(device) if view is not None else null
+    return torch.stack([c, v], 1)
+
+
+@dataclass
+class VSDParticlesParams(ObjectiveParams):
+    guidance_scale: float = 7.5        # canonical (ProlificDreamer VSD stages)
+    fake_guidance_scale: float = 1.0
+    weighting: str = "sds"
+    fake_cond_dropout: float = 0.1
+    fake_view_dropout: float = 0.1
+    grad_clamp: float | None = None
+
+    def validate(self):
+        check_weighting(self.weighting)
+        check_clamp(self.grad_clamp)
+        for k in ("fake_cond_dropout", "fake_view_dropout"):
+            if not 0 <= getattr(self, k) < 1:
+                raise ConfigError(f"objective.{k}", "must be in [0, 1)")
+
+
+@register
+class VSDParticles(FieldObjective):
+    name = "vsd_particles"
+    Params = VSDParticlesParams
+    default_time = Uniform(t_min=0.02, t_max=0.98)
+
+    @property
+    def view_lambda(self) -> float:
+        return 0.0
+
+    def requirements(self):
+        return {"fake_score"}
+
+    # -- fake score ---------------------------------------------------------------------------------
+    def _fake_eps_view(self, fake, x_t, t, cond, view):
+        n, dev = x_t.shape[0], x_t.device
+        e_c = to_eps(fake.process, x_t, fake(x_t, t, fake_condition(fake, cond, view, n, dev)), t)
+        k = self.p.fake_guidance_scale
+        if k == 1.0 or cond is None:
+            return e_c
+        e_u = to_eps(fake.process, x_t, fake(x_t, t, fake_condition(fake, None, view, n, dev)), t)
+        return e_u + k * (e_c - e_u)
+
+    def fake_eps(self, fake, x_t, t, cond, view):
+        lam = self.view_lambda
+        if view is None or lam == 0.0 or not getattr(fake, "takes_view", False):
+            return self._fake_eps_view(fake, x_t, t, cond, view)
+        e_null = self._fake_eps_view(fake, x_t, t, cond, None)
+        if lam == 1.0:
+            return e_null
+        return lam * e_null + (1.0 - lam) * self._fake_eps_view(fake, x_t, t, cond, view)
+
+    def auxiliary_losses(self, batch, roles):
+        x = batch.x.detach()
+        t = self.sample_t(batch, roles.process, self.fake_time)
+        cond = drop_condition(batch.cond, self.p.fake_cond_dropout, batch.rng)
+        view = drop_condition(getattr(batch, "view", None), self.p.fake_view_dropout, batch.rng)
+        fc = fake_condition(roles.fake, cond, view, x.shape[0], x.device)
+        sd = getattr(roles.fake, "sigma_data", 0.5)
+        loss = denoising_loss(roles.fake, x, fc, t, batch.rng, sd)
+        return {"loss": loss, "loss_fake": loss.detach()}
+
+    # -- generator field --------------------------------------------------------------------------------
+    def field(self, batch, roles):
+        x = batch.x.detach()
+        p = roles.process
+        t = self.sample_t(batch, p)
+        eps = noise_like(x, batch.rng)
+        x_t = p.add_noise(x, eps, t)
+        e_real = eps_of(roles.teacher, x_t, t, batch.cond, self.p.guidance_scale)
+        e_fake = self.fake_eps(roles.fake, x_t, t, batch.cond, getattr(batch, "view", None))
+        a, s = p.coeffs(t, x)
+        g = finish_field(eps_weight(self.p.weighting, a, s) * (e_real - e_fake), self.p.grad_clamp)
+        return g, field_diag(g, t)
+
+
+@dataclass
+class ESDParams(VSDParticlesParams):
+    view_lambda: float = 0.5   # 1 - threestudio guidance_scale_lora (official recommendation 0.5)
+
+    def validate(self):
+        VSDParticlesParams.validate(self)
+        if not 0 <= self.view_lambda <= 1:
+            raise ConfigError("objective.view_lambda", "must be in [0, 1]")
+
+
+@register
+class ESD(VSDParticles):
+    name = "esd"
+    Params = ESDParams
+
+    @property
+    def view_lambda(self) -> float:
+        return float(self.p.view_lambda)

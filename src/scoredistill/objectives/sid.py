@@ -1,0 +1,194 @@
+"""SiD and SiDA: Score identity Distillation, plain and adversarial (methods.md §3.6, §3.6.2).
+
+SiD (arXiv 2404.04057, official ``training/sid_loss.py``). With ``x = G(z)``,
+``x_t = a_t x + s_t n``, ``f_phi = D^w_real(x_t)`` and ``f_psi = D_fake(x_t)``, the generator loss per
+element is
+
+    L = (f_phi - f_psi) * ((f_phi - x) - alpha (f_phi - f_psi)) / omega,
+    omega = sg(clip(mean_{non-batch} |x - f_phi|, min=1e-5)),
+
+reduced by the mean over elements (the official code sums over elements and multiplies by
+``loss_scaling_G = 100`` / batch; with Adam only the balance with other terms changes, see SiDA).
+**Stop-gradients: none on f_phi or f_psi** -- autograd flows through ``x_t`` into both networks
+(their parameters are frozen by the engine) and through ``x``; only ``omega`` is detached.
+``alpha = 1`` is the Fisher-divergence gradient with the sampling distribution held fixed,
+``alpha = 1/2`` its total derivative (methods.md §3.6, checked in tests/test_sid_sim.py); the
+official default is 1.2. From a randomly initialised generator ``alpha > 1`` repels samples that are
+still far from the data (methods.md §3.6), so ``alpha_warmup_steps`` uses ``alpha = 1`` until
+``batch.step`` (the engine iteration) reaches it.
+
+Generator time: ``t ~ U[0, 0.8]`` in the EDM process's canonical (Karras-ramp) time, which is
+exactly SiD's ``sigma(u)`` with ``u ~ U[0, t_max/1000]``, ``t_max = 800`` (sigma <= ~24.4). The fake
+score is trained by EDM-weighted DSM on detached samples (:class:`FakeScoreObjective`).
+
+SiDA (arXiv 2410.14919, official branch ``sida``, ``sida_training/sida_loss.py``): the fake network
+doubles as discriminator (here its ``features`` feed the engine's discriminator head). Generator:
+``0.5 L_SiD + 0.5 (lsg_gan / lsg) mean_b[BCE(clamp(D(x_t), +-10), 1) / omega]`` with the logits taken
+at the same ``x_t`` as the SiD term. Fake step: ``mean lambda(t) ||f_psi - x||^2 +
+(lsd / numel) mean_b[lambda(t) (BCE(D(x_real,t), 1) + BCE(D(x_t), 0)) / 2]`` with real samples noised at the
+**same t and noise** as the fake samples. The ``lsg`` and ``numel`` divisions convert the official
+sum-over-elements reductions (``loss_scaling_G = 100``) to our mean reduction, so ``lsg_gan`` and
+``lsd`` keep their official meaning and balance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from scoredistill.config import ConfigError
+from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
+from scoredistill.objectives.common import dm_normaliser, drop_condition, edm_weight, noise_like, per_sample_mean
+from scoredistill.objectives.dmd import FakeScoreObjective
+from scoredistill.process.time import Uniform
+
+SID_WEIGHTINGS = ("sid", "none")
+
+
+@dataclass
+class SiDParams(ObjectiveParams):
+    alpha: float = 1.2              # official default (CIFAR-10, ImageNet-64, FFHQ); 1.0 = fixed-pi gradient
+    alpha_warmup_steps: int = 0     # use alpha = 1 while batch.step < this (stable start from random init)
+    weighting: str = "sid"          # sid: divide by omega (official) | none: raw x0-space loss (analysis)
+    fake_cond_dropout: float = 0.1
+
+    def validate(self):
+        if self.guidance_scale < 0:
+            raise ConfigError("objective.guidance_scale", "must be >= 0 (canonical CFG, 1 = unguided)")
+        if self.weighting not in SID_WEIGHTINGS:
+            raise ConfigError("objective.weighting",
+                              f"unknown value {self.weighting!r}; accepted: {', '.join(SID_WEIGHTINGS)}")
+        if self.alpha_warmup_steps < 0 or int(self.alpha_warmup_steps) != self.alpha_warmup_steps:
+            raise ConfigError("objective.alpha_warmup_steps", "must be an integer >= 0")
+        if not 0 <= self.fake_cond_dropout < 1:
+            raise ConfigError("objective.fake_cond_dropout", "must be in [0, 1)")
+
+
+def sid_elementwise(x: torch.Tensor, f_real: torch.Tensor, f_fake: torch.Tensor, alpha: float,
+                    omega: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``(f_phi - f_psi) ((f_phi - x) - alpha (f_phi - f_psi)) / omega`` per element (nothing detached)."""
+    diff = f_real - f_fake
+    return diff * ((f_real - x) - alpha * diff) / omega
+
+
+def drop_nonfinite(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Keep the samples that are finite in every tensor (SiD drops NaN samples before reducing)."""
+    keep = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for v in tensors:
+        keep &= torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
+    return tuple(v[keep] for v in tensors)
+
+
+@register
+class SiD(FakeScoreObjective):
+    name = "sid"
+    Params = SiDParams
+    default_time = Uniform(t_min=0.0, t_max=0.8)  # EDM: SiD's sigma(u), u ~ U[0, 800/1000]
+
+    def alpha_at(self, step: int) -> float:
+        return 1.0 if step < self.p.alpha_warmup_steps else float(self.p.alpha)
+
+    def omega(self, x: torch.Tensor, f_real: torch.Tensor) -> torch.Tensor:
+        if self.p.weighting == "none":
+            return torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        return dm_normaliser(x, f_real)  # detached, clipped at 1e-5
+
+    def terms(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond, roles: Roles):
+        """``x_t`` and both denoisers at ``x_t``, all on the autograd graph of ``x``."""
+        x_t = roles.process.add_noise(x, noise, t)
+        f_real = roles.teacher.guided(x_t, t, cond, self.p.guidance_scale)
+        f_fake = roles.fake(x_t, t, cond)
+        return x_t, f_real, f_fake
+
+    def per_sample_loss(self, x, t, noise, cond, roles: Roles, step: int = 0) -> tuple[torch.Tensor, dict]:
+        """Per-sample SiD loss ``(B,)`` at the given ``t`` and ``noise`` (mean over elements)."""
+        _, f_real, f_fake = self.terms(x, t, noise, cond, roles)
+        om = self.omega(x, f_real)
+        loss = per_sample_mean(sid_elementwise(x, f_real, f_fake, self.alpha_at(step), om)).reshape(-1)
+        diag = {"omega": om.mean().detach(), "score_gap": (f_real - f_fake).detach().flatten(1).norm(dim=1).mean()}
+        return loss, diag
+
+    def generator_loss(self, batch: Batch, roles: Roles) -> dict:
+        x = batch.x
+        t = self.sample_t(batch, roles.process)
+        noise = noise_like(x, batch.rng)
+        loss, diag = self.per_sample_loss(x, t, noise, batch.cond, roles, batch.step)
+        (kept,) = drop_nonfinite(loss)
+        loss = kept.mean() if len(kept) else loss.sum() * 0.0
+        return {"loss": loss, "loss_sid": loss.detach(), "alpha": self.alpha_at(batch.step),
+                "dropped": float(x.shape[0] - len(kept)), "t_mean": t.mean(), **diag}
+
+
+@dataclass
+class SiDAParams(SiDParams):
+    alpha: float = 1.0              # official SiDA default (CIFAR-10 run_sida.sh)
+    lsg_gan: float = 0.01           # official loss_scaling_G_gan (GAN weight in the generator loss)
+    lsd: float = 1.0                # official loss_scaling_D (discriminator weight in the fake step)
+    lsg: float = 100.0              # official loss_scaling_G; only sets the GAN / SiD balance here
+    logit_clamp: float = 10.0       # generator-side logit clamp (official)
+    gan_start_step: int = 0         # GAN term joins the generator loss from this engine iteration
+
+    def validate(self):
+        SiDParams.validate(self)
+        if self.lsg_gan < 0 or self.lsd < 0 or self.lsg <= 0:
+            raise ConfigError("objective.lsg_gan", "need lsg_gan >= 0, lsd >= 0 and lsg > 0")
+        if self.logit_clamp <= 0:
+            raise ConfigError("objective.logit_clamp", "must be > 0")
+        if self.gan_start_step < 0:
+            raise ConfigError("objective.gan_start_step", "must be >= 0")
+
+
+def _logits(roles: Roles, x_t, t, cond) -> torch.Tensor:
+    return roles.discriminator(roles.fake.features(x_t, t, cond)).reshape(x_t.shape[0])
+
+
+@register
+class SiDA(SiD):
+    name = "sida"
+    Params = SiDAParams
+
+    def requirements(self):
+        return {"fake_score", "discriminator", "real_data"}
+
+    def generator_loss(self, batch: Batch, roles: Roles) -> dict:
+        x = batch.x
+        t = self.sample_t(batch, roles.process)
+        noise = noise_like(x, batch.rng)
+        x_t, f_real, f_fake = self.terms(x, t, noise, batch.cond, roles)
+        om = self.omega(x, f_real)
+        l_sid = per_sample_mean(sid_elementwise(x, f_real, f_fake, self.alpha_at(batch.step), om)).reshape(-1)
+        logits = _logits(roles, x_t, t, batch.cond)
+        c = self.p.logit_clamp
+        l_gan = F.softplus(-logits.clamp(-c, c)) / om.reshape(-1)  # BCE(clamp(D), 1) / omega
+        l_sid, l_gan = drop_nonfinite(l_sid, l_gan)
+        if not len(l_sid):
+            zero = x.sum() * 0.0
+            return {"loss": zero, "dropped": float(x.shape[0])}
+        loss_sid, loss_gan = l_sid.mean(), l_gan.mean()
+        if batch.step >= self.p.gan_start_step:
+            loss = 0.5 * loss_sid + 0.5 * (self.p.lsg_gan / self.p.lsg) * loss_gan
+        else:
+            loss = loss_sid
+        return {"loss": loss, "loss_sid": loss_sid.detach(), "loss_gan_gen": loss_gan.detach(),
+                "alpha": self.alpha_at(batch.step), "omega": om.mean().detach(),
+                "dropped": float(x.shape[0] - len(l_sid)), "t_mean": t.mean()}
+
+    def auxiliary_losses(self, batch: Batch, roles: Roles) -> dict:
+        x, real = batch.x.detach(), batch.real
+        t = self.sample_t(batch, roles.process, self.fake_time)
+        noise = noise_like(x, batch.rng)
+        cond = drop_condition(batch.cond, self.p.fake_cond_dropout, batch.rng)
+        x_t = roles.process.add_noise(x, noise, t)
+        lam = edm_weight(roles.process, t, getattr(roles.fake, "sigma_data", 0.5), x)
+        dsm = (lam * (roles.fake(x_t, t, cond) - x) ** 2).mean()
+        real_t = roles.process.add_noise(real, noise, t)  # same t and noise as the fake samples
+        lf = _logits(roles, x_t, t, cond)
+        lr = _logits(roles, real_t, t, batch.real_cond)
+        bce = 0.5 * (F.softplus(-lr) + F.softplus(lf))  # (BCE(D(real), 1) + BCE(D(fake), 0)) / 2
+        disc = (lam.reshape(-1) * bce).mean()
+        numel = x[0].numel()
+        loss = dsm + (self.p.lsd / numel) * disc
+        return {"loss": loss, "loss_fake": dsm.detach(), "loss_disc": disc.detach(),
+                "disc_acc": 0.5 * ((lf < 0).float().mean() + (lr > 0).float().mean())}
