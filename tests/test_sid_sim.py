@@ -285,6 +285,15 @@ def test_sida_losses():
     g_sid = _grad_x(0.5 * sid["loss"], x)
     assert (g_full - g_sid).abs().max() > 1e-6
 
+    # auxiliary: real and fake samples are noised at the same t and noise (official SiDA): with
+    # real == fake the discriminator sees identical inputs for both
+    seen = []
+    hook = head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    obj.auxiliary_losses(Batch(x=x.detach(), real=x.detach().clone(), rng=_rng(7)), roles)
+    hook.remove()
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0], seen[1], rtol=0, atol=0)
+
     # auxiliary: DSM + discriminator, gradients on the fake network and the head
     fake.requires_grad_(True)
     head.requires_grad_(True)

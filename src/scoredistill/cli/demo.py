@@ -30,7 +30,8 @@ def run_demo(out: str, quick: bool = False) -> dict:
     from rich.table import Table
 
     from scoredistill.engine.distiller import Distiller
-    from scoredistill.engine.report import COLUMNS, write_report
+    from scoredistill.engine.report import write_report
+    from scoredistill.metrics.evaluator import Evaluator
 
     console = Console() if Console().is_terminal else Console(width=120)
     overrides = ["train.steps=300", "eval.every=100"] if quick else []
@@ -47,12 +48,10 @@ def run_demo(out: str, quick: bool = False) -> dict:
     tab = Table(title=f"ring8, {len(d.eval_z)} samples each (train {train_s:.0f} s)")
     tab.add_column("sampler")
     tab.add_column("NFE", justify="right")
-    for _, label, _ in COLUMNS:
+    for _, label, _ in d.evaluator.columns:
         tab.add_column(label, justify="right")
     for name, k, m, _, _ in rows:
-        vals = [fmt.format(m[key]) for key, _, fmt in COLUMNS]
-        vals[1] = f"{m['modes_covered']}/{m['num_modes']}"
-        tab.add_row(name, str(k) if k else "–", *vals)
+        tab.add_row(name, str(k) if k else "–", *Evaluator.format_row(m, d.evaluator.columns))
     console.print(tab)
     console.print(f"report: {os.path.join(out, 'report.md')}  plots: {os.path.join(out, 'comparison.png')}, "
                   f"{os.path.join(out, 'samples')}/  total {time.time() - t0:.0f} s")

@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default=os.path.join("runs", "demo"))
     dm.add_argument("--quick", action="store_true", help="a few hundred steps (smoke test)")
     dm.set_defaults(fn=cmd_demo)
+    from scoredistill.cli.optimize import add_optimize_parser
+
+    add_optimize_parser(sub)
     return p
 
 

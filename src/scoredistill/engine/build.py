@@ -49,6 +49,16 @@ def build_teacher(tcfg: dict) -> tuple[Denoiser, GMMTeacher | None]:
     raise ConfigError("teacher.kind", f"unknown value {kind!r}; accepted: gmm, learned")
 
 
+def build_evaluator(teacher: Denoiser, reference, seed: int = 0):
+    """The evaluator for a teacher: exact GMM metrics when the target mixture is known."""
+    from scoredistill.metrics.evaluator import Evaluator, GMMEvaluator
+
+    if reference is not None:
+        return GMMEvaluator(reference, seed)
+    make = getattr(teacher, "make_evaluator", None)
+    return make(seed) if make is not None else Evaluator()
+
+
 def data_std(teacher: Denoiser, reference: GMMTeacher | None) -> float:
     if reference is not None:
         return reference.data_std()

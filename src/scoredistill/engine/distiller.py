@@ -24,6 +24,7 @@ import torch
 from scoredistill.config import ConfigError, dump
 from scoredistill.engine.build import (
     build_discriminator,
+    build_evaluator,
     build_fake,
     build_generator,
     build_teacher,
@@ -65,6 +66,7 @@ class Distiller:
         self.objective = build_objective(cfg["objective"], cfg["teacher"].get("guidance_convention", "canonical"))
         self.teacher, self.reference = build_teacher(cfg["teacher"])
         self.teacher.requires_grad_(False).eval().to(self.device)
+        self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"])
         req = self.objective.requirements()
         self.requirements = req
         self.generator = build_generator(cfg["generator"], self.teacher).to(self.device)
@@ -228,23 +230,12 @@ class Distiller:
         return g(z.to(self.device), cond.to(self.device) if cond is not None else None).cpu()
 
     def evaluate(self) -> dict:
-        from scoredistill.metrics.gmm import gmm_metrics
-
         x = self.sample(self.eval_z, self.eval_cond)
-        res = {"step": self.step}
-        if self.reference is not None:
-            res.update(gmm_metrics(x, self.reference, seed=self.cfg["train"]["seed"]))
-        else:
-            res["non_finite"] = int((~torch.isfinite(x)).any(1).sum())
+        res = {"step": self.step, **self.evaluator.metrics(x, self.eval_cond)}
         if self.cfg["eval"]["plots"]:
-            from scoredistill.viz import scatter_panels
-
-            ref = self.reference.sample(len(x), generator=torch.Generator().manual_seed(1)) \
-                if self.reference is not None else None
-            panels = ([("target (exact)", ref)] if ref is not None else []) + [(f"student step {self.step}", x)]
-            scatter_panels(panels, os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"),
-                           means=self.reference.means if self.reference is not None else None,
-                           basis_from=ref)
+            ref = self.evaluator.reference(len(x), self.eval_cond, seed=0)
+            panels = ([("target", ref)] if ref is not None else []) + [(f"student step {self.step}", x)]
+            self.evaluator.plot(panels, os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"))
         return res
 
     # -- checkpoints ----------------------------------------------------------------------------------

@@ -28,10 +28,10 @@ class Progress:
             self._p.update(self._task, completed=step, info=info)
 
     def note(self, res: dict):
-        if self._p is not None and "precision" in res:
-            self._p.console.print(f"step {res['step']:>6}: precision {res['precision']:.3f}  modes "
-                                  f"{res['modes_covered']}/{res['num_modes']}  TV {res['weight_tv']:.3f}  "
-                                  f"SW2 {res['sw2']:.3f}")
+        if self._p is not None:
+            vals = [f"{k} {v:.4g}" for k, v in res.items()
+                    if isinstance(v, (int, float)) and k not in ("step", "wall_s")][:6]
+            self._p.console.print(f"step {res['step']:>6}: " + "  ".join(vals))
 
     def __exit__(self, *exc):
         if self._p is not None:
