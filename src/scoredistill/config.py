@@ -44,9 +44,10 @@ DEFAULTS: dict[str, Any] = {
         "guidance_convention": "canonical",  # how guidance scales in this file are written
     },
     "generator": {
-        "kind": "mlp",            # mlp (fresh) | teacher (copy of a learned teacher)
+        "kind": "mlp",            # mlp (fresh) | teacher (copy of a learned teacher) | multi (MSD)
         "width": 256, "depth": 4,
         "sigma_init": 2.5,        # kind: teacher -> G(z) = D(sigma_init z, sigma_init)
+        "students": 2,            # kind: multi -> number of students (MSD), classes split in blocks
         "z_std": 1.0,
     },
     "fake_score": {
@@ -57,7 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "objective": {"name": "dmd2"},
     "train": {
         "steps": 1000,
-        "batch_size": 256,
+        "batch_size": 256,                # the global batch the objective sees (any number of processes)
+        "micro_batch": None,              # samples per forward pass and process; default batch_size / processes
         "seed": 0,
         "lr": 1e-4, "fake_lr": None, "disc_lr": None,
         "betas": [0.0, 0.99], "fake_betas": None, "disc_betas": None,
@@ -71,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
         "keep_checkpoints": 2,
         "log_every": 25,
         "device": "cpu",
+        "precision": "fp32",              # fp32 | bf16 (autocast for network passes; loss math in fp32/fp64)
+        "compile": False,                 # torch.compile the generator (opt-in; ~10 % on CPU after a long compile)
         "threads": None,
         "progress": True,
         "real_data": "teacher",           # teacher (draw from the teacher's sampler) | none | PATH.npy
@@ -210,8 +214,10 @@ def validate_common(cfg: dict) -> None:
     for sec in ("generator", "fake_score"):
         _positive_int(cfg, sec, "width")
         _positive_int(cfg, sec, "depth")
-    if cfg["generator"]["kind"] not in ("mlp", "teacher"):
-        raise ConfigError("generator.kind", f"unknown value {cfg['generator']['kind']!r}; accepted: mlp, teacher")
+    if cfg["generator"]["kind"] not in ("mlp", "teacher", "multi"):
+        raise ConfigError("generator.kind",
+                          f"unknown value {cfg['generator']['kind']!r}; accepted: mlp, teacher, multi")
+    _positive_int(cfg, "generator", "students")
     if cfg["fake_score"]["kind"] not in ("mlp", "teacher"):
         raise ConfigError("fake_score.kind",
                           f"unknown value {cfg['fake_score']['kind']!r}; accepted: mlp, teacher")

@@ -59,10 +59,14 @@ def cmd_distill(args):
             raise ConfigError("--out", f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     t0 = time.time()
     d = Distiller(cfg, run_dir)
-    res = d.train(resume=bool(args.resume))
-    tab, _ = write_report(d, time.time() - t0, cfg["eval"]["teacher_steps"])
-    print(tab)
-    print(f"wrote {os.path.join(run_dir, 'report.md')}")
+    try:
+        res = d.train(resume=bool(args.resume))
+        if d.dist.is_main:
+            tab, _ = write_report(d, time.time() - t0, cfg["eval"]["teacher_steps"])
+            print(tab)
+            print(f"wrote {os.path.join(run_dir, 'report.md')}")
+    finally:
+        d.close()
     return res
 
 

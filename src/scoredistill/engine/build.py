@@ -69,6 +69,16 @@ def build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
     dim = int(np.prod(teacher.data_shape))
     if gcfg["kind"] == "mlp":
         return MLPGenerator(dim, gcfg["width"], gcfg["depth"], teacher.num_classes)
+    if gcfg["kind"] == "multi":  # MSD: one student per block of classes (models/multi.py)
+        from scoredistill.models.multi import MultiStudentGenerator
+
+        k = teacher.num_classes or 0
+        if not k:
+            raise ConfigError("generator.kind", "'multi' routes samples by class and needs a class-conditional "
+                              "teacher (preset ring8_cond, or teacher.classes)")
+        if gcfg["students"] > k:
+            raise ConfigError("generator.students", f"must be <= the teacher's {k} classes, got {gcfg['students']}")
+        return MultiStudentGenerator(dim, gcfg["width"], gcfg["depth"], k, gcfg["students"])
     if not isinstance(teacher, MLPDenoiser):
         raise ConfigError("generator.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
                           "accepted for exact-score teachers: mlp")

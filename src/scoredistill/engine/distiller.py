@@ -33,6 +33,7 @@ from scoredistill.engine.build import (
     make_ode_pairs,
     sample_classes,
 )
+from scoredistill.engine.dist import Dist
 from scoredistill.engine.io import (
     CheckpointError,
     apply_checkpoint,
@@ -42,9 +43,20 @@ from scoredistill.engine.io import (
     read_checkpoint,
     save_checkpoint,
 )
+from scoredistill.engine.precision import Precision
 from scoredistill.models.generators import EMA
 from scoredistill.models.registry import save_model
 from scoredistill.objectives.base import Batch, Roles, build_objective
+
+
+def _fault(kind: str, step: int) -> None:
+    """Fault injection for crash-safety tests: ``SCOREDISTILL_FAULT=step:N`` kills the process with
+    SIGKILL right after iteration N, ``checkpoint:N`` while the checkpoint of step N is being written."""
+    spec = os.environ.get("SCOREDISTILL_FAULT")
+    if spec and spec == f"{kind}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TrainingAborted(Exception):
@@ -62,6 +74,16 @@ class Distiller:
         self.device = torch.device(tc["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device", "cuda requested but no CUDA device is available; accepted here: cpu")
+        self.precision = Precision(tc["precision"], self.device)
+        self.dist = Dist(self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        per_rank = tc["micro_batch"] or tc["batch_size"] // self.dist.world
+        if tc["batch_size"] % (per_rank * self.dist.world):
+            raise ConfigError("train.micro_batch", f"train.batch_size ({tc['batch_size']}) must be a multiple of "
+                              f"micro_batch ({per_rank}) x processes ({self.dist.world})")
+        self.micro = per_rank
+        self.n_micro = tc["batch_size"] // per_rank
         torch.manual_seed(tc["seed"])
         self.objective = build_objective(cfg["objective"], cfg["teacher"].get("guidance_convention", "canonical"))
         self.teacher, self.reference = build_teacher(cfg["teacher"])
@@ -69,11 +91,15 @@ class Distiller:
         self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"])
         req = self.objective.requirements()
         self.requirements = req
+        if "class_conditional" in req and not self.teacher.num_classes:
+            raise ConfigError("teacher", f"objective {self.objective.name} with these settings needs a "
+                              "class-conditional teacher; accepted: preset ring8_cond, or teacher.classes")
         self.generator = build_generator(cfg["generator"], self.teacher).to(self.device)
         self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference)).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
         self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
         self.ema = EMA(self.generator, tc["ema"]) if tc["ema"] > 0 else None
+        self._gen = torch.compile(self.generator) if tc["compile"] else self.generator
 
         def adam(params, lr, betas):
             return torch.optim.Adam(params, lr=lr, betas=tuple(betas or tc["betas"]), weight_decay=tc["weight_decay"])
@@ -105,7 +131,6 @@ class Distiller:
         if "ode_pairs" in req:
             w = getattr(self.objective.p, "guidance_scale", 1.0)
             self.ode = make_ode_pairs(self.teacher, tc["ode_pairs"], tc["ode_steps"], tc["seed"], w)
-        self.rng = torch.Generator().manual_seed(tc["seed"])
         self.step = 0
         self.nonfinite = {r: 0 for r in self.optimizers}
         self.consecutive = {r: 0 for r in self.optimizers}
@@ -132,40 +157,64 @@ class Distiller:
             for m in mods:
                 m.requires_grad_(True)
 
-    def _batch(self, x, z, cond) -> Batch:
-        b = Batch(x=x, cond=cond, z=z, rng=self.rng, step=self.step)
+    def _batch(self, x, z, cond, rng) -> Batch:
+        b = Batch(x=x, cond=cond, z=z, rng=rng, step=self.step)
         bs = x.shape[0]
         if self.real is not None:
-            idx = torch.randint(0, len(self.real), (bs,), generator=self.rng)
+            idx = torch.randint(0, len(self.real), (bs,), generator=rng)
             b.real = self.real[idx].to(self.device)
             b.real_cond = self.real_cond[idx].to(self.device) if self.real_cond is not None else None
         if self.ode is not None:
             oz, ox, oc = self.ode
-            idx = torch.randint(0, len(oz), (bs,), generator=self.rng)
+            idx = torch.randint(0, len(oz), (bs,), generator=rng)
             b.ode_z, b.ode_x = oz[idx].to(self.device), ox[idx].to(self.device)
             b.ode_cond = oc[idx].to(self.device) if oc is not None else None
         return b
 
-    def _draw(self):
-        bs = self.cfg["train"]["batch_size"]
-        z = torch.randn(bs, *self.teacher.data_shape, generator=self.rng) * self.cfg["generator"]["z_std"]
-        cond = sample_classes(self.teacher.num_classes, bs, self.rng)
-        return z.to(self.device), (cond.to(self.device) if cond is not None else None)
+    def _micro_batches(self, phase: int):
+        """This rank's micro-batches ``(rng, z, cond)`` of the current iteration and phase.
+
+        Randomness is counter-based: micro-batch ``i`` of iteration ``k`` always draws from a
+        generator seeded by ``(seed, k, phase, i)``, whichever process computes it. So the global
+        batch — and the summed gradient — does not depend on the number of processes or on
+        ``train.micro_batch``, and a resume needs no RNG state.
+        """
+        tc = self.cfg["train"]
+        m = self.micro
+        for i in range(self.dist.rank, self.n_micro, self.dist.world):
+            rng = torch.Generator().manual_seed(hash((tc["seed"], self.step, phase, i)) & (2**62 - 1))
+            z = torch.randn(m, *self.teacher.data_shape, generator=rng) * self.cfg["generator"]["z_std"]
+            cond = sample_classes(self.teacher.num_classes, m, rng)
+            yield rng, z.to(self.device), (cond.to(self.device) if cond is not None else None)
 
     # -- one optimisation phase with guards ----------------------------------------------------------
-    def _apply(self, out: dict, roles: list[str]) -> bool:
-        loss = out["loss"]
+    def _phase(self, roles: list[str], phase: int, compute) -> bool:
+        """Accumulate ``compute(rng, z, cond) -> out`` over micro-batches and ranks, then guard,
+        clip and step ``roles``. Returns whether the step was taken."""
         for r in roles:
             self.optimizers[r].zero_grad(set_to_none=True)
-        ok = bool(torch.isfinite(loss))
+        ok = True
+        outs = []
+        for rng, z, cond in self._micro_batches(phase):
+            out = compute(rng, z, cond)
+            if out is None:
+                return False
+            loss = out["loss"]
+            if not bool(torch.isfinite(loss)):
+                ok = False
+                break
+            (loss / self.n_micro).backward()
+            outs.append(out)
+        ok = self.dist.all_true(ok)
+        params = {r: [p for p in self.modules[r].parameters() if p.requires_grad] for r in roles}
         if ok:
-            loss.backward()
+            self.dist.sum_grads([p for r in roles for p in params[r]])
             clip = self.cfg["train"]["grad_clip"]
             for r in roles:
-                params = [p for p in self.modules[r].parameters() if p.grad is not None]
-                if not params:
+                ps = [p for p in params[r] if p.grad is not None]
+                if not ps:
                     continue
-                norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+                norm = torch.nn.utils.clip_grad_norm_(ps, clip if clip else float("inf"))
                 self._record(f"grad_norm/{r}", float(norm))
                 ok = ok and math.isfinite(float(norm))
         for r in roles:
@@ -174,6 +223,10 @@ class Distiller:
             else:
                 self.nonfinite[r] += 1
                 self.consecutive[r] += 1
+        for out in outs:
+            for k, v in out.items():
+                if k != "loss":
+                    self._record(k, v)
         if not ok:
             for r in roles:
                 self.optimizers[r].zero_grad(set_to_none=True)
@@ -183,6 +236,8 @@ class Distiller:
                     f"{worst}: loss or gradients non-finite for {self.consecutive[worst]} consecutive steps "
                     f"(iteration {self.step}); lower train.lr, check the teacher, or raise train.nan_guard_max")
             return False
+        for out in outs:
+            self._record("loss_gen" if "generator" in roles else "loss_aux", out["loss"])
         for r in roles:
             self.optimizers[r].step()
         return True
@@ -197,27 +252,26 @@ class Distiller:
         obj = self.objective
         gen_step = self.step % tc["generator_every"] == 0
         do_aux = bool(self.aux_roles) and (not gen_step or tc["fake_on_generator_steps"])
+        roles = self.roles()
         if do_aux:
-            z, cond = self._draw()
-            with torch.no_grad():
-                x = self.generator(z, cond)
-            out = obj.auxiliary_losses(self._batch(x, z, cond), self.roles())
-            if out is not None:
-                with self._frozen(["generator"]):
-                    self._apply(out, self.aux_roles)
-                for k, v in out.items():
-                    if k != "loss":
-                        self._record(k, v)
+            def aux(rng, z, cond):
+                with torch.no_grad(), self.precision.autocast():
+                    x = self._gen(z, cond)
+                with self.precision.autocast():
+                    return obj.auxiliary_losses(self._batch(x.float(), z, cond, rng), roles)
+
+            with self._frozen(["generator"]):
+                self._phase(self.aux_roles, 0, aux)
         if gen_step:
-            z, cond = self._draw()
+            def gen(rng, z, cond):
+                with self.precision.autocast():
+                    x = self._gen(z, cond)
+                    return obj.generator_loss(self._batch(x.float(), z, cond, rng), roles)
+
             with self._frozen(self.aux_roles):
-                x = self.generator(z, cond)
-                out = obj.generator_loss(self._batch(x, z, cond), self.roles())
-                stepped = self._apply(out, ["generator"])
+                stepped = self._phase(["generator"], 1, gen)
             if stepped and self.ema is not None:
                 self.ema.update(self.generator)
-            for k, v in out.items():
-                self._record("loss_gen" if k == "loss" else k, v)
         self.step += 1
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -232,6 +286,7 @@ class Distiller:
     def evaluate(self) -> dict:
         x = self.sample(self.eval_z, self.eval_cond)
         res = {"step": self.step, **self.evaluator.metrics(x, self.eval_cond)}
+        self._collapse_check(x)
         if self.cfg["eval"]["plots"]:
             ref = self.evaluator.reference(len(x), self.eval_cond, seed=0)
             panels = ([("target", ref)] if ref is not None else []) + [(f"student step {self.step}", x)]
@@ -241,10 +296,11 @@ class Distiller:
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self):
         meta = {"step": self.step, "nonfinite": self.nonfinite, "consecutive": self.consecutive,
-                "wall": self.wall_offset + (time.time() - self._t0)}
-        rngs = {"train": self.rng.get_state(), "torch": torch.get_rng_state()}
+                "wall": self.wall_offset + (time.time() - self._t0), "objective": self.objective.state_dict()}
+        rngs = {"torch": torch.get_rng_state()}
         folder = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:07d}")
-        save_checkpoint(folder, self.modules, self.optimizers, rngs, meta)
+        save_checkpoint(folder, self.modules, self.optimizers, rngs, meta,
+                        before_commit=lambda: _fault("checkpoint", self.step))
         prune_checkpoints(self.run_dir, self.cfg["train"]["keep_checkpoints"])
         save_model(self.student(), os.path.join(self.run_dir, "generator"),
                    extra={"ema": self.ema is not None, "step": self.step,
@@ -264,12 +320,12 @@ class Distiller:
                 errors.append(str(e))
                 self.log(f"warning: skipping unreadable checkpoint {folder}: {e}")
                 continue
-            self.rng.set_state(rngs["train"])
             torch.set_rng_state(rngs["torch"])
             self.step = int(meta["step"])
             self.nonfinite.update(meta.get("nonfinite", {}))
             self.consecutive.update(meta.get("consecutive", {}))
             self.wall_offset = float(meta.get("wall", 0.0))
+            self.objective.load_state_dict(meta.get("objective", {}))
             self._truncate_metrics(self.step)
             return self.step
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
@@ -304,36 +360,62 @@ class Distiller:
                 self._tb.add_scalar(f"train/{k}", v, self.step)
         return res
 
+    def _collapse_check(self, x: torch.Tensor) -> None:
+        """Warn when the sample spread falls toward zero (mode collapse), relative to the target's
+        spread when it is known, else to the first evaluation's."""
+        x = x.reshape(x.shape[0], -1).double()
+        x = x[torch.isfinite(x).all(1)]
+        if len(x) < 2:
+            return
+        spread = float(x.std(0).mean())
+        if self._spread_ref is None:
+            ref = self.evaluator.reference(len(x), self.eval_cond, seed=0)
+            self._spread_ref = float(ref.reshape(len(ref), -1).double().std(0).mean()) if ref is not None else spread
+        if self._spread_ref > 0 and spread < 0.1 * self._spread_ref:
+            self.log(f"warning: possible collapse at step {self.step}: sample spread {spread:.3g} is below 10 % "
+                     f"of the reference {self._spread_ref:.3g}")
+
     def train(self, resume: bool = False) -> dict:
         tc = self.cfg["train"]
+        main = self.dist.is_main
         os.makedirs(self.run_dir, exist_ok=True)
         self._t0 = time.time()
+        self._spread_ref = None
         if resume:
             self.load_latest()
-        dump(self.cfg, os.path.join(self.run_dir, "config.yaml"))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if main:
+            dump(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
-        except ImportError:  # tensorboard is a dependency, but keep training if it is broken
-            self._tb = None
+                self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            except ImportError:  # tensorboard is a dependency, but keep training if it is broken
+                self._tb = None
         from scoredistill.engine.progress import Progress
 
         last = None
-        with Progress(tc["steps"], self.step, enabled=tc["progress"]) as bar:
-            while self.step < tc["steps"]:
-                self.train_step()
-                if self.step % tc["log_every"] == 0 or self.step == tc["steps"]:
-                    bar.update(self.step, {k: sum(v[-tc["log_every"]:]) / len(v[-tc["log_every"]:])
-                                           for k, v in self.running.items() if k.startswith("loss")})
-                if self.step % self.cfg["eval"]["every"] == 0 or self.step == tc["steps"]:
-                    last = self._write_metrics(self.evaluate())
-                    self.running = {}
-                    bar.note(last)
-                if self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]:
-                    self.save()
-        if last is None:
-            last = self._write_metrics(self.evaluate())
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            with Progress(tc["steps"], self.step, enabled=tc["progress"] and main) as bar:
+                while self.step < tc["steps"]:
+                    self.train_step()
+                    _fault("step", self.step)
+                    if self.step % tc["log_every"] == 0 or self.step == tc["steps"]:
+                        bar.update(self.step, {k: sum(v[-tc["log_every"]:]) / len(v[-tc["log_every"]:])
+                                               for k, v in self.running.items() if k.startswith("loss")})
+                    if main and (self.step % self.cfg["eval"]["every"] == 0 or self.step == tc["steps"]):
+                        last = self._write_metrics(self.evaluate())
+                        self.running = {}
+                        bar.note(last)
+                    if self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]:
+                        if main:
+                            self.save()
+                        self.dist.barrier()
+            if main and last is None:
+                last = self._write_metrics(self.evaluate())
+        finally:
+            if self._tb is not None:
+                self._tb.close()
         return last
+
+    def close(self):
+        self.dist.close()

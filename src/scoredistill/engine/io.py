@@ -83,7 +83,7 @@ def _unflatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict,
 
 
 def save_checkpoint(folder: str, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    rngs: dict[str, torch.Tensor], meta: dict) -> None:
+                    rngs: dict[str, torch.Tensor], meta: dict, before_commit=None) -> None:
     tensors: dict[str, torch.Tensor] = {}
     meta = dict(meta)
     for name, m in modules.items():
@@ -101,6 +101,8 @@ def save_checkpoint(folder: str, modules: dict[str, torch.nn.Module], optimizers
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
 
 
 class CheckpointError(Exception):

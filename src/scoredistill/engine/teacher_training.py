@@ -27,10 +27,14 @@ def train_teacher(path: str, out: str, overrides=(), log=print) -> dict:
     from scoredistill.config import apply_overrides
 
     user = load_yaml(path)
+    if (user.get("teacher") or {}).get("kind") == "image":
+        from scoredistill.engine.image_teacher_training import train_image_teacher
+
+        return train_image_teacher(user, out, overrides, log=log)
     check_keys(user, ("teacher", "network", "train"), "")
     tcfg = dict(user.get("teacher") or {})
     if tcfg.pop("kind", "gmm") != "gmm":
-        raise ConfigError("teacher.kind", "train-teacher fits a GMM; accepted: gmm")
+        raise ConfigError("teacher.kind", "train-teacher fits a GMM or an image dataset; accepted: gmm, image")
     net = {**DEFAULTS["network"], **(user.get("network") or {})}
     tr = {**DEFAULTS["train"], **(user.get("train") or {})}
     check_keys(net, DEFAULTS["network"], "network")

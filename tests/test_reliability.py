@@ -1,0 +1,79 @@
+"""Crash safety (SIGKILL mid-training and mid-checkpoint), micro-batch and multi-process invariance."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from scoredistill.engine.io import list_checkpoints
+
+CFG = {
+    "teacher": {"kind": "gmm", "preset": "ring8"},
+    "generator": {"width": 32, "depth": 2},
+    "fake_score": {"width": 32, "depth": 2},
+    "objective": {"name": "dmd2"},
+    # micro_batch 16: two micro-batches per iteration, computed in sequence by one process or one per rank
+    # by two; their random draws are seeded by (seed, iteration, phase, micro-batch index), so both see
+    # the same global batch
+    "train": {"steps": 12, "batch_size": 32, "micro_batch": 16, "generator_every": 2, "checkpoint_every": 4, "progress": False,
+              "keep_checkpoints": 5, "threads": 1},
+    "eval": {"every": 6, "n_samples": 64, "plots": False},
+}
+
+
+def cli(args, env=None, cwd=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "scoredistill", *args], capture_output=True, text=True,
+                          env=e, timeout=300, cwd=cwd)
+
+
+def gen_weights(run):
+    return load_file(os.path.join(run, "generator", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    cfg = d / "c.yaml"
+    cfg.write_text(yaml.safe_dump(CFG))
+    p = cli(["distill", str(cfg), "--out", str(d / "run")])
+    assert p.returncode == 0, p.stderr
+    return str(cfg), str(d / "run")
+
+
+@pytest.mark.parametrize("fault", ["step:6", "checkpoint:8"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference_run, fault):
+    cfg, ref = reference_run
+    run = str(tmp_path / "run")
+    p = cli(["distill", cfg, "--out", run], env={"SCOREDISTILL_FAULT": fault})
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    # no half-written checkpoint under a final name; every listed checkpoint is readable
+    for c in list_checkpoints(run):
+        assert sorted(os.listdir(c)) == ["meta.json", "state.safetensors"]
+        load_file(os.path.join(c, "state.safetensors"))
+    assert [os.path.basename(c) for c in list_checkpoints(run)] == ["step_0000004"]
+    p = cli(["distill", "--resume", run])
+    assert p.returncode == 0, p.stderr
+    a, b = gen_weights(ref), gen_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_two_rank_gloo_equals_one_process(tmp_path, reference_run):
+    cfg, ref = reference_run
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "scoredistill", "distill", cfg,
+                        "--out", run], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = gen_weights(ref), gen_weights(run)
+    # measured max abs difference after 12 iterations: ~1e-7 (gradient all-reduce changes summation order)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
