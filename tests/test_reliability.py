@@ -20,8 +20,8 @@ CFG = {
     # micro_batch 16: two micro-batches per iteration, computed in sequence by one process or one per rank
     # by two; their random draws are seeded by (seed, iteration, phase, micro-batch index), so both see
     # the same global batch
-    "train": {"steps": 12, "batch_size": 32, "micro_batch": 16, "generator_every": 2, "checkpoint_every": 4, "progress": False,
-              "keep_checkpoints": 5, "threads": 1},
+    "train": {"steps": 12, "batch_size": 32, "micro_batch": 16, "generator_every": 2, "checkpoint_every": 4,
+              "progress": False, "keep_checkpoints": 5, "threads": 1},
     "eval": {"every": 6, "n_samples": 64, "plots": False},
 }
 

@@ -218,8 +218,9 @@ def test_sim_quadratic_limit_is_sid_alpha_one():
     teacher, fake, x, t, noise = _ring_setup(2)
     c = 1e6
     roles = Roles(teacher=teacher, fake=fake)
-    l_sim = build_objective({"name": "sim", "huber_c": c}).per_sample_loss(x, t, noise, None, roles)[0].mean()
-    l_sid = build_objective({"name": "sid", "alpha": 1.0}).per_sample_loss(x, t, noise, None, roles)[0].mean() / c
+    sim, sid = build_objective({"name": "sim", "huber_c": c}), build_objective({"name": "sid", "alpha": 1.0})
+    l_sim = sim.per_sample_loss(x, t, noise, None, roles)[0].mean()
+    l_sid = sid.per_sample_loss(x, t, noise, None, roles)[0].mean() / c
     torch.testing.assert_close(l_sim * c, l_sid * c, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(_grad_x(l_sim * c, x), _grad_x(l_sid * c, x), rtol=1e-3, atol=1e-6)
 
@@ -340,3 +341,12 @@ def test_sid_distills_ring8(tmp_path):
     # MEASURED_PLACEHOLDER
     assert res["modes_covered"] == 8
     assert res["precision"] > 0.0
+
+
+def test_fake_time_default_is_sid_lognormal_and_overridable():
+    from scoredistill.process.time import LogNormal, Uniform
+
+    for name in ("sid", "sida", "sim"):
+        assert build_objective({"name": name}).fake_time == LogNormal(p_mean=-1.2, p_std=1.2)
+        obj = build_objective({"name": name, "fake_time": {"kind": "uniform", "t_min": 0.0, "t_max": 1.0}})
+        assert obj.fake_time == Uniform(t_min=0.0, t_max=1.0)

@@ -35,13 +35,18 @@ def check_keys(cfg: dict, accepted: Iterable[str], section: str) -> None:
 # The schema: every accepted key with its default. ``None`` means "not set / derived".
 DEFAULTS: dict[str, Any] = {
     "teacher": {
-        "kind": "gmm",            # gmm | learned
+        "kind": "gmm",            # gmm | learned | bundled
         "preset": None,           # ring8 | grid25 | pair | asym | gmm10d (kind: gmm)
         "means": None, "std": None, "stds": None, "weights": None, "classes": None,
         "dim": None,              # embed a 2-D preset in more dimensions (zero padding)
         "path": None,             # kind: learned -> folder written by `scoredistill train-teacher`
+        "name": None,             # kind: bundled -> a teacher shipped in the package (digits)
         "process": {"kind": "edm"},
         "guidance_convention": "canonical",  # how guidance scales in this file are written
+        # kind: diffusers (path = pipeline folder; docs/diffusers.md): prompts (list | .txt), negative_prompt,
+        # null_class (class-conditional UNet2DModel), resolution (pixels), embedded_guidance (FLUX)
+        "prompts": None, "negative_prompt": None, "null_class": None, "resolution": None,
+        "embedded_guidance": None,
     },
     "generator": {
         "kind": "mlp",            # mlp (fresh) | teacher (copy of a learned teacher) | multi (MSD)
@@ -49,11 +54,17 @@ DEFAULTS: dict[str, Any] = {
         "sigma_init": 2.5,        # kind: teacher -> G(z) = D(sigma_init z, sigma_init)
         "students": 2,            # kind: multi -> number of students (MSD), classes split in blocks
         "z_std": 1.0,
+        # diffusers teachers: native input timesteps ([999], [999, 749, 499, 249]), noise_input pure|scaled,
+        # kind: lora -> LoRA student on a frozen copy; gradient checkpointing of the student network
+        "timesteps": None, "noise_input": None,
+        "lora_rank": None, "lora_alpha": None, "lora_targets": None, "gradient_checkpointing": None,
     },
     "fake_score": {
         "kind": "mlp",            # mlp (fresh) | teacher (copy of a learned teacher)
         "width": 256, "depth": 4,
         "sigma_data": None,       # EDM preconditioning scale; default: the teacher's data std
+        # diffusers teachers: kind full (= teacher) copy | lora (peft LoRA on the frozen teacher module)
+        "lora_rank": None, "lora_alpha": None, "lora_targets": None, "gradient_checkpointing": None,
     },
     "objective": {"name": "dmd2"},
     "train": {
@@ -87,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
         "n_samples": 2000,
         "plots": True,
         "teacher_steps": 18,              # Heun steps for the teacher baseline (2*18-1 = 35 NFE)
+        "fid_weights": None,              # local Inception file -> also report real FID (image teachers)
     },
 }
 
@@ -214,13 +226,13 @@ def validate_common(cfg: dict) -> None:
     for sec in ("generator", "fake_score"):
         _positive_int(cfg, sec, "width")
         _positive_int(cfg, sec, "depth")
-    if cfg["generator"]["kind"] not in ("mlp", "teacher", "multi"):
+    if cfg["generator"]["kind"] not in ("mlp", "teacher", "multi", "lora"):
         raise ConfigError("generator.kind",
-                          f"unknown value {cfg['generator']['kind']!r}; accepted: mlp, teacher, multi")
+                          f"unknown value {cfg['generator']['kind']!r}; accepted: mlp, teacher, multi, lora")
     _positive_int(cfg, "generator", "students")
-    if cfg["fake_score"]["kind"] not in ("mlp", "teacher"):
+    if cfg["fake_score"]["kind"] not in ("mlp", "teacher", "full", "lora"):
         raise ConfigError("fake_score.kind",
-                          f"unknown value {cfg['fake_score']['kind']!r}; accepted: mlp, teacher")
+                          f"unknown value {cfg['fake_score']['kind']!r}; accepted: mlp, teacher (= full), lora")
     _number(cfg, "generator", "sigma_init", lo=0)
     if not isinstance(cfg["objective"], dict) or "name" not in cfg["objective"]:
         raise ConfigError("objective.name", "missing")

@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     from scoredistill.cli.optimize import add_optimize_parser
 
     add_optimize_parser(sub)
+    from scoredistill.cli.export import add_export_parser
+
+    add_export_parser(sub)
+    from scoredistill.cli.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

@@ -30,15 +30,19 @@ def cmd_optimize(args):
         run_dir = args.out
         cfg = resolve(load_yaml(args.config), args.set)
         if list_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "config.yaml")):
-            raise ConfigError("--out", f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+            raise ConfigError("--out", f"{run_dir} already holds a run; use --resume {run_dir} or "
+                              "another --out")
     opt = PriorOptimizer(cfg, run_dir)
     res = opt.run(resume=bool(args.resume))
-    lines = [f"# scoredistill optimize: {opt.objective.name} on {opt.param.kind} ({opt.param.num_items} items)",
-             "", f"steps: {opt.step}, wall: {res.get('wall_s', 0):.1f} s", "", "| metric | value |", "|---|---|"]
+    title = f"# scoredistill optimize: {opt.objective.name} on {opt.param.kind} ({opt.param.num_items} items)"
+    lines = [title,
+             "", f"steps: {opt.step}, wall: {res.get('wall_s', 0):.1f} s", "",
+             "| metric | value |", "|---|---|"]
     for k, v in res.items():
         if isinstance(v, (int, float)) and k not in ("step", "wall_s"):
             lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    pngs = sorted(os.listdir(os.path.join(run_dir, "samples"))) if os.path.isdir(os.path.join(run_dir, "samples")) else []
+    samples = os.path.join(run_dir, "samples")
+    pngs = sorted(os.listdir(samples)) if os.path.isdir(samples) else []
     if pngs:
         lines += ["", f"![final](samples/{pngs[-1]})"]
     atomic_write_text(os.path.join(run_dir, "report.md"), "\n".join(lines) + "\n")
@@ -50,7 +54,8 @@ def cmd_optimize(args):
 
 
 def add_optimize_parser(sub):
-    o = sub.add_parser("optimize", help="optimize particles / an image / a renderer under the teacher (SDS family)")
+    o = sub.add_parser("optimize", help="optimize particles / an image / a renderer under the teacher "
+                                        "(SDS family, VSD/ESD)")
     o.add_argument("config", nargs="?", help="recipe YAML (recipes/optimize/*.yaml)")
     o.add_argument("--out", help="run folder to create")
     o.add_argument("--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR")

@@ -13,11 +13,13 @@ from scoredistill.models.denoiser import Denoiser
 from scoredistill.models.generators import DenoiserGenerator, DiscriminatorHead
 from scoredistill.models.mlp import MLPDenoiser, MLPGenerator
 from scoredistill.models.registry import load_model, process_from_description
+from scoredistill.models.unet import UNetDenoiser
 from scoredistill.process.processes import make_process
 from scoredistill.teachers.gmm import GMMTeacher, build_gmm
 
 GMM_KEYS = ("kind", "preset", "means", "std", "stds", "weights", "classes", "dim", "process", "guidance_convention")
 LEARNED_KEYS = ("kind", "path", "process", "guidance_convention")
+BUNDLED_KEYS = ("kind", "name", "process", "guidance_convention")
 
 
 def build_teacher(tcfg: dict) -> tuple[Denoiser, GMMTeacher | None]:
@@ -45,24 +47,51 @@ def build_teacher(tcfg: dict) -> tuple[Denoiser, GMMTeacher | None]:
             src = cfg["source"]
             ref = GMMTeacher(src["means"], src["stds"], src["weights"], src.get("classes"),
                              process_from_description(src["process"]))
+        elif "dataset" in cfg:  # an image teacher from `train-teacher` (teacher.kind: image)
+            from scoredistill.teachers.bundled import attach_evaluator
+
+            attach_evaluator(model, cfg["dataset"])
         return model, ref
-    raise ConfigError("teacher.kind", f"unknown value {kind!r}; accepted: gmm, learned")
+    if kind == "bundled":  # teachers shipped in the package (teachers/bundled.py), e.g. name: digits
+        from scoredistill.teachers.bundled import load_bundled
+
+        check_keys({k: 1 for k in set_keys}, BUNDLED_KEYS, "teacher")
+        if not tcfg.get("name"):
+            raise ConfigError("teacher.name", "missing; accepted: digits")
+        return load_bundled(tcfg["name"])[0], None
+    if kind == "diffusers":  # a diffusers pipeline folder (scoredistill.adapters, docs/diffusers.md)
+        from scoredistill.adapters.diffusers_teacher import build_diffusers_teacher
+
+        return build_diffusers_teacher(tcfg), None
+    raise ConfigError("teacher.kind", f"unknown value {kind!r}; accepted: gmm, learned, bundled, diffusers")
 
 
-def build_evaluator(teacher: Denoiser, reference, seed: int = 0):
-    """The evaluator for a teacher: exact GMM metrics when the target mixture is known."""
+def build_evaluator(teacher: Denoiser, reference, seed: int = 0, eval_cfg: dict | None = None):
+    """The evaluator for a teacher: exact GMM metrics when the target mixture is known, else the
+    teacher's own (``make_evaluator``: image teachers; ``eval.fid_weights`` adds real FID there)."""
     from scoredistill.metrics.evaluator import Evaluator, GMMEvaluator
 
+    fid = (eval_cfg or {}).get("fid_weights")
+    make = getattr(teacher, "make_evaluator", None)
+    if fid and (reference is not None or make is None):
+        raise ConfigError("eval.fid_weights", "real FID needs an image teacher (teacher.kind: bundled)")
     if reference is not None:
         return GMMEvaluator(reference, seed)
-    make = getattr(teacher, "make_evaluator", None)
-    return make(seed) if make is not None else Evaluator()
+    if make is None:
+        return Evaluator()
+    return make(seed, fid_weights=fid) if fid else make(seed)
 
 
 def data_std(teacher: Denoiser, reference: GMMTeacher | None) -> float:
     if reference is not None:
         return reference.data_std()
     return float(getattr(teacher, "sigma_data", 1.0))
+
+
+def _is_diffusers(teacher) -> bool:
+    from scoredistill.adapters.diffusers_teacher import is_diffusers_denoiser
+
+    return is_diffusers_denoiser(teacher)
 
 
 def build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
@@ -79,7 +108,13 @@ def build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
         if gcfg["students"] > k:
             raise ConfigError("generator.students", f"must be <= the teacher's {k} classes, got {gcfg['students']}")
         return MultiStudentGenerator(dim, gcfg["width"], gcfg["depth"], k, gcfg["students"])
-    if not isinstance(teacher, MLPDenoiser):
+    if _is_diffusers(teacher):  # generator.kind teacher (full copy) | lora (scoredistill.adapters.student)
+        from scoredistill.adapters.student import build_diffusers_generator
+
+        return build_diffusers_generator(gcfg, teacher)
+    if gcfg["kind"] == "lora":
+        raise ConfigError("generator.kind", "'lora' needs a diffusers teacher (teacher.kind: diffusers)")
+    if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
         raise ConfigError("generator.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
                           "accepted for exact-score teachers: mlp")
     t_init = float(teacher.process.t_from_rho(gcfg["sigma_init"]))
@@ -91,7 +126,13 @@ def build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
     if fcfg["kind"] == "mlp":
         sd = fcfg["sigma_data"] if fcfg["sigma_data"] is not None else sigma_data
         return MLPDenoiser(teacher.process, dim, fcfg["width"], fcfg["depth"], teacher.num_classes, sd)
-    if not isinstance(teacher, MLPDenoiser):
+    if _is_diffusers(teacher):  # fake_score.kind teacher/full (copy) | lora (peft LoRA on the teacher)
+        from scoredistill.adapters.student import build_diffusers_fake
+
+        return build_diffusers_fake(fcfg, teacher, sigma_data)
+    if fcfg["kind"] == "lora":
+        raise ConfigError("fake_score.kind", "'lora' needs a diffusers teacher (teacher.kind: diffusers)")
+    if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
         raise ConfigError("fake_score.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
                           "accepted for exact-score teachers: mlp")
     return copy.deepcopy(teacher).requires_grad_(True).train()

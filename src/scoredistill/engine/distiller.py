@@ -88,7 +88,7 @@ class Distiller:
         self.objective = build_objective(cfg["objective"], cfg["teacher"].get("guidance_convention", "canonical"))
         self.teacher, self.reference = build_teacher(cfg["teacher"])
         self.teacher.requires_grad_(False).eval().to(self.device)
-        self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"])
+        self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
         req = self.objective.requirements()
         self.requirements = req
         if "class_conditional" in req and not self.teacher.num_classes:

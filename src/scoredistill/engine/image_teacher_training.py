@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from scoredistill.config import ConfigError, apply_overrides, check_keys
+from scoredistill.config import ConfigError, check_keys
 from scoredistill.models.generators import EMA
 from scoredistill.models.registry import save_model
 from scoredistill.models.unet import UNetDenoiser
@@ -117,4 +117,4 @@ def train_image_teacher(user: dict, out: str, overrides=(), log=print) -> dict:
     save_model(ema.model, out, extra={**extra, "step": tr["steps"], "wall_s": round(wall, 1)})
     with open(os.path.join(out, "recipe.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    return {"out": out, "steps": tr["steps"], "final_loss": float(loss), "wall_s": wall}
+    return {"out": out, "steps": tr["steps"], "final_loss": float(loss.detach()), "wall_s": wall}

@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from scoredistill.models.generators import DenoiserGenerator
 from scoredistill.models.mlp import MLPDenoiser, MLPGenerator
+from scoredistill.models.multi import MultiStudentGenerator
+from scoredistill.models.unet import UNetDenoiser
 from scoredistill.process.processes import PROCESS_KINDS, Process
 
 
@@ -26,10 +28,16 @@ def process_from_description(d: dict) -> Process:
 
 
 def model_config(model: torch.nn.Module) -> dict:
+    if hasattr(model, "registry_config"):  # diffusers students (scoredistill.adapters.student)
+        return model.registry_config()
     if isinstance(model, MLPDenoiser):
         return {"class": "MLPDenoiser", "arch": model.arch, "process": model.process.describe()}
     if isinstance(model, MLPGenerator):
         return {"class": "MLPGenerator", "arch": model.arch}
+    if isinstance(model, MultiStudentGenerator):
+        return {"class": "MultiStudentGenerator", "arch": model.arch}
+    if isinstance(model, UNetDenoiser):
+        return {"class": "UNetDenoiser", "arch": model.arch, "process": model.process.describe()}
     if isinstance(model, DenoiserGenerator):
         return {"class": "DenoiserGenerator", "t_init": model.t_init, "denoiser": model_config(model.denoiser)}
     raise TypeError(f"no folder format for {type(model).__name__}")
@@ -37,10 +45,18 @@ def model_config(model: torch.nn.Module) -> dict:
 
 def model_from_config(cfg: dict) -> torch.nn.Module:
     cls = cfg["class"]
+    if cls == "DiffusersGenerator":
+        from scoredistill.adapters.student import generator_from_registry
+
+        return generator_from_registry(cfg)
     if cls == "MLPDenoiser":
         return MLPDenoiser(process_from_description(cfg["process"]), **cfg["arch"])
     if cls == "MLPGenerator":
         return MLPGenerator(**cfg["arch"])
+    if cls == "MultiStudentGenerator":
+        return MultiStudentGenerator(**cfg["arch"])
+    if cls == "UNetDenoiser":
+        return UNetDenoiser(process_from_description(cfg["process"]), **cfg["arch"])
     if cls == "DenoiserGenerator":
         return DenoiserGenerator(model_from_config(cfg["denoiser"]), cfg["t_init"])
     raise ValueError(f"unknown model class {cls!r}")

@@ -9,7 +9,10 @@ owns all of that (NVIDIA Model-Optimizer ``fastgen`` boundary, see STYLE.md).
 Requirements an objective can declare (the engine checks them before training):
 ``fake_score`` (a learned score of the sample distribution), ``discriminator`` (a head on the
 fake network's features), ``real_data`` (samples of the target), ``ode_pairs`` (noise / teacher-ODE
-output pairs).
+output pairs), ``class_conditional`` (a teacher with class labels).
+
+An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
+``state_dict()`` / ``load_state_dict()`` (JSON-serialisable); the engine stores them in checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from scoredistill.models.denoiser import Denoiser
 from scoredistill.process.processes import Process
 from scoredistill.process.time import TimeSampler, make_time_sampler
 
-REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs")
+REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional")
 
 
 @dataclass
@@ -84,6 +87,13 @@ class Objective:
     def requirements(self) -> set[str]:
         return set()
 
+    # -- running state (checkpointed by the engine) -----------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     # -- losses ------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, roles: Roles) -> dict:
         raise NotImplementedError
@@ -131,13 +141,18 @@ def build_objective(cfg: dict, guidance_convention: str = "canonical") -> Object
         if k not in fields:
             raise ConfigError(f"objective.{k}", f"unknown key for {name}; accepted: {', '.join(accepted)}")
         default = fields[k].default
+        if v is None and "None" in str(fields[k].type):  # optional parameter explicitly unset
+            continue
         if isinstance(default, bool) and not isinstance(v, bool):
             raise ConfigError(f"objective.{k}", f"must be true or false, got {v!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ConfigError(f"objective.{k}", f"must be a number, got {v!r}")
-    for k in [k for k in cfg if "guidance_scale" in k and isinstance(cfg[k], (int, float))]:
-        cfg[k] = canonical_scale(cfg[k], guidance_convention)
+    for k in [k for k in cfg if "guidance_scale" in k]:
+        if isinstance(cfg[k], (int, float)) and not isinstance(cfg[k], bool):
+            cfg[k] = canonical_scale(cfg[k], guidance_convention)
+        elif isinstance(cfg[k], (list, tuple)) and all(isinstance(v, (int, float)) for v in cfg[k]):
+            cfg[k] = [canonical_scale(v, guidance_convention) for v in cfg[k]]  # e.g. a sampling range
     params = cls.Params(**cfg)
     if hasattr(params, "validate"):
         params.validate()

@@ -20,7 +20,14 @@ import torch
 from scoredistill.config import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.sds import FieldObjective, check_clamp, eps_of, field_diag, finish_field, null_like
+from scoredistill.objectives.sds import (
+    FieldObjective,
+    check_clamp,
+    eps_of,
+    field_diag,
+    finish_field,
+    null_like,
+)
 from scoredistill.process.time import Uniform
 
 

@@ -127,7 +127,8 @@ class CDS(FieldObjective):
         p = roles.process
         t, t_next = self.times(batch, p)
         noise = self.noise_for(batch).double()
-        rho, rho_n = p.rho(t).view((-1,) + (1,) * (x.dim() - 1)), p.rho(t_next).view((-1,) + (1,) * (x.dim() - 1))
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        rho, rho_n = p.rho(t).view(shape), p.rho(t_next).view(shape)
         a, s = p.coeffs(t, x)
         a_n, _ = p.coeffs(t_next, x)
         z = x.double() + rho.to(x.device) * noise

@@ -54,7 +54,8 @@ class CSDParams(ObjectiveParams):
         if self.negative_class is not None and (not isinstance(self.negative_class, int)
                                                 or isinstance(self.negative_class, bool)
                                                 or self.negative_class < 0):
-            raise ConfigError("objective.negative_class", f"must be a class label >= 0, got {self.negative_class!r}")
+            raise ConfigError("objective.negative_class",
+                              f"must be a class label >= 0, got {self.negative_class!r}")
 
 
 @register
@@ -80,7 +81,8 @@ class CSD(FieldObjective):
         if q.lambda_neg:
             if q.negative_class is None:
                 raise ConfigError("objective.negative_class", "needed when lambda_neg != 0")
-            g = g + q.lambda_neg * eps_of(roles.teacher, x_t, t, torch.full_like(batch.cond, q.negative_class))
+            neg = torch.full_like(batch.cond, q.negative_class)
+            g = g + q.lambda_neg * eps_of(roles.teacher, x_t, t, neg)
         if q.lambda_noise:
             g = g + q.lambda_noise * eps.double()
         a, s = p.coeffs(t, x)

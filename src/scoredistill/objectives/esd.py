@@ -49,7 +49,8 @@ from scoredistill.objectives.sds import (
 from scoredistill.process.time import Uniform
 
 
-def fake_condition(fake, cond: torch.Tensor | None, view: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+def fake_condition(fake, cond: torch.Tensor | None, view: torch.Tensor | None, n: int,
+                   device) -> torch.Tensor | None:
     """The fake role's condition: ``(B, 2)`` ``[class, view]`` for a view-aware fake, else the class."""
     if not getattr(fake, "takes_view", False):
         return cond

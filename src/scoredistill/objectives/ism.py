@@ -44,7 +44,8 @@ from scoredistill.objectives.sds import (
 from scoredistill.process.time import Uniform
 
 
-def ddim_step(process, x: torch.Tensor, eps: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+def ddim_step(process, x: torch.Tensor, eps: torch.Tensor, t_from: torch.Tensor,
+              t_to: torch.Tensor) -> torch.Tensor:
     """One deterministic DDIM step (eta 0) from ``t_from`` to ``t_to`` (either direction):
     ``x0 = (x - s eps) / a``, ``x' = a' x0 + s' eps`` (float64 inside; the PF-ODE Euler step)."""
     a, s = process.coeffs(t_from, x)
@@ -103,7 +104,7 @@ class ISMParams(ObjectiveParams):
         for k in ("delta_t", "delta_t_start", "xs_delta_t", "max_t_range"):
             v = getattr(self, k)
             if not 0 <= v <= 1:
-                raise ConfigError(f"objective.{k}", f"must be a canonical time difference in [0, 1], got {v!r}")
+                raise ConfigError(f"objective.{k}", f"must be a canonical time in [0, 1], got {v!r}")
         if self.xs_delta_t <= 0:
             raise ConfigError("objective.xs_delta_t", "must be > 0")
         if not isinstance(self.xs_inv_steps, int) or self.xs_inv_steps < 1:
@@ -125,7 +126,8 @@ class ISM(FieldObjective):
         r = self.warm_up_rate(batch.step)
         sampler = self.time
         if hasattr(sampler, "t_max") and self.p.max_t_range > sampler.t_max:
-            sampler = dataclasses.replace(sampler, t_max=sampler.t_max + r * (self.p.max_t_range - sampler.t_max))
+            t_hi = sampler.t_max + r * (self.p.max_t_range - sampler.t_max)
+            sampler = dataclasses.replace(sampler, t_max=t_hi)
         t = self.sample_t(batch, process, sampler)
         delta = self.p.delta_t + r * (self.p.delta_t_start - self.p.delta_t)
         s = (t - delta).clamp(min=process.t_min)

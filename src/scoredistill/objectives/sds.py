@@ -73,7 +73,8 @@ def field_diag(g: torch.Tensor, t: torch.Tensor, **extra) -> dict:
 
 def check_weighting(value: str) -> None:
     if value not in WEIGHTINGS:
-        raise ConfigError("objective.weighting", f"unknown value {value!r}; accepted: {', '.join(WEIGHTINGS)}")
+        raise ConfigError("objective.weighting",
+                          f"unknown value {value!r}; accepted: {', '.join(WEIGHTINGS)}")
 
 
 def check_clamp(value) -> None:
@@ -100,6 +101,7 @@ class FieldObjective(Objective):
 # -- SDS ---------------------------------------------------------------------------------------------
 @dataclass
 class SDSParams(ObjectiveParams):
+    guidance_scale: float = 100.0     # canonical; DreamFusion's omega (threestudio: 100 cond_plus = 101)
     weighting: str = "sds"
     grad_clamp: float | None = None   # element-wise |g| bound (schedulable); null: off
 

@@ -39,10 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from scoredistill.config import ConfigError
-from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
-from scoredistill.objectives.common import dm_normaliser, drop_condition, edm_weight, noise_like, per_sample_mean
+from scoredistill.objectives.base import DEFAULT_FAKE_TIME, Batch, ObjectiveParams, Roles, register
+from scoredistill.objectives.common import (
+    dm_normaliser,
+    drop_condition,
+    edm_weight,
+    noise_like,
+    per_sample_mean,
+)
 from scoredistill.objectives.dmd import FakeScoreObjective
-from scoredistill.process.time import Uniform
+from scoredistill.process.time import LogNormal, TimeSampler, Uniform
 
 SID_WEIGHTINGS = ("sid", "none")
 
@@ -81,8 +87,20 @@ def drop_nonfinite(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(v[keep] for v in tensors)
 
 
+class SiDFamily(FakeScoreObjective):
+    """Fake-score time default of the SiD code base: ``ln rho ~ N(-1.2, 1.2^2)`` (EDM training
+    distribution, official ``sid_loss.py``); an explicit ``objective.fake_time`` wins."""
+
+    default_fake_time: TimeSampler = LogNormal(p_mean=-1.2, p_std=1.2)
+
+    def __init__(self, params, time=None, fake_time=None):
+        if fake_time is None or fake_time is DEFAULT_FAKE_TIME:
+            fake_time = self.default_fake_time
+        super().__init__(params, time=time, fake_time=fake_time)
+
+
 @register
-class SiD(FakeScoreObjective):
+class SiD(SiDFamily):
     name = "sid"
     Params = SiDParams
     default_time = Uniform(t_min=0.0, t_max=0.8)  # EDM: SiD's sigma(u), u ~ U[0, 800/1000]
@@ -107,7 +125,8 @@ class SiD(FakeScoreObjective):
         _, f_real, f_fake = self.terms(x, t, noise, cond, roles)
         om = self.omega(x, f_real)
         loss = per_sample_mean(sid_elementwise(x, f_real, f_fake, self.alpha_at(step), om)).reshape(-1)
-        diag = {"omega": om.mean().detach(), "score_gap": (f_real - f_fake).detach().flatten(1).norm(dim=1).mean()}
+        gap = (f_real - f_fake).detach().flatten(1).norm(dim=1).mean()
+        diag = {"omega": om.mean().detach(), "score_gap": gap}
         return loss, diag
 
     def generator_loss(self, batch: Batch, roles: Roles) -> dict:

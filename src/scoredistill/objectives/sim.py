@@ -40,8 +40,7 @@ import torch
 from scoredistill.config import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import dm_normaliser, noise_like
-from scoredistill.objectives.dmd import FakeScoreObjective
-from scoredistill.objectives.sid import drop_nonfinite
+from scoredistill.objectives.sid import SiDFamily, drop_nonfinite
 from scoredistill.process.time import Uniform
 
 SIM_WEIGHTINGS = ("sid", "fisher", "none")
@@ -86,7 +85,7 @@ def sim_surrogate(x, t, f_real, f_fake, process, c: float, pathwise: bool = Fals
 
 
 @register
-class SIM(FakeScoreObjective):
+class SIM(SiDFamily):
     name = "sim"
     Params = SIMParams
     default_time = Uniform(t_min=0.0, t_max=0.8)  # EDM: SiD's sigma(u), u ~ U[0, 800/1000]

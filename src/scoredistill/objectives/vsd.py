@@ -30,7 +30,8 @@ class VSDParams(ObjectiveParams):
 
     def validate(self):
         if self.weighting not in WEIGHTINGS:
-            raise ConfigError("objective.weighting", f"unknown value {self.weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
+            raise ConfigError("objective.weighting",
+                              f"unknown value {self.weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
         if not 0 <= self.fake_cond_dropout < 1:
             raise ConfigError("objective.fake_cond_dropout", "must be in [0, 1)")
 

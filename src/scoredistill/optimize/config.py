@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
         "shape": None,            # default: the teacher's data shape
         "init_mean": 0.0,
         "init_std": 1.0,
-        "init": None,             # PATH.npy of initial values (particles / image), or the callable's init hook
+        "init": None,             # PATH.npy of initial values (particles / image); callable: init hook
         "classes": None,          # null | k (every item targets class k) | uniform (round-robin over classes)
         "views": None,            # null | index (item index) | V (index mod V, or the hook's view ids < V)
         "batch_size": None,       # particles per step (null: all)
@@ -161,7 +161,8 @@ def validate(cfg: dict) -> None:
     if not isinstance(p["hook_args"], dict):
         raise ConfigError("params.hook_args", "must be a mapping")
     if p["kind"] == "callable" and not p["render"]:
-        raise ConfigError("params.render", "missing; give 'package.module:function' for params.kind: callable")
+        raise ConfigError("params.render",
+                          "missing; give 'package.module:function' for params.kind: callable")
     for k in ("steps", "fake_steps", "checkpoint_every", "keep_checkpoints", "log_every", "nan_guard_max"):
         _int(cfg, "train", k)
     _int(cfg, "train", "seed", lo=0)

@@ -81,7 +81,8 @@ def _init_tensor(pc: dict, shape: tuple, g: torch.Generator) -> torch.Tensor:
     if pc["init"] is not None:
         path = pc["init"]
         if not isinstance(path, str) or not path.endswith(".npy"):
-            raise ConfigError("params.init", f"must be a PATH.npy for params.kind: {pc['kind']}, got {path!r}")
+            raise ConfigError("params.init",
+                              f"must be a PATH.npy for params.kind: {pc['kind']}, got {path!r}")
         if not os.path.exists(path):
             raise ConfigError("params.init", f"file not found: {path}")
         arr = np.load(path, allow_pickle=False)
@@ -103,16 +104,17 @@ def build_parameterization(pc: dict, teacher, seed: int) -> Parameterization:
     if pc["kind"] == "image":
         n = pc["n"]
         cls = item_classes(pc["classes"], n, teacher.num_classes)
-        return ImageTensor(shape, _init_tensor(pc, (n, *shape), g), n, pc["repeat"], pc["activation"], cls, views)
+        init = _init_tensor(pc, (n, *shape), g)
+        return ImageTensor(shape, init, n, pc["repeat"], pc["activation"], cls, views)
     render = functools.partial(load_callable(pc["render"], "params.render"), **pc["hook_args"])
     init_fn = load_callable(pc["init"], "params.init") if pc["init"] else None
     if init_fn is None:
-        raise ConfigError("params.init", "missing; give the init hook 'package.module:function' for params.kind: "
-                          "callable")
+        raise ConfigError("params.init", "missing; give the init hook 'package.module:function' for "
+                          "params.kind: callable")
     init = init_fn(g, **pc["hook_args"])
     nv = pc["num_views"]
     cls = item_classes(pc["classes"], nv, teacher.num_classes)
-    return CallableRenderer(render, init, nv, cls, views if views is not None else None, pc["batch_size"])
+    return CallableRenderer(render, init, nv, cls, views, pc["batch_size"])
 
 
 class _StateBag(torch.nn.Module):
@@ -127,7 +129,8 @@ class _StateBag(torch.nn.Module):
 class PriorOptimizer:
     """Optimize a parameterization under a teacher with any objective of the library."""
 
-    def __init__(self, cfg: dict, run_dir: str | None = None, log=print, param: Parameterization | None = None):
+    def __init__(self, cfg: dict, run_dir: str | None = None, log=print,
+                 param: Parameterization | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.log = log
@@ -136,7 +139,8 @@ class PriorOptimizer:
             torch.set_num_threads(int(tc["threads"]))
         self.device = torch.device(tc["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device", "cuda requested but no CUDA device is available; accepted here: cpu")
+            raise ConfigError("train.device",
+                              "cuda requested but no CUDA device is available; accepted here: cpu")
         torch.manual_seed(tc["seed"])
         convention = cfg["teacher"].get("guidance_convention", "canonical")
         obj_cfg, self.obj_schedules = extract_schedules(cfg["objective"], "objective")
@@ -148,30 +152,35 @@ class PriorOptimizer:
         self.objective = build_objective(obj_cfg, convention)
         self.teacher, self.reference = build_teacher(cfg["teacher"])
         self.teacher.requires_grad_(False).eval().to(self.device)
-        self.param = (param or build_parameterization(cfg["params"], self.teacher, tc["seed"])).to(self.device)
+        param = param or build_parameterization(cfg["params"], self.teacher, tc["seed"])
+        self.param = param.to(self.device)
         self.lr_schedules: dict[str, Schedule] = {}
         for k in ("lr", "fake_lr"):
             sch = parse_schedule(tc[k], f"train.{k}")
             if sch is not None:
                 self.lr_schedules[k] = sch
         lr = self.lr_schedules["lr"](0) if "lr" in self.lr_schedules else tc["lr"]
-        self.optimizers = {"params": torch.optim.Adam(self.param.parameters(), lr=lr, betas=tuple(tc["betas"]),
-                                                      eps=tc["eps"], weight_decay=tc["weight_decay"])}
+        adam = torch.optim.Adam(self.param.parameters(), lr=lr, betas=tuple(tc["betas"]), eps=tc["eps"],
+                                weight_decay=tc["weight_decay"])
+        self.optimizers = {"params": adam}
         self.modules: dict[str, torch.nn.Module] = {"params": self.param}
         self.fake = None
         if "fake_score" in self.objective.requirements():
             fc = cfg["fake_score"]
             sd = fc["sigma_data"] if fc["sigma_data"] is not None else data_std(self.teacher, self.reference)
-            self.fake = ViewConditionedDenoiser(self.teacher.process, self.teacher.data_shape, self.teacher.num_classes,
-                                                self.param.view_space(), fc["width"], fc["depth"], sd).to(self.device)
+            t = self.teacher
+            views = self.param.view_space()
+            self.fake = ViewConditionedDenoiser(t.process, t.data_shape, t.num_classes, views, fc["width"],
+                                                fc["depth"], sd).to(self.device)
             flr = self.lr_schedules["fake_lr"](0) if "fake_lr" in self.lr_schedules else tc["fake_lr"]
             self.optimizers["fake_score"] = torch.optim.Adam(self.fake.parameters(), lr=flr,
                                                              betas=tuple(tc["fake_betas"]))
             self.modules["fake_score"] = self.fake
         unsupported = self.objective.requirements() - {"fake_score"}
         if unsupported:
-            raise ConfigError("objective.name", f"{self.objective.name} needs {', '.join(sorted(unsupported))}, which "
-                              "the optimizer does not provide; use `scoredistill distill`")
+            need = ", ".join(sorted(unsupported))
+            raise ConfigError("objective.name", f"{self.objective.name} needs {need}, which the optimizer "
+                              "does not provide; use `scoredistill distill`")
         self.rng = torch.Generator().manual_seed(tc["seed"])
         self.step = 0
         self.nonfinite = {r: 0 for r in self.optimizers}
@@ -180,6 +189,22 @@ class PriorOptimizer:
         self.wall_offset = 0.0
         self.warmed = False
         self._t0 = time.time()
+        self._preflight()
+
+    def _preflight(self):
+        """One throwaway objective call on two items (own RNG, no step), so that a config the objective
+        rejects at call time (e.g. a class-conditional method without classes) fails before a run folder
+        is written."""
+        index = self.param.sample_index(None, torch.Generator().manual_seed(0))[:2]
+        rng = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            r = self.param.render(index.to(self.device))
+        b = OptBatch(x=r.x, cond=r.cond, view=r.view, index=index, num_items=self.param.num_items, rng=rng,
+                     step=0)
+        with torch.no_grad():
+            if self.fake is not None:
+                self.objective.auxiliary_losses(b, self.roles())
+            self.objective.generator_loss(b, self.roles())
 
     # -- schedules ---------------------------------------------------------------------------------------
     def apply_schedules(self, step: int) -> dict[str, float]:
@@ -237,9 +262,9 @@ class PriorOptimizer:
         self.nonfinite[role] += 1
         self.consecutive[role] += 1
         if self.consecutive[role] >= self.cfg["train"]["nan_guard_max"]:
-            raise TrainingAborted(f"{role}: loss or gradients non-finite for {self.consecutive[role]} consecutive "
-                                  f"steps (step {self.step}); lower train.lr, check the teacher, or raise "
-                                  "train.nan_guard_max")
+            raise TrainingAborted(f"{role}: loss or gradients non-finite for {self.consecutive[role]} "
+                                  f"consecutive steps (step {self.step}); lower train.lr, check the teacher, "
+                                  "or raise train.nan_guard_max")
         return False
 
     def fake_step(self):
@@ -288,7 +313,7 @@ class PriorOptimizer:
 
         x, cond = self.render_all()
         res = {"step": self.step}
-        if self.reference is not None and len(x) >= 2:
+        if self.reference is not None:
             res.update(optimize_metrics(x, self.reference, cond, seed=self.cfg["train"]["seed"]))
         else:
             res["non_finite"] = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum())
@@ -332,7 +357,8 @@ class PriorOptimizer:
             name = "particles.npy" if isinstance(self.param, Particles) else "renders.npy"
             np.save(os.path.join(tmp, name), x.float().numpy().astype(np.float32))
             if isinstance(self.param, ImageTensor):
-                np.save(os.path.join(tmp, "image.npy"), self.param.image().detach().cpu().numpy().astype(np.float32))
+                img = self.param.image().detach().cpu().numpy().astype(np.float32)
+                np.save(os.path.join(tmp, "image.npy"), img)
         for f in os.listdir(os.path.join(self.run_dir, ".export")):
             os.replace(os.path.join(self.run_dir, ".export", f), os.path.join(self.run_dir, f))
 
@@ -390,7 +416,7 @@ class PriorOptimizer:
 
     # -- main loop -------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
-        """Optimize for ``train.steps`` steps (writing outputs if ``run_dir`` is set); returns the last metrics."""
+        """Optimize for ``train.steps`` steps (outputs only with a ``run_dir``); returns the last metrics."""
         tc = self.cfg["train"]
         self._t0 = time.time()
         if self.run_dir is not None:
@@ -411,7 +437,8 @@ class PriorOptimizer:
                     last = self._write_metrics(self.evaluate())
                     self.running = {}
                     bar.note(last)
-                if self.run_dir is not None and (self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]):
+                due = self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]
+                if self.run_dir is not None and due:
                     self.save()
         if last is None:
             last = self._write_metrics(self.evaluate())

@@ -10,8 +10,8 @@ sitting on the means (it also grows with a bias away from the means);
 
 ``cluster_spread_ratio = sqrt(sum_k sum_{i in k} ||x_i - xbar_k||^2 / sum_k n_k D s_k^2)``, the spread
 of each cluster of samples around **its own centroid**: 0 when the samples collapse onto points
-(wherever those are), about 1 for exact samples. ``class_accuracy``: fraction of samples whose nearest component belongs to the
-class they were optimized for.
+(wherever those are), about 1 for exact samples. ``class_accuracy``: fraction of samples whose
+nearest component belongs to the class they were optimized for.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def class_accuracy(x: torch.Tensor, cond: torch.Tensor, teacher) -> float:
 
 def optimize_metrics(x: torch.Tensor, teacher, cond: torch.Tensor | None = None, seed: int = 0) -> dict:
     """gmm_metrics + within-mode spread (+ class accuracy for class-targeted samples)."""
-    res = gmm_metrics(x, teacher, seed=seed)
+    res = gmm_metrics(x, teacher, seed=seed) if len(x) >= 2 else {}
+    res.setdefault("non_finite", int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum()))
     res["mode_spread_ratio"] = mode_spread_ratio(x, teacher)
     res["cluster_spread_ratio"] = cluster_spread_ratio(x, teacher)
     if cond is not None and getattr(teacher, "classes", None) is not None:

@@ -12,9 +12,10 @@ condition of each item (class label, or ``None``); ``view`` is the view conditio
 * :class:`ImageTensor` — one (or a few) directly optimized tensors with an optional output activation
   (``sigmoid``/``tanh`` keep an image in range), rendered ``repeat`` times per step (several noise
   draws per step on the same image, as multi-view batches do).
-* :class:`CallableRenderer` — a user hook: ``init(generator) -> dict[str, Tensor]`` makes the
-  parameters, ``render(params, index) -> x`` or ``(x, view)`` renders views ``index`` differentiably
-  (a NeRF / 3DGS / mesh renderer plugs in here). :func:`rotation_views` is a built-in example.
+* :class:`CallableRenderer` — a user hook: ``init(generator, **hook_args) -> dict[str, Tensor]`` makes
+  the parameters, ``render(params, index, **hook_args) -> x`` or ``(x, view)`` renders views ``index``
+  differentiably (a NeRF / 3DGS / mesh renderer plugs in here). :func:`rotation_views` is a built-in
+  example.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class Particles(Parameterization):
     def __init__(self, n: int, shape: tuple[int, ...], init: torch.Tensor, classes=None, views=None):
         super().__init__(classes, views)
         if tuple(init.shape) != (n, *shape):
-            raise ConfigError("params.init", f"initial particles have shape {tuple(init.shape)}, need {(n, *shape)}")
+            raise ConfigError("params.init",
+                              f"initial particles have shape {tuple(init.shape)}, need {(n, *shape)}")
         self.num_items = int(n)
         self.shape = tuple(shape)
         self.x = nn.Parameter(init.float().clone())
@@ -112,7 +114,8 @@ class ImageTensor(Parameterization):
                  activation: str = "none", classes=None, views=None):
         super().__init__(classes, views)
         if tuple(init.shape) != (n_images, *shape):
-            raise ConfigError("params.init", f"initial image has shape {tuple(init.shape)}, need {(n_images, *shape)}")
+            raise ConfigError("params.init",
+                              f"initial image has shape {tuple(init.shape)}, need {(n_images, *shape)}")
         self.num_items = int(n_images)
         self.shape = tuple(shape)
         self.repeat = int(repeat)
@@ -172,18 +175,23 @@ def load_callable(path: str, field: str) -> Callable:
 
 
 # -- built-in example renderer for the callable hook -------------------------------------------------
-def rotation_views_init(generator: torch.Generator, num_objects: int = 64, dim: int = 2,
+def rotation_views_init(generator: torch.Generator, num_objects: int = 64, num_angles: int = 8, dim: int = 2,
                         std: float = 1.0) -> dict[str, torch.Tensor]:
-    """Parameters of :func:`rotation_views`: ``num_objects`` 2-D points (the "objects")."""
+    """Parameters of :func:`rotation_views`: ``num_objects`` points of dimension ``dim`` (the "objects")."""
     return {"objects": torch.randn(num_objects, dim, generator=generator) * std}
 
 
-def rotation_views(params: dict[str, torch.Tensor], index: torch.Tensor, num_angles: int = 8):
-    """A toy "renderer": view ``i`` shows object ``i // num_angles`` rotated by
-    ``2 pi (i mod num_angles) / num_angles`` (a camera orbiting a 2-D object). Returns ``(x, view)``
-    with the camera angle id as view conditioning (the analogue of ProlificDreamer's camera pose)."""
+def rotation_views(params: dict[str, torch.Tensor], index: torch.Tensor, num_objects: int = 64,
+                   num_angles: int = 8, **_):
+    """A toy "renderer": view ``i`` shows object ``i // num_angles`` rotated in its first two coordinates
+    by ``2 pi (i mod num_angles) / num_angles`` (a camera orbiting the object). Returns ``(x, view)``
+    with the camera id as view conditioning (the analogue of ProlificDreamer's camera pose). Render
+    ``num_views = num_objects * num_angles`` views."""
     obj = params["objects"]
     o = (index // num_angles).to(obj.device)
+    if int(o.max()) >= obj.shape[0]:
+        raise ConfigError("params.num_views", f"rotation_views has {obj.shape[0]} x {num_angles} views; "
+                          f"got view index {int(index.max())}")
     k = (index % num_angles).to(obj.device)
     ang = 2 * math.pi * k.double() / num_angles
     c, s = ang.cos().float(), ang.sin().float()

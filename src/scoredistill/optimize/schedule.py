@@ -51,7 +51,8 @@ def parse_schedule(value, field: str) -> Schedule | None:
     """A :class:`Schedule` for a list/mapping spec, ``None`` for anything else (a plain value)."""
     if isinstance(value, (list, tuple)):
         if len(value) != 4 or not all(_num(v) for v in value):
-            raise ConfigError(field, f"a schedule is [start_step, start, end, end_step] (4 numbers), got {value!r}")
+            raise ConfigError(field,
+                              f"a schedule is [start_step, start, end, end_step] (4 numbers), got {value!r}")
         spec = dict(zip(("start_step", "start", "end", "end_step"), value))
         kind = "linear"
     elif isinstance(value, dict) and ("start" in value or "end_step" in value or value.get("kind") in KINDS):
@@ -73,7 +74,8 @@ def parse_schedule(value, field: str) -> Schedule | None:
     return Schedule(s0, float(spec["start"]), float(spec["end"]), s1, kind)
 
 
-def extract_schedules(section: dict, prefix: str, nested=("time", "fake_time")) -> tuple[dict, dict[str, Schedule]]:
+def extract_schedules(section: dict, prefix: str,
+                      nested=("time", "fake_time")) -> tuple[dict, dict[str, Schedule]]:
     """Replace every schedule in ``section`` (and its ``nested`` mappings) by its value at step 0.
 
     Returns the cleaned copy and ``{dotted_key_relative_to_section: Schedule}``.
