@@ -58,6 +58,9 @@ class BSD(FieldObjective):
     Params = BSDParams
     default_time = Uniform(t_min=0.02, t_max=0.5)
 
+    def requirements(self):
+        return {"class_conditional"}
+
     def field(self, batch, roles):
         if batch.cond is None:
             raise ConfigError("params.classes", "bsd needs a conditional teacher and a class per sample")

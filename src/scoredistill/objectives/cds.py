@@ -9,7 +9,8 @@ VE view of the process: ``z_t = x + rho_t eps*`` (``x_t = a_t z_t``). One Euler 
 CFG teacher from ``t`` to ``t' < t``: ``z_t' = z_t + (rho_t' - rho_t) eps'_t``, and the update
 (descent) direction
 ``dx = w(t) [(rho_t / rho_t') (eps'_t - eps^w_t) + (eps^w_t'(z_t') - eps'_t)]``,
-implemented as ``L = 1/2 ||x - sg(x + dx)||^2`` (sum / B) so ``dL/dx = -dx``. ``eps'_t`` is the CFG
+implemented as ``L = 1/2 ||x - sg(x + dx)||^2`` (sum / B) so ``dL/dx = -dx``; the optional clamp
+acts on ``dx``. ``eps'_t`` is the CFG
 epsilon after the optional x0 std-rescale (``recon_std_rescale``, official ``get_rescaled_sample``);
 with the default 0, ``eps' = eps^w_t`` and ``dx = w(t)(eps^w_t' - eps^w_t)``.
 

@@ -18,7 +18,8 @@ def inject(x: torch.Tensor, g: torch.Tensor, reduction: str = "mean") -> torch.T
     """Surrogate ``L = 1/2 ||x - sg(x - g)||^2`` whose gradient w.r.t. ``x`` is ``g`` (methods.md §1.4).
 
     ``reduction="mean"`` (DMD2, SwiftBrush): ``dL/dx = g / numel``; ``"sum_per_sample"``
-    (threestudio, ``sum / B``): ``dL/dx_i = g_i``.
+    (threestudio's ``0.5 * mse(reduction="sum") / B``): ``dL/dx_i = g_i / B``, i.e. the mean over the
+    batch of per-sample gradients ``g_i`` (methods.md §1.4 writes this as "``g_i`` per sample").
 
     A non-finite field is *not* zeroed here (the reference codes' ``nan_to_num`` hides teacher
     failures): it makes the loss non-finite, and the engine's guard skips the step and counts it.

@@ -8,8 +8,8 @@ label (``negative_class``); the official configs anneal ``lambda_neg`` 0 -> -1 a
 -1 -> 0 (schedule them: ``[start_step, start, end, end_step]``).
 
 ``grad_normalize`` (default true, load-bearing): ``g <- g / (||g||_2 + 1e-8)`` with the norm over the
-**whole batch tensor**, not per sample, applied after ``nan_to_num`` and the optional clamp (the
-official order). Weighting default ``uniform`` (csd-if.yaml). No CFG scale:
+**whole batch tensor**, not per sample, applied after the optional clamp (the official order; its
+``nan_to_num`` is left to the driver's non-finite guard). Weighting default ``uniform`` (csd-if.yaml). No CFG scale:
 ``guidance_scale`` is not used by this field (it is the lambdas). Needs a conditional teacher.
 On a GMM the field has no zero at the data: particles drift without bound along discriminative
 directions (over-saturation); stop early or anneal.
@@ -64,6 +64,9 @@ class CSD(FieldObjective):
     Params = CSDParams
     default_time = Uniform(t_min=0.02, t_max=0.98)
 
+    def requirements(self):
+        return {"class_conditional"}
+
     def field(self, batch, roles):
         if batch.cond is None:
             raise ConfigError("params.classes", "csd needs a conditional teacher and a class per sample")
@@ -86,8 +89,8 @@ class CSD(FieldObjective):
         if q.lambda_noise:
             g = g + q.lambda_noise * eps.double()
         a, s = p.coeffs(t, x)
-        g = finish_field(eps_weight(q.weighting, a, s) * g, q.grad_clamp)  # nan_to_num, clamp, then
-        raw = g.norm()                                                       # normalise (official order)
+        g = finish_field(eps_weight(q.weighting, a, s) * g, q.grad_clamp)  # clamp, then normalise
+        raw = g.norm()                                                       # (official order)
         if q.grad_normalize:
             g = g / (raw + 1e-8)
         return g, field_diag(g, t, raw_norm=raw)

@@ -9,10 +9,12 @@ Weightings (threestudio ``weighting_strategy``): ``sds`` ``w = 1 - alpha_bar = s
 ``w = 1``; ``fantasia3d`` ``w = sqrt(alpha_bar) (1 - alpha_bar) = a_t s_t^2``. For non-VP processes the
 same formulas are read with the process's own ``a_t, s_t``.
 
-Numerics: ``nan_to_num`` then an optional element-wise clamp ``|g| <= grad_clamp`` (threestudio
-``grad_clip``, "Debiasing SDS" arXiv 2303.15413); ``grad_clamp`` is schedulable by the optimizer driver
-(``[start_step, start, end, end_step]``). Guidance is canonical (``w = 1`` unguided); threestudio's
-``cond + s (cond - uncond)`` is converted at config load (``teacher.guidance_convention: cond_plus``).
+Numerics: an optional element-wise clamp ``|g| <= grad_clamp`` (threestudio ``grad_clip``,
+"Debiasing SDS" arXiv 2303.15413), schedulable by the optimizer driver
+(``[start_step, start, end, end_step]``). threestudio's ``nan_to_num`` is deliberately not applied: a
+non-finite field reaches the driver's guard (skipped and counted) instead of being zeroed silently.
+Guidance is canonical (``w = 1`` unguided); threestudio's ``cond + s (cond - uncond)`` is converted at
+config load (``teacher.guidance_convention: cond_plus``).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def eps_of(net, x_t: torch.Tensor, t: torch.Tensor, cond, w: float = 1.0) -> tor
 
 
 def finish_field(g: torch.Tensor, clamp: float | None) -> torch.Tensor:
-    """``nan_to_num`` and the optional element-wise clamp (threestudio ``grad_clip``)."""
-    g = torch.nan_to_num(g)
+    """The optional element-wise clamp (threestudio ``grad_clip``). The reference codes also apply
+    ``nan_to_num``; the library does not (see :func:`~scoredistill.objectives.common.inject`): a
+    non-finite field makes the loss non-finite and the driver's guard skips the step and counts it."""
     if clamp is not None and clamp > 0:
         g = g.clamp(-float(clamp), float(clamp))
     return g

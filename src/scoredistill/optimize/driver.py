@@ -11,7 +11,8 @@ Per step ``i``: (1) set every schedulable scalar to its value at ``i``; (2) fake
 (3) render a minibatch, objective loss, backward, non-finite guard, Adam step. Every
 ``eval.every`` steps: metrics against the GMM reference (``metrics.jsonl``) and a scatter PNG;
 every ``train.checkpoint_every`` steps: an atomic checkpoint of the parameters, the fake score,
-both optimizers, the RNG states, the step and the objective's own state (e.g. CDS's fixed noise),
+both optimizers, the RNG states, the step and the objective's own state — JSON running statistics
+(``state_dict``, as in the generator engine) and tensors (``state_tensors``, e.g. CDS's fixed noise) —
 from which ``resume`` continues exactly.
 """
 
@@ -176,7 +177,15 @@ class PriorOptimizer:
             self.optimizers["fake_score"] = torch.optim.Adam(self.fake.parameters(), lr=flr,
                                                              betas=tuple(tc["fake_betas"]))
             self.modules["fake_score"] = self.fake
-        unsupported = self.objective.requirements() - {"fake_score"}
+        req = self.objective.requirements()
+        if "class_conditional" in req:
+            if not self.teacher.num_classes:
+                raise ConfigError("teacher", f"objective {self.objective.name} needs a class-conditional "
+                                  "teacher; accepted: preset ring8_cond, or teacher.classes")
+            if self.param.classes is None:
+                raise ConfigError("params.classes", f"objective {self.objective.name} needs a class per item; "
+                                  "accepted: a class label, or uniform")
+        unsupported = req - {"fake_score", "class_conditional"}
         if unsupported:
             need = ", ".join(sorted(unsupported))
             raise ConfigError("objective.name", f"{self.objective.name} needs {need}, which the optimizer "
@@ -335,7 +344,8 @@ class PriorOptimizer:
 
     def save(self):
         meta = {"step": self.step, "nonfinite": self.nonfinite, "consecutive": self.consecutive,
-                "wall": self.wall_offset + (time.time() - self._t0), "warmed": self.warmed}
+                "wall": self.wall_offset + (time.time() - self._t0), "warmed": self.warmed,
+                "objective": self.objective.state_dict()}
         rngs = {"train": self.rng.get_state(), "torch": torch.get_rng_state()}
         modules = dict(self.modules)
         state = self._objective_state()
@@ -379,6 +389,7 @@ class PriorOptimizer:
             state = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
             if state and hasattr(self.objective, "load_state_tensors"):
                 self.objective.load_state_tensors(state)
+            self.objective.load_state_dict(meta.get("objective", {}))
             self.rng.set_state(rngs["train"])
             torch.set_rng_state(rngs["torch"])
             self.step = int(meta["step"])
