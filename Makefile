@@ -7,7 +7,7 @@ $(BIN)/scoredistill: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,diffusers]"
 	touch $(BIN)/scoredistill
 
 .PHONY: install demo test test-fast lint
