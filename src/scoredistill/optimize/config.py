@@ -20,7 +20,7 @@ from scoredistill.optimize.schedule import parse_schedule
 DEFAULTS: dict[str, Any] = {
     "teacher": copy.deepcopy(DISTILL_DEFAULTS["teacher"]),
     "params": {
-        "kind": "particles",      # particles | image | callable
+        "kind": "particles",      # particles | image | callable | latent
         "n": 512,                 # particles: how many; image: how many images
         "shape": None,            # default: the teacher's data shape
         "init_mean": 0.0,
@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
         "render": None,           # callable: 'package.module:function'
         "num_views": 8,           # callable: number of views to render from
         "hook_args": {},          # callable: keyword arguments for the init and render hooks
+        "vae": None,              # latent: AutoencoderKL folder (optimize/latent.py)
+        "decode": True,           # latent: teacher sees the decoded image (true) or the latent (false)
     },
     "fake_score": {
         "kind": "mlp",
@@ -139,7 +141,7 @@ def _number(cfg, sec, key, lo=None, allow_none=False, schedulable=False):
 
 def validate(cfg: dict) -> None:
     p, t = cfg["params"], cfg["train"]
-    kinds = ("particles", "image", "callable")
+    kinds = ("particles", "image", "callable", "latent")
     if p["kind"] not in kinds:
         raise ConfigError("params.kind", f"unknown value {p['kind']!r}; accepted: {', '.join(kinds)}")
     _int(cfg, "params", "n")

@@ -93,6 +93,10 @@ def _init_tensor(pc: dict, shape: tuple, g: torch.Generator) -> torch.Tensor:
 
 def build_parameterization(pc: dict, teacher, seed: int) -> Parameterization:
     g = torch.Generator().manual_seed(seed + 777)
+    if pc["kind"] == "latent":  # a latent through a diffusers VAE (optimize/latent.py)
+        from scoredistill.optimize.latent import build_latent
+
+        return build_latent(pc, teacher, g, item_classes)
     shape = tuple(pc["shape"]) if pc["shape"] is not None else tuple(teacher.data_shape)
     if int(np.prod(shape)) != int(np.prod(teacher.data_shape)):
         raise ConfigError("params.shape", f"{list(shape)} does not match the teacher's data shape "
