@@ -100,9 +100,9 @@ def _surrogate_grad(cfg, m0, b0, sigma):
     return np.array([g.item() for g in torch.autograd.grad((w * loss).sum(), (m, b))])
 
 
-# Measured (60x60 nodes, h = 1e-4, m=0.3, b=0.8): relative error <= 5e-8 for all four rows at
-# sigma = 0.7; quadrature and central differences are far below the 1e-5 tolerance used here, while
-# the wrong pairings below are off by 10-30 %.
+# Measured (60x60 nodes, h = 1e-4, m=0.3, b=0.8): relative error <= 7e-8 for all eight cases
+# (sigma 0.7 and 2.0); quadrature and central differences are far below the 1e-5 tolerance, while
+# the wrong pairings below are off by 16-18 % (detached u_t: 50 %).
 RTOL = 1e-5
 FD_CASES = [
     # SiD alpha = 1: fixed-pi gradient of E||f_p - f_q||^2 / 2 (x0 units, omega off)
@@ -338,9 +338,14 @@ def test_sid_distills_ring8(tmp_path):
                   ["train.steps=600", "train.threads=2", "train.progress=false", "eval.every=600",
                    "eval.plots=false", "train.checkpoint_every=100000"])
     res = Distiller(cfg, str(tmp_path)).train()
-    # MEASURED_PLACEHOLDER
+    # Measured with exactly this config (seed 0, threads 2): precision 0.950, 8/8 modes, weight TV
+    # 0.074, SW2 0.178 (exact-sample floor 0.101); the threads=1 recipe run gave 0.947 / 8 / 0.050 /
+    # 0.156. About 40 s on an idle 2-core machine (849 s wall when the shared machine had load ~10).
+    # Thresholds leave room for seed / thread-count noise, and still fail a stalled or collapsed run
+    # (the naive 1-step teacher: precision 0.000, 0/8 modes).
     assert res["modes_covered"] == 8
-    assert res["precision"] > 0.0
+    assert res["precision"] > 0.85
+    assert res["sw2"] < 0.3
 
 
 def test_fake_time_default_is_sid_lognormal_and_overridable():
