@@ -157,7 +157,8 @@ def build_objective(cfg: dict, guidance_convention: str = "canonical") -> Object
     if hasattr(params, "validate"):
         params.validate()
     time = make_time_sampler(times.get("time"), "objective.time", cls.default_time)
-    fake_time = make_time_sampler(times.get("fake_time"), "objective.fake_time", DEFAULT_FAKE_TIME)
+    fake_time = make_time_sampler(times.get("fake_time"), "objective.fake_time",
+                                  getattr(cls, "default_fake_time", None) or DEFAULT_FAKE_TIME)
     return cls(params, time=time, fake_time=fake_time)
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from scoredistill.config import ConfigError
-from scoredistill.objectives.base import DEFAULT_FAKE_TIME, Batch, ObjectiveParams, Roles, register
+from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import (
     dm_normaliser,
     drop_condition,
@@ -92,11 +92,6 @@ class SiDFamily(FakeScoreObjective):
     distribution, official ``sid_loss.py``); an explicit ``objective.fake_time`` wins."""
 
     default_fake_time: TimeSampler = LogNormal(p_mean=-1.2, p_std=1.2)
-
-    def __init__(self, params, time=None, fake_time=None):
-        if fake_time is None or fake_time is DEFAULT_FAKE_TIME:
-            fake_time = self.default_fake_time
-        super().__init__(params, time=time, fake_time=fake_time)
 
 
 @register
