@@ -1,0 +1,144 @@
+"""A small convolutional UNet denoiser for images, EDM-preconditioned through the Denoiser contract.
+
+Same preconditioning as :class:`~scoredistill.models.mlp.MLPDenoiser` (arXiv 2206.00364 Table 1) in
+the VE-equivalent coordinates of any process (``rho = s_t/a_t``, ``y = x_t/a_t``):
+``D(x_t) = c_skip y + c_out F(c_in y, c_noise)`` with ``c_noise = ln(rho)/4``.
+
+Architecture: two resolution levels (``channels[0]`` at full size, ``channels[1]`` at half size),
+residual blocks with GroupNorm + SiLU and an additive embedding of (noise level + class), no
+attention. Class-conditional with the null class ``-1`` (classifier-free guidance), mapped to an
+extra embedding row. :meth:`UNetDenoiser.features` returns the bottleneck activations (flattened),
+the input of DMD2's GAN head / SiDA's discriminator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
+from scoredistill.models.mlp import FourierTime
+from scoredistill.process.processes import Process
+
+
+def _groups(ch: int) -> int:
+    for g in (8, 4, 2, 1):
+        if ch % g == 0:
+            return g
+    return 1
+
+
+class ConvResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb, cout)
+        self.norm2 = nn.GroupNorm(_groups(cout), cout)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, e):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(e)[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class UNetBackbone(nn.Module):
+    """``F(x, emb)`` on ``(B, C, H, W)`` with even ``H, W``; two levels, skip connections."""
+
+    def __init__(self, in_ch: int, channels: tuple[int, int], emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        c0, c1 = channels
+        self.conv_in = nn.Conv2d(in_ch, c0, 3, padding=1)
+        self.enc0 = ConvResBlock(c0, c0, emb_dim, dropout)
+        self.down = nn.Conv2d(c0, c0, 3, stride=2, padding=1)
+        self.enc1 = ConvResBlock(c0, c1, emb_dim, dropout)
+        self.mid = ConvResBlock(c1, c1, emb_dim, dropout)
+        self.dec1 = ConvResBlock(c1 + c1, c1, emb_dim, dropout)
+        self.dec1b = ConvResBlock(c1 + c0, c1, emb_dim, dropout)
+        self.up = nn.Conv2d(c1, c0, 3, padding=1)
+        self.dec0 = ConvResBlock(c0 + c0, c0, emb_dim, dropout)
+        self.dec0b = ConvResBlock(c0 + c0, c0, emb_dim, dropout)
+        self.out_norm = nn.GroupNorm(_groups(c0), c0)
+        self.conv_out = nn.Conv2d(c0, in_ch, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def encode(self, x, e):
+        h0 = self.conv_in(x)
+        h1 = self.enc0(h0, e)
+        h2 = self.down(h1)
+        h3 = self.enc1(h2, e)
+        mid = self.mid(h3, e)
+        return mid, (h0, h1, h2, h3)
+
+    def forward(self, x, e):
+        h, (h0, h1, h2, h3) = self.encode(x, e)
+        h = self.dec1(torch.cat([h, h3], 1), e)
+        h = self.dec1b(torch.cat([h, h2], 1), e)
+        h = self.up(F.interpolate(h, scale_factor=2, mode="nearest"))
+        h = self.dec0(torch.cat([h, h1], 1), e)
+        h = self.dec0b(torch.cat([h, h0], 1), e)
+        return self.conv_out(F.silu(self.out_norm(h)))
+
+
+class UNetDenoiser(Denoiser):
+    """EDM-preconditioned small UNet for ``(C, H, W)`` images, optionally class-conditional.
+
+    ``cond`` is a LongTensor of labels in ``[0, num_classes)`` or ``-1`` (null), or ``None`` (all null).
+    """
+
+    def __init__(self, process: Process, image_shape: tuple[int, int, int] | list[int] = (1, 8, 8),
+                 channels: tuple[int, int] | list[int] = (32, 64), num_classes: int | None = None,
+                 sigma_data: float = 0.5, emb_dim: int = 128, dropout: float = 0.0):
+        super().__init__()
+        image_shape = tuple(int(v) for v in image_shape)
+        channels = tuple(int(v) for v in channels)
+        if len(image_shape) != 3 or image_shape[1] % 2 or image_shape[2] % 2:
+            raise ValueError(f"image_shape must be (C, H, W) with even H, W; got {image_shape}")
+        self.process = process
+        self.data_shape = image_shape
+        self.num_classes = num_classes
+        self.sigma_data = float(sigma_data)
+        self.arch = dict(image_shape=list(image_shape), channels=list(channels), num_classes=num_classes,
+                         sigma_data=float(sigma_data), emb_dim=emb_dim, dropout=dropout)
+        self.time = FourierTime(emb_dim)
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.net = UNetBackbone(image_shape[0], channels, emb_dim, dropout)
+
+    def _precond(self, x_t, t, cond):
+        b = x_t.shape[0]
+        t = expand_t(t, b, x_t.device)
+        a = self.process.alpha(t).view(-1, 1, 1, 1)
+        rho = (self.process.sigma(t) / self.process.alpha(t)).view(-1, 1, 1, 1)
+        sd = self.sigma_data
+        y = x_t.reshape(b, *self.data_shape).double() / a
+        c_in = 1 / (rho * rho + sd * sd).sqrt()
+        c_skip = sd * sd / (rho * rho + sd * sd)
+        c_out = rho * sd / (rho * rho + sd * sd).sqrt()
+        dtype = x_t.dtype if x_t.dtype.is_floating_point else torch.float32
+        e = self.time_mlp(self.time((rho.view(b).log() / 4).to(dtype)))
+        if self.class_emb is not None:
+            if cond is None:
+                idx = torch.full((b,), self.num_classes, dtype=torch.long, device=x_t.device)
+            else:
+                cond = cond.long().to(x_t.device)
+                idx = torch.where(cond == NULL_CLASS, torch.full_like(cond, self.num_classes), cond)
+            e = e + self.class_emb(idx)
+        return y, c_in, c_skip, c_out, e
+
+    def denoise(self, x_t, t, cond=None):
+        y, c_in, c_skip, c_out, e = self._precond(x_t, t, cond)
+        f = self.net((c_in * y).to(x_t.dtype), e)
+        return (c_skip * y + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)
+
+    def features(self, x_t, t, cond=None):
+        """Bottleneck activations at ``(x_t, t)``, flattened to ``(B, channels[1] * H/2 * W/2)``."""
+        y, c_in, _, _, e = self._precond(x_t, t, cond)
+        h, _ = self.net.encode((c_in * y).to(x_t.dtype), e)
+        return F.silu(h).reshape(h.shape[0], -1)

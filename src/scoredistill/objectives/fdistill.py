@@ -1,0 +1,176 @@
+"""f-distill: f-divergence distribution matching (arXiv 2502.15681; methods.md §3.8).
+
+DMD2 with a density-ratio weight on the distribution-matching field (NVlabs/FastGen
+``fastgen/methods/distribution_matching/f_distill.py``):
+
+    g = h(r̂(x_t)) * (D_fake(x_t) - D^w_real(x_t)) / mean|x - D^w_real(x_t)|,
+
+injected with DMD2's mean-reduced surrogate, **plus DMD2's non-saturating GAN generator loss
+(required: ``gan_weight_gen > 0``)**. ``r = p_real,t / q_t`` and ``h(r) ∝ r^2 f''(r)``:
+
+    reverse_kl 1 | forward_kl r | js r/(1+r) | softened_rkl 1/(1+r) | neyman_chi2 1/max(r, 1e-8)
+    squared_hellinger r^(1/2) | jeffreys 1 + r
+
+(Neyman chi^2: ``f(r) = (1-r)^2/r`` => ``f'' = 2/r^3`` => ``h ∝ 1/r``; the Pearson chi^2 would be
+``h ∝ r^2`` and is not in the table.)
+
+Ratio estimate (methods.md §3.8 / pitfall 5): the discriminator head on the fake network's features
+is trained with DMD2's non-saturating BCE (real vs generated, both re-noised at ``t`` from the
+**same** time sampler as the field, as FastGen samples both from ``sample_t_cfg``), so its logit
+estimates ``log(p_real,t / q_t)``. At the **same noisy sample** ``x_t`` used for the score difference:
+``r̂ = exp(clamp(logit, -10, 10))``, detached, then ``clamp(r̂, 0.1, 20)``; optional per-time-bin
+normalisation (10 equal-width bins over the process's t range, EMA of the per-bin mean ratio with
+``ratio_ema_rate``; 0 = current batch only) ``r̂ <- r̂ / (bin_mean + 1e-6)``; finally
+``h <- h / (mean_batch h + 1e-6)`` so the weights average to one. **Stop-gradients:** the field,
+``r̂`` and ``h`` are detached; only the GAN generator term backpropagates (through the frozen fake
+network and head) into ``x``. The generator GAN term uses the logits at the same ``x_t`` (FastGen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scoredistill.config import ConfigError
+from scoredistill.objectives.base import Batch, Roles, register
+from scoredistill.objectives.common import (
+    gan_discriminator_loss,
+    gan_generator_loss,
+    gan_logits,
+    inject,
+    noise_like,
+)
+from scoredistill.objectives.dmd import DMD2, DMD2Params, dm_field
+
+# h(r) up to a constant, r = p_real / q_fake (methods.md §3.8 table; FastGen names in comments)
+WEIGHTS = {
+    "reverse_kl": lambda r: torch.ones_like(r),            # rkl (= DMD / DMD2)
+    "forward_kl": lambda r: r,                             # kl
+    "js": lambda r: 1 - 1 / (1 + r),                       # js
+    "softened_rkl": lambda r: 1 / (1 + r),                 # sf
+    "neyman_chi2": lambda r: 1 / torch.clamp(r, min=1e-8),  # neyman
+    "squared_hellinger": lambda r: r ** 0.5,               # sh
+    "jeffreys": lambda r: 1 + r,                           # jf
+}
+# FastGen's config names, accepted as aliases
+ALIASES = {"rkl": "reverse_kl", "kl": "forward_kl", "sf": "softened_rkl", "neyman": "neyman_chi2",
+           "sh": "squared_hellinger", "jf": "jeffreys"}
+
+
+@dataclass
+class FDistillParams(DMD2Params):
+    divergence: str = "js"          # FastGen method default (its CIFAR-10 config uses forward KL)
+    gan_weight_gen: float = 1e-3    # FastGen default; required > 0
+    logit_clamp: float = 10.0       # r̂ = exp(clamp(logit, ±logit_clamp))
+    ratio_lower: float = 0.1
+    ratio_upper: float = 20.0
+    ratio_normalization: bool = True
+    ratio_bins: int = 10
+    ratio_ema_rate: float = 0.0     # 0 = current batch only (FastGen default); 0.5 for ImageNet-64
+
+    def validate(self):
+        DMD2Params.validate(self)
+        self.divergence = ALIASES.get(self.divergence, self.divergence)
+        if self.divergence not in WEIGHTS:
+            raise ConfigError("objective.divergence",
+                              f"unknown value {self.divergence!r}; accepted: {', '.join(WEIGHTS)}")
+        if not self.gan_weight_gen > 0:
+            raise ConfigError("objective.gan_weight_gen",
+                              f"f-distill needs the DMD2 GAN generator term: must be > 0, got {self.gan_weight_gen!r}")
+        if self.logit_clamp <= 0:
+            raise ConfigError("objective.logit_clamp", "must be > 0")
+        if not 0 < self.ratio_lower <= self.ratio_upper:
+            raise ConfigError("objective.ratio_lower", "need 0 < ratio_lower <= ratio_upper")
+        if int(self.ratio_bins) != self.ratio_bins or self.ratio_bins < 1:
+            raise ConfigError("objective.ratio_bins", "must be an integer >= 1")
+        if not 0 <= self.ratio_ema_rate < 1:
+            raise ConfigError("objective.ratio_ema_rate", "must be in [0, 1)")
+
+
+def ratio_from_logits(logits: torch.Tensor, clamp: float = 10.0, lower: float = 0.1,
+                      upper: float = 20.0) -> torch.Tensor:
+    """``clamp(exp(clamp(logit, ±clamp)), lower, upper)``, detached, float64."""
+    return logits.detach().double().clamp(-clamp, clamp).exp().clamp(lower, upper)
+
+
+def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
+    """``h(r)`` of the table (not yet mean-normalised)."""
+    return WEIGHTS[ALIASES.get(divergence, divergence)](r)
+
+
+@register
+class FDistill(DMD2):
+    name = "fdistill"
+    Params = FDistillParams
+
+    def __init__(self, params, time=None, fake_time=None):
+        super().__init__(params, time, fake_time)
+        self.bins = torch.ones(int(params.ratio_bins), dtype=torch.float64)
+
+    def requirements(self):
+        return {"fake_score", "discriminator", "real_data"}
+
+    # -- state that must survive a resume (EMA of the per-bin mean ratio) ---------------------------------
+    def state_dict(self) -> dict:
+        return {"bins": self.bins.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "bins" in state:
+            self.bins = torch.tensor(state["bins"], dtype=torch.float64)
+
+    # -- weights ----------------------------------------------------------------------------------------
+    def _bin_index(self, t: torch.Tensor, process) -> torch.Tensor:
+        lo, hi = float(process.t_min), float(process.t_max)
+        width = (hi - lo) / len(self.bins)
+        return ((t.detach().double().cpu() - lo) / width).floor().long().clamp(0, len(self.bins) - 1)
+
+    def weights(self, logits: torch.Tensor, t: torch.Tensor, process,
+                update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean-normalised ``h(r̂)`` per sample (detached, float64) and the clamped ratio ``r̂``."""
+        p = self.p
+        r = ratio_from_logits(logits, p.logit_clamp, p.ratio_lower, p.ratio_upper)
+        ratio = r
+        if p.ratio_normalization:
+            idx = self._bin_index(t, process)
+            cnt = torch.bincount(idx, minlength=len(self.bins)).double()
+            tot = torch.bincount(idx, weights=r.cpu(), minlength=len(self.bins))
+            valid = cnt > 0
+            bins = self.bins.clone()
+            bins[valid] = bins[valid] * p.ratio_ema_rate + (1 - p.ratio_ema_rate) * (tot[valid] / cnt[valid])
+            if update:
+                self.bins = bins
+            ratio = r / (bins[idx].to(r.device) + 1e-6)
+        h = f_weight(p.divergence, ratio)
+        h = h / (h.mean() + 1e-6)
+        return h.detach(), r
+
+    # -- losses -----------------------------------------------------------------------------------------
+    def generator_loss(self, batch: Batch, roles: Roles) -> dict:
+        x = batch.x
+        t = self.sample_t(batch, roles.process)
+        x_t = roles.process.add_noise(x, noise_like(x, batch.rng), t)  # on the graph of x (GAN term)
+        g, norm = dm_field(x.detach(), x_t.detach(), t, batch.cond, roles, self.p.guidance_scale,
+                           self.p.alpha_factor)
+        logits = roles.discriminator(roles.fake.features(x_t, t, batch.cond)).reshape(x.shape[0])
+        h, r = self.weights(logits, t, roles.process)
+        hb = h.view((-1,) + (1,) * (x.dim() - 1)).to(x.device)
+        loss_dm = inject(x, (hb * g.double()).to(x.dtype))
+        gl = gan_generator_loss(logits)
+        loss = loss_dm + self.p.gan_weight_gen * gl
+        return {"loss": loss, "loss_dm": loss_dm.detach(), "loss_gan_gen": gl.detach(),
+                "h_min": h.min(), "h_max": h.max(), "ratio_mean": r.mean(),
+                "field_norm": g.flatten(1).norm(dim=1).mean(), "normaliser": norm.mean(), "t_mean": t.mean()}
+
+    def auxiliary_losses(self, batch: Batch, roles: Roles) -> dict:
+        """Fake-score DSM + ``gan_weight_disc`` x discriminator BCE, real and generated samples re-noised
+        with times from the generator-field sampler (so ``r̂`` is estimated where it is used)."""
+        loss = self.fake_loss(batch, roles)
+        x, real = batch.x.detach(), batch.real
+        t = self.sample_t(batch, roles.process)
+        lf = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
+        t_r = self.time(real.shape[0], roles.process, generator=batch.rng, device=real.device)
+        lr = gan_logits(roles.fake, roles.discriminator, real, batch.real_cond, t_r, noise_like(real, batch.rng))
+        dl = gan_discriminator_loss(lf, lr)
+        return {"loss": loss + self.p.gan_weight_disc * dl, "loss_fake": loss.detach(), "loss_disc": dl.detach(),
+                "disc_acc": 0.5 * ((lf < 0).float().mean() + (lr > 0).float().mean())}

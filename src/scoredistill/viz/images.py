@@ -1,0 +1,50 @@
+"""Image grids (matplotlib, Agg backend) for image evaluators and docs."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+
+def tile(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """``(N, C, H, W)`` images in ``[-1, 1]`` -> one ``(rows*(H+pad), cols*(W+pad)[, C])`` float array in [0, 1]."""
+    x = x.detach().float().cpu().clamp(-1, 1)
+    n, c, h, w = x.shape
+    cols = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    # padding is white in the displayed image: 0 under the inverted grey map of 1-channel grids, 1 in RGB
+    fill = 0.0 if c == 1 else 1.0
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), fill, dtype=np.float32)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
+        out[y0:y0 + h, x0:x0 + w] = ((x[i].permute(1, 2, 0).numpy() + 1) / 2)
+    return out[..., 0] if c == 1 else out
+
+
+def image_grid_panels(panels: list[tuple[str, torch.Tensor]], path: str, title: str | None = None,
+                      max_images: int = 100, nrow: int = 10) -> None:
+    """One row of image grids (the first ``max_images`` images of each panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.7), squeeze=False)
+    for ax, (name, x) in zip(axes[0], panels):
+        x = torch.nan_to_num(x[:max_images].float(), nan=0.0)
+        img = tile(x, nrow=min(nrow, len(x)))
+        ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
