@@ -116,7 +116,8 @@ def test_msd_students_cover_their_modes(tmp_path):
     """Two DMD2 students on ring8_cond (student 0: classes 0, 1; student 1: classes 2, 3): each student
     puts its classes on their own two modes, and the total is not worse than one student of the same size.
 
-    Measured 2026-11-26 (this config, 1000 iterations, CPU, load ~10 on 2 cores, 220 s for both runs):
+    Measured 2026-11-26 (this config, 1000 iterations, CPU, load ~10 on 2 cores, 220 s for both runs;
+    the final single-run test took 13 s at load ~3):
     two students precision 0.960, 8/8 modes, weight TV 0.043, SW2 0.104, every class 100 % on its own
     modes; one student (generator.kind=mlp, same width) precision 0.953, TV 0.034, SW2 0.124. At the
     recipe's width 256 and 1500 iterations: 0.983 / 0.030 / 0.158 vs one student 0.985 / 0.036 / 0.206.

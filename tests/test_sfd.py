@@ -178,7 +178,8 @@ def test_sfd_forgets_class_on_ring8_cond(tmp_path):
 
     Measured 2026-11-26 (this config: width 128, batch 128, 800 iterations, CPU, load ~7 on 2 cores, 64 s):
     class 0 -> 0.972 of its samples on modes 1/5, 0.0 on modes 0/4; classes 1-3 0.98-1.00 on their own
-    modes. With 400 iterations: 0.384 arrived (0.0 leaked) at forget weights 0.01, 0.974 at 0.1."""
+    modes. Final code: passed in 24 s at load ~3. With 400 iterations: 0.384 arrived (0.0 leaked) at
+    forget weights 0.01, 0.974 at 0.1."""
     from scoredistill.config import load_yaml, resolve
     from scoredistill.engine.distiller import Distiller
     from scoredistill.metrics.gmm import assign

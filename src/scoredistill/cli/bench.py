@@ -5,13 +5,13 @@ the recipe is run with only ``teacher.preset`` (and the seed) changed. The train
 fixed (``--steps N``) or derived from a wall-clock budget (``--budget-seconds S``): a few iterations
 are timed and ``train.steps`` is set so the run takes about ``S`` seconds (the derived steps are
 written to the table, so a run can be repeated exactly with ``--steps``; the calibration iterations
-count as training). On a shared machine the derived steps follow the load at calibration time. Recipes that cannot run on
-a teacher (e.g. they need class labels) get a row saying why.
+count as training). On a shared machine the derived steps follow the load at calibration time.
+Recipes that cannot run on a teacher (e.g. they need class labels) get a row saying why.
 
 Outputs under ``--out``: ``results.csv`` (one row per run), ``results.md`` (one table per teacher
 with the exact-sample floor first), ``plots/<method>__<teacher>.png`` (target vs student), and
-``runs/<method>__<teacher>__s<seed>/`` (the run folder; its ``result.json`` lets an interrupted
-bench continue where it stopped, unless ``--fresh``).
+``runs/<method>__<teacher>__s<seed>/`` (the run folder) with ``runs/<...>.json`` (its result row, so
+an interrupted bench continues where it stopped; ``--fresh`` reruns everything).
 """
 
 from __future__ import annotations
