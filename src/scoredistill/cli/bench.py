@@ -23,7 +23,9 @@ import shutil
 import time
 from pathlib import Path
 
-SUITES = {"toy": ("ring8", "grid25", "pair", "asym", "gmm16d")}
+SUITES = {"toy": ("ring8", "grid25", "pair", "asym", "gmm16d"),
+          # optimization under a prior: particles (scoredistill.optimize.bench)
+          "sds": ("ring8", "pair", "gmm10d", "ring8_cond")}
 DEFAULT_BUDGET_S = 30.0
 COLUMNS = ["method", "objective", "teacher", "seed", "steps", "precision", "modes_covered", "num_modes", "weight_tv",
            "sw2", "mmd", "spread_ratio", "non_finite", "skipped_steps", "wall_s", "status"]
@@ -43,7 +45,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--recipes", default=None, help="recipe folder (default recipes/<suite>)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
     b.add_argument("--fresh", action="store_true", help="rerun runs that already have a result")
-    b.add_argument("--out", default=os.path.join("bench", "toy"))
+    b.add_argument("--out", default=None, help="output folder (default bench/<suite>)")
     b.set_defaults(fn=cmd_bench)
 
 
@@ -207,6 +209,11 @@ def _command(args, methods, teachers, seeds) -> str:
 def cmd_bench(args):
     import torch
 
+    if args.out is None:
+        args.out = os.path.join("bench", args.suite)
+    if args.suite == "sds":
+        return _cmd_bench_sds(args)
+
     from scoredistill.config import ConfigError
     from scoredistill.teachers.gmm import PRESETS
 
@@ -274,3 +281,20 @@ def cmd_bench(args):
                 write_tables(rows, out, header)
     write_tables(rows, out, header)
     print(f"wrote {os.path.join(out, 'results.md')} and results.csv")
+
+
+def _cmd_bench_sds(args):
+    """``--suite sds``: every optimize objective on particles under the GMM teachers, same steps and seed."""
+    from scoredistill.config import ConfigError
+    from scoredistill.optimize.bench import run_sds_suite
+
+    if args.budget_seconds is not None:
+        raise ConfigError("--budget-seconds", "the sds suite takes a fixed --steps budget (default 600)")
+    seeds = _split(args.seeds) or ["0"]
+    try:
+        seed = int(seeds[0])
+    except ValueError:
+        raise ConfigError("--seeds", f"must be an integer, got {args.seeds!r}") from None
+    rows = run_sds_suite(args.out, methods=_split(args.methods), budget_steps=args.steps or 600, seed=seed,
+                         teachers=_split(args.teachers) or None, recipes=args.recipes)
+    print(f"wrote {len(rows)} rows to {os.path.join(args.out, 'results.md')}")
