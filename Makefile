@@ -10,17 +10,18 @@ $(BIN)/scoredistill: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,diffusers]"
 	touch $(BIN)/scoredistill
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-slow lint
 install: $(BIN)/scoredistill
 
 demo: install
 	$(BIN)/scoredistill demo
 
 test: install
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
-
-test-fast: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" tests
+
+# the long distribution tests (several minutes each on 2 cores)
+test-slow: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m slow tests
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
