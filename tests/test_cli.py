@@ -131,3 +131,11 @@ def test_subprocess_no_traceback(tmp_path):
         "scoredistill: error: objective.name: unknown value 'nope'; accepted: dmd, dmd2, vsd"] or \
         p.stderr.startswith("scoredistill: error: objective.name: unknown value 'nope'; accepted:")
     assert "Traceback" not in p.stderr
+
+
+def test_demo_image_quick(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--image", "--quick", "--out", out]) == 0
+    for f in ("report.md", "comparison.png", "metrics.jsonl", "generator/model.safetensors"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert "FD" in capsys.readouterr().out

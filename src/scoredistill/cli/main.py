@@ -143,7 +143,8 @@ def cmd_train_teacher(args):
 def cmd_demo(args):
     from scoredistill.cli.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    out = args.out or os.path.join("runs", "demo_image" if args.image else "demo")
+    run_demo(out, quick=args.quick, image=args.image)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.set_defaults(fn=cmd_train_teacher)
 
     dm = sub.add_parser("demo", help="ring8 -> one-step DMD2 generator in under two minutes on a CPU")
-    dm.add_argument("--out", default=os.path.join("runs", "demo"))
+    dm.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo_image)")
+    dm.add_argument("--image", action="store_true", help="bundled digits teacher -> one-step DMD2 generator (~3 min)")
     dm.add_argument("--quick", action="store_true", help="a few hundred steps (smoke test)")
     dm.set_defaults(fn=cmd_demo)
     from scoredistill.cli.optimize import add_optimize_parser
