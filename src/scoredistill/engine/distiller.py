@@ -37,11 +37,11 @@ from scoredistill.engine.dist import Dist
 from scoredistill.engine.io import (
     CheckpointError,
     apply_checkpoint,
-    atomic_write_text,
     list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
     save_checkpoint,
+    truncate_jsonl,
 )
 from scoredistill.engine.precision import Precision
 from scoredistill.models.generators import EMA
@@ -331,18 +331,7 @@ class Distiller:
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
 
     def _truncate_metrics(self, step):
-        path = os.path.join(self.run_dir, "metrics.jsonl")
-        if not os.path.exists(path):
-            return
-        keep = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass
-        atomic_write_text(path, "".join(keep))
+        truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), step)
 
     # -- main loop --------------------------------------------------------------------------------------
     def _write_metrics(self, res: dict):

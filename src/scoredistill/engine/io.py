@@ -36,6 +36,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop the records of a JSONL log written after ``step`` (a resumed run rewrites them)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass
+    atomic_write_text(path, "".join(keep))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary folder; on success it replaces ``path`` (old content removed after)."""

@@ -37,11 +37,11 @@ from scoredistill.engine.io import (
     CheckpointError,
     apply_checkpoint,
     atomic_dir,
-    atomic_write_text,
     list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
     save_checkpoint,
+    truncate_jsonl,
 )
 from scoredistill.objectives.base import Batch, Roles, build_objective
 from scoredistill.optimize.fake import ViewConditionedDenoiser
@@ -406,18 +406,7 @@ class PriorOptimizer:
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
 
     def _truncate_metrics(self, step):
-        path = os.path.join(self.run_dir, "metrics.jsonl")
-        if not os.path.exists(path):
-            return
-        keep = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass
-        atomic_write_text(path, "".join(keep))
+        truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), step)
 
     def _write_metrics(self, res: dict) -> dict:
         res = dict(res)
