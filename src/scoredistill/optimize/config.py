@@ -11,10 +11,8 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from scoredistill.config import DEFAULTS as DISTILL_DEFAULTS
-from scoredistill.config import ConfigError
+from scoredistill.config import ConfigError, _parse_value
 from scoredistill.optimize.schedule import parse_schedule
 
 DEFAULTS: dict[str, Any] = {
@@ -92,13 +90,6 @@ def _merge(base: dict, new: dict, path: str) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
-    except Exception:
-        return text
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
