@@ -1,142 +1,292 @@
-"""Engine overhead of a DMD2 iteration, measured as ratios within one run.
+"""Engine overhead of a distillation iteration and one-step vs teacher sampling throughput, as ratios
+measured within one run (issue 7).
 
-Prints, for the toy MLP roles (learned-teacher setting: teacher, fake and generator are networks):
-  * engine iteration time / sum of the bare network passes the iteration needs  (goal <= 1.05)
-  * engine iteration time / a minimal plain-PyTorch DMD2 loop over the same networks (goal <= 1.0)
-  * one-step generator vs teacher 35-NFE Heun sampling throughput                  (goal >= 33x)
-Usage: python benchmarks/step_overhead.py [--iters 200] [--batch 256] [--threads 2]
+For each model (``mlp``: the toy 2-D setting with a learned MLP teacher, every role a 256-wide 4-block
+MLP; ``unet``: the bundled digits UNet teacher with generator and fake score as copies of it, as in
+``recipes/digits/*.yaml``) and each objective (``dmd2``, ``sid``), one iteration = one fake-score
+update + one generator update (``generator_every: 1``). Printed:
+
+  * engine iteration / the bare network passes it needs (same networks, optimizers, EMA)   goal <= 1.05
+  * engine iteration / a minimal plain-PyTorch loop of the same method over the same networks  goal <= 1.0
+  * one-step generator vs teacher 35-NFE Heun sampling throughput (``torch.inference_mode``,
+    warm-up, same batch), with the teacher's per-NFE cost relative to the generator's and the
+    sampler's own overhead over 35 bare teacher calls                                       goal >= 33x
+
+Timing: every candidate is warmed up, then timed in ``--rounds`` interleaved rounds of ``--iters``
+calls each (the order rotates each round); a ratio is the median of its per-round ratios, so a load
+change on a shared machine hits both sides of it.
+
+Usage: python benchmarks/step_overhead.py [--models mlp,unet] [--objectives dmd2,sid] [--iters 10]
+       [--rounds 5] [--threads 2] [--device cpu|cuda] [--no-sampling] [--no-steps]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import statistics
+import tempfile
 import time
 
 import torch
 
-from scoredistill.config import resolve
+from scoredistill.config import load_yaml, resolve
 from scoredistill.engine.distiller import Distiller
 from scoredistill.models.mlp import MLPDenoiser
+from scoredistill.models.registry import save_model
 from scoredistill.objectives.common import edm_weight
 from scoredistill.process import EDM
 from scoredistill.sampling import teacher_sample
 
-
-def timeit(fn, iters):
-    for _ in range(5):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
+SID_ALPHA = 1.2  # the default of objective sid (and recipes/digits/sid.yaml)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--width", type=int, default=256)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    import tempfile
+def interleaved(fns: dict, iters: int, rounds: int, warmup: int, sync) -> dict[str, list[float]]:
+    """Per-round mean seconds per call of each function; functions alternate within every round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    names = list(fns)
+    out = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fns[n]()
+            sync()
+            out[n].append((time.perf_counter() - t0) / iters)
+    return out
 
-    tmp = tempfile.mkdtemp()
-    # a learned teacher so that every role is a network
-    proc = EDM()
-    teacher = MLPDenoiser(proc, 2, args.width, 4, None, 1.4).requires_grad_(False)
-    from scoredistill.models.registry import save_model
 
-    save_model(teacher, f"{tmp}/teacher", extra={})
-    cfg = resolve({"teacher": {"kind": "learned", "path": f"{tmp}/teacher"},
-                   "generator": {"kind": "mlp", "width": args.width, "depth": 4},
-                   "fake_score": {"kind": "mlp", "width": args.width, "depth": 4},
-                   "objective": {"name": "dmd2"},
-                   "train": {"steps": 10**9, "batch_size": args.batch, "generator_every": 1, "progress": False,
-                             "ema": 0.99},
-                   "eval": {"plots": False}})
-    d = Distiller(cfg, f"{tmp}/run")
-    engine = timeit(d.train_step, args.iters)  # one iteration = one fake update + one generator update
+def ratio(times, a, b) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
-    # bare passes of the same iteration: fake phase (G fwd no-grad, fake fwd+bwd, Adam),
-    # generator phase (G fwd+bwd, teacher fwd, fake fwd, Adam, EMA)
+
+def median_ms(times, a) -> float:
+    return statistics.median(times[a]) * 1e3
+
+
+# -- configurations -----------------------------------------------------------------------------------
+def engine_config(model: str, objective: str, batch: int, device: str, tmp: str) -> dict:
+    train = {"steps": 10**9, "batch_size": batch, "generator_every": 1, "fake_on_generator_steps": True,
+             "progress": False, "device": device, "checkpoint_every": 10**9}
+    if model == "mlp":
+        # a learned teacher so that every role is a network
+        teacher = MLPDenoiser(EDM(), 2, 256, 4, None, 1.4).requires_grad_(False)
+        save_model(teacher, f"{tmp}/teacher", extra={})
+        return resolve({"teacher": {"kind": "learned", "path": f"{tmp}/teacher"},
+                        "generator": {"kind": "mlp", "width": 256, "depth": 4},
+                        "fake_score": {"kind": "mlp", "width": 256, "depth": 4},
+                        "objective": {"name": objective},
+                        "train": {**train, "ema": 0.99}, "eval": {"plots": False, "n_samples": 16}})
+    user = load_yaml(f"{REPO}/recipes/digits/{objective}.yaml")
+    user["train"].update(train)
+    user["eval"] = {"plots": False, "n_samples": 16}
+    return resolve(user)
+
+
+def sample_t(objective: str, n: int, device) -> torch.Tensor:
+    """Canonical times: DMD2's U[0.02, 0.98], SiD's U[0, 0.8] (the network cost does not depend on them)."""
+    u = torch.rand(n, dtype=torch.float64, device=device)
+    return 0.02 + 0.96 * u if objective == "dmd2" else 0.8 * u
+
+
+# -- the loops ----------------------------------------------------------------------------------------
+def make_loops(d: Distiller, objective: str, batch: int):
+    """``bare()``: only the network passes, optimizer steps and EMA the engine iteration needs;
+    ``plain()``: a minimal hand-written loop of the method (own copies of G and F, same settings)."""
+    dev = d.device
     G, F, T = d.generator, d.fake, d.teacher
     opt_g, opt_f = d.optimizers["generator"], d.optimizers["fake_score"]
-    z = torch.randn(args.batch, 2)
-    t = torch.rand(args.batch, dtype=torch.float64) * 0.96 + 0.02
+    shape, ncls = T.data_shape, T.num_classes
+    proc = T.process
+    sd = getattr(F, "sigma_data", 0.5)
+    clip = d.cfg["train"]["grad_clip"]
+    z = torch.randn(batch, *shape, device=dev)
+    c = torch.randint(0, ncls, (batch,), device=dev) if ncls else None
+    t = sample_t(objective, batch, dev)
+    g_params = list(G.parameters())
 
     def bare():
+        # fake phase: G forward without graph, F forward + backward, Adam
         with torch.no_grad():
-            x = G(z)
+            x = G(z, c)
         opt_f.zero_grad()
-        F(x, t).square().mean().backward()
+        F(x, t, c).square().mean().backward()
         opt_f.step()
-        x = G(z)
-        with torch.no_grad():
-            T(x, t)
-            F(x, t)
+        # generator phase: G forward + backward, teacher and fake forward (through them for SiD), Adam, EMA
+        x = G(z, c)
         opt_g.zero_grad()
-        x.square().mean().backward()
+        if objective == "sid":
+            torch.autograd.backward((T(x, t, c) + F(x, t, c)).square().mean(), inputs=g_params)
+        else:
+            with torch.no_grad():
+                T(x, t, c)
+                F(x, t, c)
+            x.square().mean().backward()
         opt_g.step()
         d.ema.update(G)
 
-    bare_t = timeit(bare, args.iters)
-
-    # a minimal plain-PyTorch DMD2 loop, same networks and optimizers
     G2, F2 = copy.deepcopy(G), copy.deepcopy(F)
-    og = torch.optim.Adam(G2.parameters(), lr=1e-4, betas=(0.0, 0.99))
-    of = torch.optim.Adam(F2.parameters(), lr=1e-4, betas=(0.0, 0.99))
+    tc = d.cfg["train"]
+    og = torch.optim.Adam(G2.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]))
+    of = torch.optim.Adam(F2.parameters(), lr=tc["fake_lr"] or tc["lr"], betas=tuple(tc["fake_betas"] or tc["betas"]))
     ema = copy.deepcopy(G2).requires_grad_(False)
+    g2_params, f2_params = list(G2.parameters()), list(F2.parameters())
+    bshape = (-1,) + (1,) * len(shape)
+
+    def noised(x, tt):
+        return x + proc.sigma(tt).view(bshape).to(x.dtype) * torch.randn_like(x)
+
+    def labels():
+        return torch.randint(0, ncls, (batch,), device=dev) if ncls else None
 
     def plain():
-        zz = torch.randn(args.batch, 2)
+        # fake score: EDM-weighted denoising on detached samples, 10 % label dropout
+        zz, cc = torch.randn(batch, *shape, device=dev), labels()
         with torch.no_grad():
-            x = G2(zz)
-        tt = torch.rand(args.batch, dtype=torch.float64)
-        n = torch.randn_like(x)
-        xt = x + proc.sigma(tt)[:, None].float() * n
-        w = edm_weight(proc, tt, 1.4, x)
+            x = G2(zz, cc)
+        tt = torch.rand(batch, dtype=torch.float64, device=dev)
+        if cc is not None:
+            cc = torch.where(torch.rand(batch, device=dev) < 0.1, torch.full_like(cc, -1), cc)
         of.zero_grad()
-        (w * (F2(xt, tt) - x) ** 2).mean().backward()
-        torch.nn.utils.clip_grad_norm_(F2.parameters(), 10.0)
+        (edm_weight(proc, tt, sd, x) * (F2(noised(x, tt), tt, cc) - x) ** 2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(f2_params, clip)
         of.step()
-        x = G2(torch.randn(args.batch, 2))
-        tt = torch.rand(args.batch, dtype=torch.float64) * 0.96 + 0.02
-        xt = x.detach() + proc.sigma(tt)[:, None].float() * torch.randn_like(x)
-        with torch.no_grad():
-            dr, df = T(xt, tt), F2(xt, tt)
-            g = (df - dr) / (x - dr).abs().mean(1, keepdim=True).clamp(min=1e-5)
+        # generator
+        zz, cc = torch.randn(batch, *shape, device=dev), labels()
+        x = G2(zz, cc)
+        tt = sample_t(objective, batch, dev)
+        dims = tuple(range(1, x.dim()))
         og.zero_grad()
-        (0.5 * ((x - (x - g).detach()) ** 2).mean()).backward()
-        torch.nn.utils.clip_grad_norm_(G2.parameters(), 10.0)
+        if objective == "sid":
+            xt = noised(x, tt)
+            fr, ff = T(xt, tt, cc), F2(xt, tt, cc)
+            omega = (x - fr).abs().mean(dims, keepdim=True).detach().clamp(min=1e-5)
+            diff = fr - ff
+            torch.autograd.backward((diff * ((fr - x) - SID_ALPHA * diff) / omega).mean(), inputs=g2_params)
+        else:
+            with torch.no_grad():
+                xt = noised(x, tt)
+                dr, df = T(xt, tt, cc), F2(xt, tt, cc)
+                g = (df - dr) / (x - dr).abs().mean(dims, keepdim=True).clamp(min=1e-5)
+            (0.5 * ((x - (x - g).detach()) ** 2).mean()).backward()
+        torch.nn.utils.clip_grad_norm_(g2_params, clip)
         og.step()
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), G2.parameters()):
-                pe.lerp_(p, 0.01)
+            for pe, p in zip(ema.parameters(), g2_params):
+                pe.lerp_(p, 1 - tc["ema"])
 
-    plain_t = timeit(plain, args.iters)
+    return bare, plain
 
-    n = 4096
-    zz = torch.randn(n, 2)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        G(zz)
-    one = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    teacher_sample(T, n, steps=18, sampler="heun")
-    many = time.perf_counter() - t0
 
-    print(f"device cpu, threads {args.threads}, batch {args.batch}, MLP width {args.width} x 4 blocks, "
-          f"{args.iters} iterations each")
-    print(f"engine DMD2 iteration          {engine * 1e3:8.2f} ms")
-    print(f"bare network passes            {bare_t * 1e3:8.2f} ms   ratio engine/bare  = {engine / bare_t:.3f}"
-          "  (goal <= 1.05)")
-    print(f"plain PyTorch DMD2 loop        {plain_t * 1e3:8.2f} ms   ratio engine/plain = {engine / plain_t:.3f}"
-          "  (goal <= 1.0)")
-    print(f"sampling {n}: 1-NFE {one * 1e3:.1f} ms, teacher 35-NFE {many * 1e3:.1f} ms, "
-          f"throughput ratio = {many / one:.1f}x  (goal >= 33x)")
+# -- main ------------------------------------------------------------------------------------------------
+def step_rows(args, models, objectives, sync):
+    rows, keep = [], {}
+    for model in models:
+        batch = args.batch_mlp if model == "mlp" else args.batch_unet
+        for objective in objectives:
+            with tempfile.TemporaryDirectory() as tmp:
+                d = Distiller(engine_config(model, objective, batch, args.device, tmp), f"{tmp}/run",
+                              log=lambda *a: None)
+                bare, plain = make_loops(d, objective, batch)
+                iters = args.iters if model == "mlp" else max(1, args.iters // 4)
+                times = interleaved({"engine": d.train_step, "bare": bare, "plain": plain}, iters, args.rounds,
+                                    args.warmup, sync)
+                rows.append((model, objective, batch, median_ms(times, "engine"), median_ms(times, "bare"),
+                             median_ms(times, "plain"), ratio(times, "engine", "bare"),
+                             ratio(times, "engine", "plain")))
+                keep[model] = (d.generator, d.teacher)
+                print(f"  {model:5s} {objective:5s} batch {batch:4d}   engine {rows[-1][3]:8.2f} ms   bare "
+                      f"{rows[-1][4]:8.2f} ms   plain {rows[-1][5]:8.2f} ms   engine/bare {rows[-1][6]:.3f}   "
+                      f"engine/plain {rows[-1][7]:.3f}", flush=True)
+    return rows, keep
 
+
+def sampling_fns(G, T, n):
+    """Same batch on both sides: ``n`` one-step samples vs ``n`` teacher samples with 18 Heun levels
+    (35 NFE), plus one bare teacher evaluation (to split the ratio into network cost and sampler overhead)."""
+    dev = next(T.parameters()).device
+    z = torch.randn(n, *T.data_shape, device=dev)
+    c = torch.randint(0, T.num_classes, (n,), device=dev) if T.num_classes else None
+    t = torch.full((n,), 0.5, dtype=torch.float64, device=dev)
+    return {"one": lambda: G(torch.randn(n, *T.data_shape, device=dev), c),
+            "heun": lambda: teacher_sample(T, n, steps=18, sampler="heun", cond=c),
+            "nfe": lambda: T(z, t, c)}
+
+
+def sampling_rows(args, models, sync, nets):
+    rows = []
+    for model in models:
+        if model in nets:
+            G, T = nets[model]
+        else:  # --no-steps: build the roles without timing steps
+            with tempfile.TemporaryDirectory() as tmp:
+                d = Distiller(engine_config(model, "dmd2", 16, args.device, tmp), f"{tmp}/run", log=lambda *a: None)
+                G, T = d.generator, d.teacher
+        n = args.sample_mlp if model == "mlp" else args.sample_unet
+        G.eval()
+        with torch.inference_mode():
+            times = interleaved(sampling_fns(G, T, n), 1, args.rounds, 1, sync)
+        G.train()
+        one, heun, nfe = (median_ms(times, k) for k in ("one", "heun", "nfe"))
+        rows.append((model, n, one, heun, ratio(times, "heun", "one"), ratio(times, "nfe", "one"),
+                     heun / (35 * nfe)))
+        print(f"  {model:5s} n {n:5d}   1-NFE {one:8.1f} ms   teacher 35-NFE Heun {heun:8.1f} ms   ratio "
+              f"{rows[-1][4]:.1f}x", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mlp,unet")
+    ap.add_argument("--objectives", default="dmd2,sid")
+    ap.add_argument("--iters", type=int, default=10, help="iterations per round (the UNet uses a quarter)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-mlp", type=int, default=256)
+    ap.add_argument("--batch-unet", type=int, default=64)
+    ap.add_argument("--sample-mlp", type=int, default=4096)
+    ap.add_argument("--sample-unet", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-steps", action="store_true")
+    ap.add_argument("--no-sampling", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    models = [m for m in args.models.split(",") if m]
+    objectives = [o for o in args.objectives.split(",") if o]
+    print(f"device {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}; "
+          f"{args.rounds} interleaved rounds after {args.warmup} warm-up calls")
+    rows, nets = [], {}
+    if not args.no_steps:
+        print(f"step overhead (one fake + one generator update per iteration; {args.iters} iterations per round "
+              "for the MLP, a quarter for the UNet):")
+        rows, nets = step_rows(args, models, objectives, sync)
+    srows = []
+    if not args.no_sampling:
+        print("sampling throughput (inference_mode, same batch, 1 call per round):")
+        srows = sampling_rows(args, models, sync, nets)
+
+    print("\n| model | objective | batch | engine iteration | bare passes | plain loop | engine / bare (≤ 1.05) "
+          "| engine / plain (≤ 1.0) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m, o, b, e, ba, p, rb, rp in rows:
+        print(f"| {m} | {o} | {b} | {e:.2f} ms | {ba:.2f} ms | {p:.2f} ms | **{rb:.3f}** | **{rp:.3f}** |")
+    if srows:
+        print("\n| model | samples | 1-NFE generator | teacher 35-NFE Heun | throughput ratio (≥ 33×) "
+              "| teacher NFE / generator call | Heun / 35 bare teacher calls |")
+        print("|---|---|---|---|---|---|---|")
+        for m, n, one, heun, r, nfe_ratio, overhead in srows:
+            print(f"| {m} | {n} | {one:.1f} ms | {heun:.1f} ms | **{r:.1f}×** | {nfe_ratio:.3f} | {overhead:.3f} |")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if __name__ == "__main__":
     main()

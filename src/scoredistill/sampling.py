@@ -29,20 +29,32 @@ def get_rhos_uniform_t(n: int, denoiser: Denoiser, t_min: float | None = None, t
     return torch.cat([p.rho(ts), torch.zeros(1, dtype=torch.float64)])
 
 
-def _denoise_y(denoiser: Denoiser, y: torch.Tensor, rho: float, cond, w: float) -> torch.Tensor:
+def _levels(denoiser: Denoiser, y: torch.Tensor, rhos: list[float]) -> list:
+    """``(t, a_t)`` of every noise level, computed once per level (the samplers used to map ``rho``
+    back to canonical time at each evaluation, twice per level for Heun): ``t`` expanded to the batch
+    on ``y``'s device, ``a_t`` shaped to broadcast against ``y``."""
     p = denoiser.process
-    t = p.t_from_rho(torch.tensor(rho, dtype=torch.float64)).expand(y.shape[0]).to(y.device)
-    a = p.alpha(t).view((-1,) + (1,) * (y.dim() - 1)).to(y.dtype)
+    out = []
+    for rho in rhos:
+        t = p.t_from_rho(torch.tensor(rho, dtype=torch.float64)).expand(y.shape[0]).to(y.device)
+        out.append((t, p.alpha(t).view((-1,) + (1,) * (y.dim() - 1)).to(y.dtype)))
+    return out
+
+
+def _denoise_y(denoiser: Denoiser, y: torch.Tensor, level, cond, w: float) -> torch.Tensor:
+    t, a = level
     return denoiser.guided(a * y, t, cond, w)
 
 
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, z: torch.Tensor, rhos: torch.Tensor, cond=None, w: float = 1.0) -> torch.Tensor:
     """Euler on the PF-ODE from ``y = rho_0 z``; returns ``x0`` (the ``y`` at ``rho = 0``)."""
-    y = z * float(rhos[0])
-    for i in range(len(rhos) - 1):
-        r, r_next = float(rhos[i]), float(rhos[i + 1])
-        d = (y - _denoise_y(denoiser, y, r, cond, w)) / r
+    rs = [float(r) for r in rhos]
+    y = z * rs[0]
+    lv = _levels(denoiser, y, rs)
+    for i in range(len(rs) - 1):
+        r, r_next = rs[i], rs[i + 1]
+        d = (y - _denoise_y(denoiser, y, lv[i], cond, w)) / r
         y = y + (r_next - r) * d
     return y
 
@@ -50,13 +62,15 @@ def sample_euler(denoiser: Denoiser, z: torch.Tensor, rhos: torch.Tensor, cond=N
 @torch.no_grad()
 def sample_heun(denoiser: Denoiser, z: torch.Tensor, rhos: torch.Tensor, cond=None, w: float = 1.0) -> torch.Tensor:
     """EDM Heun (arXiv 2206.00364 Alg. 1, deterministic): ``2n - 1`` evaluations for ``n`` levels."""
-    y = z * float(rhos[0])
-    for i in range(len(rhos) - 1):
-        r, r_next = float(rhos[i]), float(rhos[i + 1])
-        d = (y - _denoise_y(denoiser, y, r, cond, w)) / r
+    rs = [float(r) for r in rhos]
+    y = z * rs[0]
+    lv = _levels(denoiser, y, rs)
+    for i in range(len(rs) - 1):
+        r, r_next = rs[i], rs[i + 1]
+        d = (y - _denoise_y(denoiser, y, lv[i], cond, w)) / r
         y_next = y + (r_next - r) * d
         if r_next > 0:
-            d2 = (y_next - _denoise_y(denoiser, y_next, r_next, cond, w)) / r_next
+            d2 = (y_next - _denoise_y(denoiser, y_next, lv[i + 1], cond, w)) / r_next
             y_next = y + (r_next - r) * 0.5 * (d + d2)
         y = y_next
     return y
