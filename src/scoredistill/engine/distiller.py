@@ -284,7 +284,8 @@ class Distiller:
         vals = self.running.setdefault(key, [])
         if torch.is_tensor(value):
             self._unflushed.append((vals, len(vals)))
-            vals.append(value.detach().double().mean())
+            v = value.detach()  # a float64 copy taken now: the mean of a 0-dim tensor is the tensor
+            vals.append(v.to(torch.float64, copy=True) if v.dim() == 0 else v.double().mean())
             if len(self._unflushed) >= 4096:  # bound what train_step() called in a loop can hold
                 self._flush_running()
         else:
