@@ -70,9 +70,13 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "steps": 1000,
         "batch_size": 256,                # the global batch the objective sees (any number of processes)
+        "global_batch": None,             # alias of batch_size (the name used in docs/distributed.md)
         "micro_batch": None,              # samples per forward pass and process; default batch_size / processes
         "seed": 0,
         "lr": 1e-4, "fake_lr": None, "disc_lr": None,
+        "lr_schedule": "constant",        # constant | cosine | linear: decay of every role's lr over train.steps
+        "warmup_steps": 0,                # linear warm-up from lr / warmup_steps (iterations)
+        "lr_min_ratio": 0.0,              # cosine / linear end at lr * lr_min_ratio
         "betas": [0.0, 0.99], "fake_betas": None, "disc_betas": None,
         "weight_decay": 0.0,
         "generator_every": 1,             # generator updated when iteration % generator_every == 0
@@ -85,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 25,
         "device": "cpu",
         "precision": "fp32",              # fp32 | bf16 (autocast for network passes; loss math in fp32/fp64)
+        "teacher_offload": False,         # keep teacher weights in CPU memory, stream them per forward (accelerate)
         "compile": False,                 # torch.compile the generator (opt-in; ~10 % on CPU after a long compile)
         "threads": None,
         "progress": True,
@@ -103,6 +108,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 SECTIONS = tuple(DEFAULTS)
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def _merge(base: dict, new: dict, path: str) -> dict:
@@ -179,6 +185,16 @@ def resolve(user: dict, overrides: Iterable[str] = ()) -> dict:
     cfg = _merge(DEFAULTS, user, "")
     cfg = apply_overrides(cfg, overrides)
     cfg = _merge(DEFAULTS, cfg, "")  # re-validate keys that came from overrides
+    gb = cfg["train"].pop("global_batch", None)
+    if gb is not None:
+        if not isinstance(gb, int) or isinstance(gb, bool) or gb < 1:
+            raise ConfigError("train.global_batch", f"must be an integer >= 1, got {gb!r}")
+        ut = user.get("train") or {}
+        if "global_batch" in ut and "batch_size" in ut and ut["batch_size"] != gb:  # both in one file
+            raise ConfigError("train.global_batch", f"conflicts with train.batch_size ({ut['batch_size']}); "
+                              "set one of them (they name the same global batch)")
+        cfg["train"]["batch_size"] = gb
+    cfg["train"]["global_batch"] = None
     validate_common(cfg)
     return cfg
 
@@ -205,6 +221,15 @@ def validate_common(cfg: dict) -> None:
               "log_every", "nan_guard_max", "real_pool", "ode_pairs", "ode_steps"):
         _positive_int(cfg, "train", k)
     _positive_int(cfg, "train", "seed", minimum=0)
+    _positive_int(cfg, "train", "warmup_steps", minimum=0)
+    if t["lr_schedule"] not in LR_SCHEDULES:
+        raise ConfigError("train.lr_schedule",
+                          f"unknown value {t['lr_schedule']!r}; accepted: {', '.join(LR_SCHEDULES)}")
+    _number(cfg, "train", "lr_min_ratio", lo=0)
+    if t["lr_min_ratio"] > 1:
+        raise ConfigError("train.lr_min_ratio", f"must be in [0, 1], got {t['lr_min_ratio']!r}")
+    if not isinstance(t["teacher_offload"], bool):
+        raise ConfigError("train.teacher_offload", f"must be true or false, got {t['teacher_offload']!r}")
     for k in ("lr",):
         _number(cfg, "train", k, lo=0)
     for k in ("fake_lr", "disc_lr"):

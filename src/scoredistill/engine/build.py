@@ -177,6 +177,7 @@ def sample_classes(num_classes: int | None, n: int, g: torch.Generator | None):
 
 def make_ode_pairs(teacher: Denoiser, n: int, steps: int, seed: int, w: float = 1.0):
     """(noise, teacher Heun ODE output) pairs for regression losses (DMD, arXiv 2311.18828 §3.3)."""
+    from scoredistill.models.denoiser import module_device
     from scoredistill.sampling import get_rhos_karras, sample_heun
 
     g = torch.Generator().manual_seed(seed + 2000003)
@@ -184,5 +185,6 @@ def make_ode_pairs(teacher: Denoiser, n: int, steps: int, seed: int, w: float = 
     cond = sample_classes(teacher.num_classes, n, g)
     p = teacher.process
     rhos = get_rhos_karras(steps, max(p.rho_min, 0.002), min(p.rho_max, 80.0))
-    x = sample_heun(teacher, z, rhos, cond, w)
+    dev = module_device(teacher)
+    x = sample_heun(teacher, z.to(dev), rhos, cond.to(dev) if cond is not None else None, w).cpu()
     return z, x, cond

@@ -44,6 +44,7 @@ from scoredistill.engine.io import (
     truncate_jsonl,
 )
 from scoredistill.engine.precision import Precision
+from scoredistill.engine.schedule import build_schedulers
 from scoredistill.models.generators import EMA
 from scoredistill.models.registry import save_model
 from scoredistill.objectives.base import Batch, Roles, build_objective
@@ -87,8 +88,7 @@ class Distiller:
         torch.manual_seed(tc["seed"])
         self.objective = build_objective(cfg["objective"], cfg["teacher"].get("guidance_convention", "canonical"))
         self.teacher, self.reference = build_teacher(cfg["teacher"])
-        self.teacher.requires_grad_(False).eval().to(self.device)
-        self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
+        self.teacher.requires_grad_(False).eval()
         req = self.objective.requirements()
         self.requirements = req
         if "class_conditional" in req and not self.teacher.num_classes:
@@ -98,6 +98,9 @@ class Distiller:
         self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference)).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
         self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
+        # placed after the copies above: an offloaded teacher's weights live in its hooks, not its parameters
+        self._place_teacher(tc["teacher_offload"])
+        self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
         self.ema = EMA(self.generator, tc["ema"]) if tc["ema"] > 0 else None
         self._gen = torch.compile(self.generator) if tc["compile"] else self.generator
 
@@ -110,6 +113,7 @@ class Distiller:
         if self.disc is not None:
             self.optimizers["discriminator"] = adam(self.disc.parameters(), tc["disc_lr"] or tc["fake_lr"] or tc["lr"],
                                                     tc["disc_betas"] or tc["fake_betas"])
+        self.schedulers = build_schedulers(self.optimizers, tc)
         self.aux_roles = [r for r in ("fake_score", "discriminator") if r in self.optimizers]
         self.modules = {"generator": self.generator}
         if self.ema is not None:
@@ -141,6 +145,27 @@ class Distiller:
         self.eval_z = torch.randn(n_eval, *self.teacher.data_shape, generator=eg)
         self.eval_cond = sample_classes(self.teacher.num_classes, n_eval, eg)
         self._tb = None
+        self._spread_ref = None
+        self._t0 = time.time()
+
+    def _place_teacher(self, offload: bool) -> None:
+        """Move the frozen teacher to the device, or with ``train.teacher_offload`` keep its weights in
+        CPU memory and stream them to the device for each forward (accelerate's ``cpu_offload``): the
+        teacher then costs no device memory beyond one pass's weights, at the price of host-device
+        copies every call. On a CPU run offloading is the same as not offloading."""
+        if not offload or self.device.type == "cpu":
+            self.teacher.to(self.device)
+            return
+        if getattr(self.fake, "shares_teacher_module", False) or getattr(self.generator, "shares_teacher_module",
+                                                                           False):
+            raise ConfigError("train.teacher_offload", "cannot offload a teacher whose module is shared with a "
+                              "LoRA role; accepted: false, or fake_score.kind/generator.kind full")
+        try:
+            from accelerate import cpu_offload
+        except ImportError:
+            raise ConfigError("train.teacher_offload",
+                              "needs accelerate (pip install scoredistill[diffusers])") from None
+        cpu_offload(self.teacher, execution_device=self.device)
 
     # -- roles -------------------------------------------------------------------------------------
     def roles(self) -> Roles:
@@ -251,6 +276,8 @@ class Distiller:
         tc = self.cfg["train"]
         obj = self.objective
         gen_step = self.step % tc["generator_every"] == 0
+        if hasattr(self.generator, "set_rollout_seed"):  # multi-step students: same rollout on every rank
+            self.generator.set_rollout_seed(hash((tc["seed"], self.step, -1)) & (2**62 - 1))
         do_aux = bool(self.aux_roles) and (not gen_step or tc["fake_on_generator_steps"])
         roles = self.roles()
         if do_aux:
@@ -273,6 +300,8 @@ class Distiller:
             if stepped and self.ema is not None:
                 self.ema.update(self.generator)
         self.step += 1
+        for sched in self.schedulers.values():
+            sched.step()
 
     # -- evaluation ----------------------------------------------------------------------------------
     def student(self):
@@ -296,7 +325,8 @@ class Distiller:
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self):
         meta = {"step": self.step, "nonfinite": self.nonfinite, "consecutive": self.consecutive,
-                "wall": self.wall_offset + (time.time() - self._t0), "objective": self.objective.state_dict()}
+                "wall": self.wall_offset + (time.time() - self._t0), "objective": self.objective.state_dict(),
+                "schedulers": {n: sc.state_dict() for n, sc in self.schedulers.items()}}
         rngs = {"torch": torch.get_rng_state()}
         folder = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:07d}")
         save_checkpoint(folder, self.modules, self.optimizers, rngs, meta,
@@ -326,6 +356,9 @@ class Distiller:
             self.consecutive.update(meta.get("consecutive", {}))
             self.wall_offset = float(meta.get("wall", 0.0))
             self.objective.load_state_dict(meta.get("objective", {}))
+            for n, sc in self.schedulers.items():
+                if n in meta.get("schedulers", {}):
+                    sc.load_state_dict(meta["schedulers"][n])
             self._truncate_metrics(self.step)
             return self.step
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
