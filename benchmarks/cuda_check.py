@@ -159,7 +159,8 @@ def optimize_recipes(quick: bool):
         def run(path=path):
             with tempfile.TemporaryDirectory() as tmp:
                 p = subprocess.run([sys.executable, "-m", "scoredistill", "optimize", path, "--out", tmp + "/r",
-                                    "--set", f"train.device={DEV}", "train.steps=30", "train.progress=false"],
+                                    "--set", f"train.device={DEV}", "--set", "train.steps=30",
+                                    "--set", "train.progress=false"],
                                    capture_output=True, text=True, timeout=300)
                 if p.returncode != 0:
                     raise RuntimeError((p.stderr.strip().splitlines() or ["?"])[-1])
@@ -195,6 +196,54 @@ def diffusers_cases():
                           log=lambda *a: None)
             d.train()
             return {"nonfinite": dict(d.nonfinite), "finite_weights": _finite_modules(d)}
+
+        run()
+
+
+SWEEP = [  # (recipe, overrides): budgets sized so each fits 5 CPU-minutes (docs/results/digits.md CPU times)
+    ("dmd2", ["train.steps=600"]),
+    ("dmd2", ["train.steps=600", "train.lr=2e-4", "train.fake_lr=2e-4"]),
+    ("dmd2", ["train.steps=1200", "train.batch_size=64"]),
+    ("sid", ["train.steps=500"]),
+    ("sid", ["train.steps=500", "objective.alpha=1.0"]),
+    ("sid", ["train.steps=500", "train.lr=2e-4", "train.fake_lr=2e-4"]),
+    ("dmd", ["train.steps=500"]),
+    ("dmd", ["train.steps=500", "train.lr=2e-4", "train.fake_lr=2e-4"]),
+    ("dmd", ["train.steps=500", "objective.regression_weight=0.5"]),
+]
+
+
+def digits_sweep(n: int = 1200):
+    """FD of one-step digits students per recipe variant, on the benchmark's evaluation (benchmarks/digits.py:
+    1200 class-balanced labels, clipped samples); the GPU only shortens the wall time of the sweep."""
+    from scoredistill.engine.build import build_teacher
+    from scoredistill.metrics.images import ImageEvaluator
+    from scoredistill.sampling import teacher_sample
+
+    ev = ImageEvaluator("digits", seed=0)
+    cond = torch.arange(10).repeat(n // 10 + 1)[:n]
+
+    @case("digits sweep: teacher 35-NFE")
+    def teacher_row():
+        teacher, _ = build_teacher({"kind": "bundled", "name": "digits", "process": {"kind": "edm"}})
+        teacher.to(DEV)
+        x = teacher_sample(teacher, n, steps=18, cond=cond, generator=torch.Generator().manual_seed(54321))
+        return {"fd": round(ev.metrics(x, cond)["fd"], 3)}
+
+    teacher_row()
+    for recipe, ov in SWEEP:
+        @case(f"digits sweep: {recipe} {' '.join(ov)}")
+        def run(recipe=recipe, ov=ov):
+            cfg = resolve(load_yaml(os.path.join(ROOT, f"recipes/digits/{recipe}.yaml")),
+                          [f"train.device={DEV}", "train.progress=false", "eval.every=100000", "eval.n_samples=64",
+                           "eval.plots=false", "train.checkpoint_every=100000", *ov])
+            with tempfile.TemporaryDirectory() as tmp:
+                d = Distiller(cfg, tmp, log=lambda *a: None)
+                for _ in range(cfg["train"]["steps"]):
+                    d.train_step()
+                z = torch.randn(n, *d.teacher.data_shape, generator=torch.Generator().manual_seed(999))
+                m = ev.metrics(d.sample(z, cond), cond)
+            return {k: round(m[k], 3) for k in ("fd", "conf90", "class_min", "diversity") if k in m}
 
         run()
 
@@ -256,6 +305,8 @@ def main():
             optimize_recipes(args.quick)
         if "diffusers" in parts:
             diffusers_cases()
+        if "sweep" in parts:
+            digits_sweep()
     finally:
         write(args.out)
     bad = [r["case"] for r in RESULTS if r["status"] != "ok"]
