@@ -11,9 +11,9 @@ import torch
 from scoredistill.config import ConfigError, check_keys
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.models.generators import DenoiserGenerator, DiscriminatorHead
-from scoredistill.models.mlp import MLPDenoiser, MLPGenerator
+from scoredistill.models.mlp import MLPBackbone, MLPDenoiser, MLPGenerator
 from scoredistill.models.registry import load_model, process_from_description
-from scoredistill.models.unet import UNetDenoiser
+from scoredistill.models.unet import UNetBackbone, UNetDenoiser
 from scoredistill.process.processes import make_process
 from scoredistill.teachers.gmm import GMMTeacher, build_gmm
 
@@ -94,7 +94,29 @@ def _is_diffusers(teacher) -> bool:
     return is_diffusers_denoiser(teacher)
 
 
+def native_checkpointing(module: torch.nn.Module, enabled, section: str) -> torch.nn.Module:
+    """``{section}.gradient_checkpointing`` for the native networks (MLP and UNet backbones): each
+    residual block is recomputed in the backward pass instead of keeping its activations."""
+    if enabled is None:
+        return module
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{section}.gradient_checkpointing", f"must be true or false, got {enabled!r}")
+    backbones = [m for m in module.modules() if isinstance(m, (MLPBackbone, UNetBackbone))]
+    if enabled and not backbones:
+        raise ConfigError(f"{section}.gradient_checkpointing", f"{type(module).__name__} does not support it")
+    for m in backbones:
+        m.gradient_checkpointing = enabled
+    return module
+
+
 def build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
+    gen = _build_generator(gcfg, teacher)
+    if not _is_diffusers(teacher):  # diffusers roles: enabled in scoredistill.adapters.student
+        native_checkpointing(gen, gcfg.get("gradient_checkpointing"), "generator")
+    return gen
+
+
+def _build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
     dim = int(np.prod(teacher.data_shape))
     if gcfg["kind"] == "mlp":
         return MLPGenerator(dim, gcfg["width"], gcfg["depth"], teacher.num_classes)
@@ -122,6 +144,13 @@ def build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
 
 
 def build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
+    fake = _build_fake(fcfg, teacher, sigma_data)
+    if not _is_diffusers(teacher):
+        native_checkpointing(fake, fcfg.get("gradient_checkpointing"), "fake_score")
+    return fake
+
+
+def _build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
     dim = int(np.prod(teacher.data_shape))
     if fcfg["kind"] == "mlp":
         sd = fcfg["sigma_data"] if fcfg["sigma_data"] is not None else sigma_data

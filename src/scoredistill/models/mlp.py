@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
 from scoredistill.process.processes import Process
@@ -41,8 +42,23 @@ class ResBlock(nn.Module):
         return h + self.fc2(nn.functional.silu(y))
 
 
+def run_block(owner: nn.Module, blk: nn.Module, *args):
+    """``blk(*args)``, under activation (gradient) checkpointing when ``owner.gradient_checkpointing`` is
+    set, the module is training and autograd is recording: the block's inner activations are dropped
+    after the forward and recomputed in the backward (non-reentrant ``torch.utils.checkpoint``, which
+    restores the RNG and autocast state, so gradients are those of the plain forward)."""
+    if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
+        return checkpoint(blk, *args, use_reentrant=False)
+    return blk(*args)
+
+
 class MLPBackbone(nn.Module):
-    """Residual MLP ``F(x, emb)``; ``features`` is the last hidden state (DMD2's GAN head input)."""
+    """Residual MLP ``F(x, emb)``; ``features`` is the last hidden state (DMD2's GAN head input).
+
+    ``gradient_checkpointing`` (off by default; ``generator``/``fake_score.gradient_checkpointing`` in a
+    config) recomputes each residual block in the backward pass instead of storing its activations."""
+
+    gradient_checkpointing: bool = False
 
     def __init__(self, dim: int, width: int, depth: int, emb_dim: int):
         super().__init__()
@@ -54,7 +70,7 @@ class MLPBackbone(nn.Module):
     def features(self, x, e):
         h = self.inp(x)
         for blk in self.blocks:
-            h = blk(h, e)
+            h = run_block(self, blk, h, e)
         return nn.functional.silu(self.out_norm(h))
 
     def forward(self, x, e):

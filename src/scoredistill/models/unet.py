@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
-from scoredistill.models.mlp import FourierTime
+from scoredistill.models.mlp import FourierTime, run_block
 from scoredistill.process.processes import Process
 
 
@@ -48,7 +48,12 @@ class ConvResBlock(nn.Module):
 
 
 class UNetBackbone(nn.Module):
-    """``F(x, emb)`` on ``(B, C, H, W)`` with even ``H, W``; two levels, skip connections."""
+    """``F(x, emb)`` on ``(B, C, H, W)`` with even ``H, W``; two levels, skip connections.
+
+    ``gradient_checkpointing`` (off by default) recomputes each residual block in the backward pass
+    instead of storing its activations (``run_block``: only while training with autograd recording)."""
+
+    gradient_checkpointing: bool = False
 
     def __init__(self, in_ch: int, channels: tuple[int, int], emb_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -70,19 +75,19 @@ class UNetBackbone(nn.Module):
 
     def encode(self, x, e):
         h0 = self.conv_in(x)
-        h1 = self.enc0(h0, e)
+        h1 = run_block(self, self.enc0, h0, e)
         h2 = self.down(h1)
-        h3 = self.enc1(h2, e)
-        mid = self.mid(h3, e)
+        h3 = run_block(self, self.enc1, h2, e)
+        mid = run_block(self, self.mid, h3, e)
         return mid, (h0, h1, h2, h3)
 
     def forward(self, x, e):
         h, (h0, h1, h2, h3) = self.encode(x, e)
-        h = self.dec1(torch.cat([h, h3], 1), e)
-        h = self.dec1b(torch.cat([h, h2], 1), e)
+        h = run_block(self, self.dec1, torch.cat([h, h3], 1), e)
+        h = run_block(self, self.dec1b, torch.cat([h, h2], 1), e)
         h = self.up(F.interpolate(h, scale_factor=2, mode="nearest"))
-        h = self.dec0(torch.cat([h, h1], 1), e)
-        h = self.dec0b(torch.cat([h, h0], 1), e)
+        h = run_block(self, self.dec0, torch.cat([h, h1], 1), e)
+        h = run_block(self, self.dec0b, torch.cat([h, h0], 1), e)
         return self.conv_out(F.silu(self.out_norm(h)))
 
 
