@@ -94,11 +94,12 @@ def distill(recipe: str, overrides: list[str], steps: int, name: str, extra_eval
     return run()
 
 
-def resume_determinism():
-    @case("resume on cuda: 10 + 10 steps vs 20 (digits dmd2)")
+def resume_determinism(deterministic: bool):
+    @case(f"resume on cuda: 10 + 10 steps vs 20 (digits dmd2), train.deterministic={deterministic}")
     def run():
         base = [f"train.device={DEV}", "eval.every=1000", "eval.n_samples=64", "eval.plots=false",
-                "train.progress=false", "train.checkpoint_every=10", "train.batch_size=64"]
+                "train.progress=false", "train.checkpoint_every=10", "train.batch_size=64",
+                f"train.deterministic={str(deterministic).lower()}"]
         cfg20 = resolve(load_yaml(os.path.join(ROOT, "recipes/digits/dmd2.yaml")), base + ["train.steps=20"])
         with tempfile.TemporaryDirectory() as tmp:
             full = Distiller(cfg20, os.path.join(tmp, "full"), log=lambda *a: None)
@@ -178,7 +179,8 @@ def diffusers_cases():
                                                  ("sd15", "sid", "teacher", "fp32", True),
                                                  ("sdxl", "dmd2", "lora", "bf16", False),
                                                  ("sd3", "sid", "teacher", "bf16", False),
-                                                 ("flux", "dmd2", "lora", "bf16", False)]:
+                                                 ("flux", "dmd2", "lora", "bf16", False),
+                                                 ("flux", "dmd2", "lora", "fp32", False)]:
         @case(f"diffusers tiny {kind} {objective} fake={fake} {prec} offload={offload}")
         def run(kind=kind, objective=objective, fake=fake, prec=prec, offload=offload):
             path = save_tiny(kind, os.path.join(tmp, f"{kind}"))
@@ -248,6 +250,34 @@ def digits_sweep(n: int = 1200):
         run()
 
 
+def flux_probe():
+    """Where a tiny FLUX teacher's output stops being finite under bf16 autocast (first CUDA run: every
+    bf16 step non-finite on the GPU, none on the CPU)."""
+    from scoredistill.adapters.diffusers_teacher import build_diffusers_teacher
+    from scoredistill.adapters.tiny import save_tiny
+
+    @case("flux probe: teacher x0 finite per precision and t")
+    def run():
+        path = save_tiny("flux", os.path.join(tempfile.mkdtemp(), "flux"))
+        t = build_diffusers_teacher({"kind": "diffusers", "path": path, "prompts": ["a red cube", "a blue ball"],
+                                     "resolution": 16, "process": {"kind": "edm"}}).to(DEV)
+        out = {}
+        x = torch.randn(4, *t.data_shape, device=DEV)
+        cond = torch.tensor([0, 1, 0, 1], device=DEV)
+        for tv in (0.05, 0.5, 0.95):
+            tt = torch.full((4,), tv, dtype=torch.float64, device=DEV)
+            for prec in ("fp32", "bf16"):
+                ctx = torch.autocast(DEV, dtype=torch.bfloat16) if prec == "bf16" else torch.autocast(DEV,
+                                                                                                     enabled=False)
+                with torch.no_grad(), ctx:
+                    y = t(x, tt, cond)
+                    yg = t.guided(x, tt, cond, 2.0)
+                out[f"t{tv}_{prec}"] = [bool(torch.isfinite(y).all()), bool(torch.isfinite(yg).all()), str(y.dtype)]
+        return out
+
+    run()
+
+
 def write(out: str):
     os.makedirs(out, exist_ok=True)
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"}
@@ -278,7 +308,7 @@ def main():
         print("no CUDA device", file=sys.stderr)
         return 2
     parts = set(args.only.split(",")) if args.only else {"toy", "digits", "memory", "resume", "throughput",
-                                                         "optimize", "diffusers"}
+                                                         "optimize", "diffusers", "flux"}
     try:
         if "toy" in parts:
             for path in sorted(glob.glob(os.path.join(ROOT, "recipes/toy/*.yaml"))):
@@ -298,13 +328,17 @@ def main():
                 distill("recipes/digits/dmd2.yaml", ["train.batch_size=512", *ov], 12, f"memory mode {mode}",
                         extra_eval=False)
         if "resume" in parts:
-            resume_determinism()
+            resume_determinism(False)
+            resume_determinism(True)
+            torch.use_deterministic_algorithms(False)  # the flag is process-wide
         if "throughput" in parts:
             throughput()
         if "optimize" in parts:
             optimize_recipes(args.quick)
         if "diffusers" in parts:
             diffusers_cases()
+        if "flux" in parts:
+            flux_probe()
         if "sweep" in parts:
             digits_sweep()
     finally:

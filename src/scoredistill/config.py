@@ -90,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
         "device": "cpu",
         "precision": "fp32",              # fp32 | bf16 (autocast for network passes; loss math in fp32/fp64)
         "teacher_offload": False,         # keep teacher weights in CPU memory, stream them per forward (accelerate)
+        "deterministic": False,           # deterministic GPU kernels (bit-exact resume on CUDA; slower)
         "compile": False,                 # torch.compile the generator (opt-in; ~10 % on CPU after a long compile)
         "threads": None,
         "progress": True,
@@ -228,6 +229,8 @@ def validate_common(cfg: dict) -> None:
     _number(cfg, "train", "lr_min_ratio", lo=0)
     if t["lr_min_ratio"] > 1:
         raise ConfigError("train.lr_min_ratio", f"must be in [0, 1], got {t['lr_min_ratio']!r}")
+    if not isinstance(t["deterministic"], bool):
+        raise ConfigError("train.deterministic", f"must be true or false, got {t['deterministic']!r}")
     if not isinstance(t["teacher_offload"], bool):
         raise ConfigError("train.teacher_offload", f"must be true or false, got {t['teacher_offload']!r}")
     for k in ("lr",):

@@ -170,9 +170,12 @@ def _build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
 def build_discriminator(fake: Denoiser) -> DiscriminatorHead:
     if not hasattr(fake, "features"):
         raise ConfigError("fake_score.kind", "the discriminator head needs a fake network with features()")
+    from scoredistill.models.denoiser import module_device
+
+    dev = module_device(fake)  # probe where the fake lives (it may already be on the GPU)
     with torch.no_grad():
-        x = torch.zeros(2, *fake.data_shape)
-        t = torch.full((2,), 0.5, dtype=torch.float64)
+        x = torch.zeros(2, *fake.data_shape, device=dev)
+        t = torch.full((2,), 0.5, dtype=torch.float64, device=dev)
         h = fake.features(x, t, None)
     return DiscriminatorHead(int(np.prod(h.shape[1:])))
 

@@ -76,6 +76,12 @@ class Distiller:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device", "cuda requested but no CUDA device is available; accepted here: cpu")
         self.precision = Precision(tc["precision"], self.device)
+        if tc["deterministic"]:
+            # CUDA's default kernels (atomics, autotuned convolutions) differ run to run, so a resumed GPU
+            # run drifts ~1e-4 from an uninterrupted one; these settings make it bit-exact at some speed cost
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         self.dist = Dist(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
