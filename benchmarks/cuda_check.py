@@ -215,7 +215,14 @@ SWEEP = [  # (recipe, overrides): budgets sized so each fits 5 CPU-minutes (docs
 ]
 
 
-def digits_sweep(n: int = 1200):
+SWEEP_LONG = [  # longer budgets: what 5 wall-minutes on 2 CPU threads allow (~1000 DMD2 iterations)
+    ("dmd2", ["train.steps=1000"]),
+    ("sid", ["train.steps=800", "train.lr=2e-4", "train.fake_lr=2e-4", "objective.alpha=1.0"]),
+    ("dmd", ["train.steps=800"]),
+]
+
+
+def digits_sweep(n: int = 1200, configs=None):
     """FD of one-step digits students per recipe variant, on the benchmark's evaluation (benchmarks/digits.py:
     1200 class-balanced labels, clipped samples); the GPU only shortens the wall time of the sweep."""
     from scoredistill.engine.build import build_teacher
@@ -233,7 +240,7 @@ def digits_sweep(n: int = 1200):
         return {"fd": round(ev.metrics(x, cond)["fd"], 3)}
 
     teacher_row()
-    for recipe, ov in SWEEP:
+    for recipe, ov in configs or SWEEP:
         @case(f"digits sweep: {recipe} {' '.join(ov)}")
         def run(recipe=recipe, ov=ov):
             cfg = resolve(load_yaml(os.path.join(ROOT, f"recipes/digits/{recipe}.yaml")),
@@ -341,6 +348,8 @@ def main():
             flux_probe()
         if "sweep" in parts:
             digits_sweep()
+        if "sweep_long" in parts:
+            digits_sweep(configs=SWEEP_LONG)
     finally:
         write(args.out)
     bad = [r["case"] for r in RESULTS if r["status"] != "ok"]
