@@ -92,6 +92,9 @@ DEFAULTS: dict[str, Any] = {
         "teacher_offload": False,         # keep teacher weights in CPU memory, stream them per forward (accelerate)
         "deterministic": False,           # deterministic GPU kernels (bit-exact resume on CUDA; slower)
         "compile": False,                 # torch.compile the generator (opt-in; ~10 % on CPU after a long compile)
+        # FSDP2-shard generator, fake score, discriminator and EMA over the processes (no-op on one process;
+        # also on when ACCELERATE_USE_FSDP=true, set by `accelerate launch` with an FSDP config); docs/distributed.md
+        "fsdp": False,
         "threads": None,
         "progress": True,
         "real_data": "teacher",           # teacher (draw from the teacher's sampler) | none | PATH.npy
@@ -248,6 +251,8 @@ def validate_common(cfg: dict) -> None:
         if (not isinstance(b, (list, tuple)) or len(b) != 2
                 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)):
             raise ConfigError(f"train.{k}", f"must be two numbers in [0, 1), got {b!r}")
+    if not isinstance(t["fsdp"], bool):
+        raise ConfigError("train.fsdp", f"must be true or false, got {t['fsdp']!r}")
     _positive_int(cfg, "eval", "every")
     _positive_int(cfg, "eval", "n_samples", minimum=16)
     _positive_int(cfg, "eval", "teacher_steps")

@@ -13,6 +13,7 @@ per generator update; FastGen/rCM semantics: set it false => 4:1).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -108,6 +109,7 @@ class Distiller:
         self._place_teacher(tc["teacher_offload"])
         self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
         self.ema = EMA(self.generator, tc["ema"]) if tc["ema"] > 0 else None
+        self.fsdp = self._shard(cfg) if self.dist.enabled else None
         self._gen = torch.compile(self.generator) if tc["compile"] else self.generator
 
         def adam(params, lr, betas):
@@ -173,6 +175,39 @@ class Distiller:
                               "needs accelerate (pip install scoredistill[diffusers])") from None
         cpu_offload(self.teacher, execution_device=self.device)
 
+    def _shard(self, cfg):
+        """FSDP2-shard the trained roles in place before the optimizers see their parameters (engine/fsdp.py)."""
+        from scoredistill.engine.fsdp import wanted
+
+        if not wanted(cfg["train"].get("fsdp", False)):
+            return None
+        cfg["train"]["fsdp"] = True  # config.yaml records what ran, also when accelerate's config asked for it
+        for sec in ("generator", "fake_score"):
+            if cfg[sec]["kind"] == "lora":  # a LoRA critic shares the (replicated) teacher's base weights
+                raise ConfigError("train.fsdp", f"{sec}.kind: lora is not supported with FSDP; accepted: "
+                                  "a full copy (teacher/full) or mlp")
+        from scoredistill.engine.fsdp import Sharder
+
+        sharder = Sharder(self.device, self.dist.world)
+        # rank 0 evaluates, samples and exports an unsharded replica of the student (refreshed by _sync_student)
+        student = self.ema.model if self.ema is not None else self.generator
+        self._replica = copy.deepcopy(student) if self.dist.is_main else None
+        self._replica_step = None
+        for m in (self.generator, self.fake, self.disc, self.ema.model if self.ema is not None else None):
+            if m is not None:
+                sharder.shard(m)
+        return sharder
+
+    def _sync_student(self):
+        """Under FSDP, refresh rank 0's unsharded student from the shards; a collective (all ranks call it)."""
+        if self.fsdp is None or self._replica_step == self.step:
+            return
+        src = self.ema.model if self.ema is not None else self.generator
+        sd = self.fsdp.full_state(src.state_dict(), keep=self.dist.is_main)
+        if sd is not None:
+            self._replica.load_state_dict(sd)
+        self._replica_step = self.step
+
     # -- roles -------------------------------------------------------------------------------------
     def roles(self) -> Roles:
         return Roles(teacher=self.teacher, fake=self.fake, discriminator=self.disc, generator=self.generator)
@@ -231,11 +266,15 @@ class Distiller:
             if out is None:
                 return False
             loss = out["loss"]
-            if not bool(torch.isfinite(loss)):
-                ok = False
+            finite = bool(torch.isfinite(loss))
+            ok = ok and finite
+            if not finite and self.fsdp is None:
                 break
+            # under FSDP every rank runs every forward and backward (they hold collectives); the guard below
+            # discards this step on all ranks anyway
             (loss / self.n_micro).backward()
-            outs.append(out)
+            if finite:
+                outs.append(out)
         ok = self.dist.all_true(ok)
         params = {r: [p for p in self.modules[r].parameters() if p.requires_grad] for r in roles}
         if ok:
@@ -245,7 +284,8 @@ class Distiller:
                 ps = [p for p in params[r] if p.grad is not None]
                 if not ps:
                     continue
-                norm = torch.nn.utils.clip_grad_norm_(ps, clip if clip else float("inf"))
+                clip_fn = self.fsdp.clip_grad_norm if self.fsdp is not None else torch.nn.utils.clip_grad_norm_
+                norm = clip_fn(ps, clip if clip else float("inf"))
                 self._record(f"grad_norm/{r}", float(norm))
                 ok = ok and math.isfinite(float(norm))
         for r in roles:
@@ -311,10 +351,14 @@ class Distiller:
 
     # -- evaluation ----------------------------------------------------------------------------------
     def student(self):
+        if self.fsdp is not None:
+            return self._replica  # rank 0 only; current as of the last _sync_student
         return self.ema.model if self.ema is not None else self.generator
 
     @torch.no_grad()
     def sample(self, z, cond=None, use_ema=True):
+        if not use_ema and self.ema is not None and self.fsdp is not None:
+            raise RuntimeError("under FSDP only the student (EMA) has an unsharded copy to sample from")
         g = self.student() if use_ema else self.generator
         return g(z.to(self.device), cond.to(self.device) if cond is not None else None).cpu()
 
@@ -330,12 +374,22 @@ class Distiller:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self):
+        """Write a checkpoint and ``generator/`` on rank 0. Under FSDP every rank must call it: the full state is
+        gathered from the shards first (same format as without FSDP)."""
+        modules, optimizers = self.modules, self.optimizers
+        if self.fsdp is not None:
+            self._sync_student()
+            keep = self.dist.is_main
+            modules = {n: self.fsdp.full_state(m.state_dict(), keep) for n, m in self.modules.items()}
+            optimizers = {n: self.fsdp.full_optimizer_state(o, keep) for n, o in self.optimizers.items()}
+        if not self.dist.is_main:
+            return
         meta = {"step": self.step, "nonfinite": self.nonfinite, "consecutive": self.consecutive,
                 "wall": self.wall_offset + (time.time() - self._t0), "objective": self.objective.state_dict(),
                 "schedulers": {n: sc.state_dict() for n, sc in self.schedulers.items()}}
         rngs = {"torch": torch.get_rng_state()}
         folder = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:07d}")
-        save_checkpoint(folder, self.modules, self.optimizers, rngs, meta,
+        save_checkpoint(folder, modules, optimizers, rngs, meta,
                         before_commit=lambda: _fault("checkpoint", self.step))
         prune_checkpoints(self.run_dir, self.cfg["train"]["keep_checkpoints"])
         save_model(self.student(), os.path.join(self.run_dir, "generator"),
@@ -351,13 +405,15 @@ class Distiller:
         for folder in reversed(cks):
             try:
                 tensors, meta = read_checkpoint(folder)
-                rngs = apply_checkpoint(tensors, meta, self.modules, self.optimizers)
+                rngs = apply_checkpoint(tensors, meta, self.modules, self.optimizers,
+                                        place=self.fsdp.place if self.fsdp is not None else None)
             except CheckpointError as e:
                 errors.append(str(e))
                 self.log(f"warning: skipping unreadable checkpoint {folder}: {e}")
                 continue
             torch.set_rng_state(rngs["torch"])
             self.step = int(meta["step"])
+            self._replica_step = None
             self.nonfinite.update(meta.get("nonfinite", {}))
             self.consecutive.update(meta.get("consecutive", {}))
             self.wall_offset = float(meta.get("wall", 0.0))
@@ -422,6 +478,7 @@ class Distiller:
         from scoredistill.engine.progress import Progress
 
         last = None
+        evaluated = False
         try:
             with Progress(tc["steps"], self.step, enabled=tc["progress"] and main) as bar:
                 while self.step < tc["steps"]:
@@ -430,16 +487,20 @@ class Distiller:
                     if self.step % tc["log_every"] == 0 or self.step == tc["steps"]:
                         bar.update(self.step, {k: sum(v[-tc["log_every"]:]) / len(v[-tc["log_every"]:])
                                                for k, v in self.running.items() if k.startswith("loss")})
-                    if main and (self.step % self.cfg["eval"]["every"] == 0 or self.step == tc["steps"]):
-                        last = self._write_metrics(self.evaluate())
-                        self.running = {}
-                        bar.note(last)
-                    if self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]:
+                    if self.step % self.cfg["eval"]["every"] == 0 or self.step == tc["steps"]:
+                        evaluated = True
+                        self._sync_student()
                         if main:
-                            self.save()
+                            last = self._write_metrics(self.evaluate())
+                            self.running = {}
+                            bar.note(last)
+                    if self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]:
+                        self.save()
                         self.dist.barrier()
-            if main and last is None:
-                last = self._write_metrics(self.evaluate())
+            if not evaluated:
+                self._sync_student()
+                if main:
+                    last = self._write_metrics(self.evaluate())
         finally:
             if self._tb is not None:
                 self._tb.close()
