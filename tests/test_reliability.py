@@ -32,6 +32,18 @@ def cli(args, env=None, cwd=None):
                           env=e, timeout=300, cwd=cwd)
 
 
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(TORCHRUN),
+                                    reason="torchrun not installed")
+
+
+def torchrun_cli(args, nproc=2, env=None):
+    """``scoredistill ARGS`` on ``nproc`` gloo ranks (``torchrun --standalone`` picks a free port)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "scoredistill", *args],
+                          capture_output=True, text=True, env=e, timeout=300)
+
+
 def gen_weights(run):
     return load_file(os.path.join(run, "generator", "model.safetensors"))
 
@@ -63,15 +75,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference_run, fault
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@needs_torchrun
 def test_two_rank_gloo_equals_one_process(tmp_path, reference_run):
     cfg, ref = reference_run
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     run = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "scoredistill", "distill", cfg,
-                        "--out", run], capture_output=True, text=True, env=env, timeout=300)
+    p = torchrun_cli(["distill", cfg, "--out", run])
     assert p.returncode == 0, p.stderr[-2000:]
     a, b = gen_weights(ref), gen_weights(run)
     # measured max abs difference after 12 iterations: ~1e-7 (gradient all-reduce changes summation order)

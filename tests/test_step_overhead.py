@@ -48,11 +48,13 @@ class ReferenceDistiller(Distiller):
             if out is None:
                 return False
             loss = out["loss"]
-            if not bool(torch.isfinite(loss)):
-                ok = False
+            finite = bool(torch.isfinite(loss))
+            ok = ok and finite
+            if not finite and self.fsdp is None:
                 break
             (loss / self.n_micro).backward()
-            outs.append(out)
+            if finite:
+                outs.append(out)
         ok = self.dist.all_true(ok)
         params = {r: [p for p in self.modules[r].parameters() if p.requires_grad] for r in roles}
         if ok:
@@ -62,7 +64,8 @@ class ReferenceDistiller(Distiller):
                 ps = [p for p in params[r] if p.grad is not None]
                 if not ps:
                     continue
-                norm = torch.nn.utils.clip_grad_norm_(ps, clip if clip else float("inf"))
+                clip_fn = self.fsdp.clip_grad_norm if self.fsdp is not None else torch.nn.utils.clip_grad_norm_
+                norm = clip_fn(ps, clip if clip else float("inf"))
                 self._record(f"grad_norm/{r}", float(norm))
                 ok = ok and math.isfinite(float(norm))
         for r in roles:

@@ -70,9 +70,13 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "steps": 1000,
         "batch_size": 256,                # the global batch the objective sees (any number of processes)
+        "global_batch": None,             # alias of batch_size (the name used in docs/distributed.md)
         "micro_batch": None,              # samples per forward pass and process; default batch_size / processes
         "seed": 0,
         "lr": 1e-4, "fake_lr": None, "disc_lr": None,
+        "lr_schedule": "constant",        # constant | cosine | linear: decay of every role's lr over train.steps
+        "warmup_steps": 0,                # linear warm-up from lr / warmup_steps (iterations)
+        "lr_min_ratio": 0.0,              # cosine / linear end at lr * lr_min_ratio
         "betas": [0.0, 0.99], "fake_betas": None, "disc_betas": None,
         "weight_decay": 0.0,
         "generator_every": 1,             # generator updated when iteration % generator_every == 0
@@ -85,7 +89,12 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 25,
         "device": "cpu",
         "precision": "fp32",              # fp32 | bf16 (autocast for network passes; loss math in fp32/fp64)
+        "teacher_offload": False,         # keep teacher weights in CPU memory, stream them per forward (accelerate)
+        "deterministic": False,           # deterministic GPU kernels (bit-exact resume on CUDA; slower)
         "compile": False,                 # torch.compile the generator (opt-in; ~10 % on CPU after a long compile)
+        # FSDP2-shard generator, fake score, discriminator and EMA over the processes (no-op on one process;
+        # also on when ACCELERATE_USE_FSDP=true, set by `accelerate launch` with an FSDP config); docs/distributed.md
+        "fsdp": False,
         "threads": None,
         "progress": True,
         "real_data": "teacher",           # teacher (draw from the teacher's sampler) | none | PATH.npy
@@ -103,6 +112,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 SECTIONS = tuple(DEFAULTS)
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def _merge(base: dict, new: dict, path: str) -> dict:
@@ -179,6 +189,16 @@ def resolve(user: dict, overrides: Iterable[str] = ()) -> dict:
     cfg = _merge(DEFAULTS, user, "")
     cfg = apply_overrides(cfg, overrides)
     cfg = _merge(DEFAULTS, cfg, "")  # re-validate keys that came from overrides
+    gb = cfg["train"].pop("global_batch", None)
+    if gb is not None:
+        if not isinstance(gb, int) or isinstance(gb, bool) or gb < 1:
+            raise ConfigError("train.global_batch", f"must be an integer >= 1, got {gb!r}")
+        ut = user.get("train") or {}
+        if "global_batch" in ut and "batch_size" in ut and ut["batch_size"] != gb:  # both in one file
+            raise ConfigError("train.global_batch", f"conflicts with train.batch_size ({ut['batch_size']}); "
+                              "set one of them (they name the same global batch)")
+        cfg["train"]["batch_size"] = gb
+    cfg["train"]["global_batch"] = None
     validate_common(cfg)
     return cfg
 
@@ -205,6 +225,17 @@ def validate_common(cfg: dict) -> None:
               "log_every", "nan_guard_max", "real_pool", "ode_pairs", "ode_steps"):
         _positive_int(cfg, "train", k)
     _positive_int(cfg, "train", "seed", minimum=0)
+    _positive_int(cfg, "train", "warmup_steps", minimum=0)
+    if t["lr_schedule"] not in LR_SCHEDULES:
+        raise ConfigError("train.lr_schedule",
+                          f"unknown value {t['lr_schedule']!r}; accepted: {', '.join(LR_SCHEDULES)}")
+    _number(cfg, "train", "lr_min_ratio", lo=0)
+    if t["lr_min_ratio"] > 1:
+        raise ConfigError("train.lr_min_ratio", f"must be in [0, 1], got {t['lr_min_ratio']!r}")
+    if not isinstance(t["deterministic"], bool):
+        raise ConfigError("train.deterministic", f"must be true or false, got {t['deterministic']!r}")
+    if not isinstance(t["teacher_offload"], bool):
+        raise ConfigError("train.teacher_offload", f"must be true or false, got {t['teacher_offload']!r}")
     for k in ("lr",):
         _number(cfg, "train", k, lo=0)
     for k in ("fake_lr", "disc_lr"):
@@ -220,6 +251,8 @@ def validate_common(cfg: dict) -> None:
         if (not isinstance(b, (list, tuple)) or len(b) != 2
                 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)):
             raise ConfigError(f"train.{k}", f"must be two numbers in [0, 1), got {b!r}")
+    if not isinstance(t["fsdp"], bool):
+        raise ConfigError("train.fsdp", f"must be true or false, got {t['fsdp']!r}")
     _positive_int(cfg, "eval", "every")
     _positive_int(cfg, "eval", "n_samples", minimum=16)
     _positive_int(cfg, "eval", "teacher_steps")

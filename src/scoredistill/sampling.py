@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from scoredistill.models.denoiser import Denoiser
+from scoredistill.models.denoiser import Denoiser, module_device
 
 
 def get_rhos_karras(n: int, rho_min: float, rho_max: float, power: float = 7.0) -> torch.Tensor:
@@ -95,11 +95,12 @@ def teacher_sample(denoiser: Denoiser, n: int, steps: int = 18, sampler: str = "
     p = denoiser.process
     rmin = rho_min if rho_min is not None else max(p.rho_min, 0.002)
     rmax = rho_max if rho_max is not None else min(p.rho_max, 80.0)
+    dev = module_device(denoiser)
     out = []
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
-        z = torch.randn(m, *denoiser.data_shape, generator=generator)
-        c = cond[i:i + m] if torch.is_tensor(cond) else cond
+        z = torch.randn(m, *denoiser.data_shape, generator=generator).to(dev)
+        c = cond[i:i + m].to(dev) if torch.is_tensor(cond) else cond
         if sampler == "ddim":
             t_max = float(p.t_from_rho(rmax))
             rhos = get_rhos_uniform_t(steps, denoiser, t_min=float(p.t_from_rho(rmin)), t_max=t_max)
@@ -108,7 +109,7 @@ def teacher_sample(denoiser: Denoiser, n: int, steps: int = 18, sampler: str = "
             rhos = get_rhos_karras(steps, rmin, rmax)
             fn = sample_heun if sampler == "heun" else sample_euler
             out.append(fn(denoiser, z, rhos, c, w))
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def nfe(sampler: str, steps: int) -> int:

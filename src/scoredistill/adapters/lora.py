@@ -68,6 +68,8 @@ def _key(name: str) -> str:
 class LoRAHolder(nn.Module):
     """Mixin: hold a base network without registering it, register only its LoRA parameters."""
 
+    shares_teacher_module = False  # True where the held base is the teacher's own module (LoRA critic)
+
     def _hold(self, base: nn.Module, params: list[tuple[str, nn.Parameter]]):
         self.__dict__["_lora_base"] = base
         self.lora = nn.ParameterDict({_key(n): p for n, p in params})
@@ -86,6 +88,8 @@ class LoRAHolder(nn.Module):
 
 class LoRACritic(LoRAHolder, Denoiser):
     """Fake score = the frozen teacher's network with its LoRA adapter enabled (shared base weights)."""
+
+    shares_teacher_module = True
 
     def __init__(self, teacher: Denoiser, rank: int, alpha: float | None = None, targets=None,
                  gradient_checkpointing: bool = False):

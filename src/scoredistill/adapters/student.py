@@ -86,6 +86,11 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
             params = attach_lora(denoiser.model, lora["rank"], lora.get("alpha"), lora.get("targets"), "generator")
             self._hold(denoiser, params)
 
+    _rollout_seed: int | None = None
+
+    def set_rollout_seed(self, seed: int) -> None:
+        self._rollout_seed = int(seed)
+
     @property
     def denoiser(self) -> DiffusersDenoiser:
         return self._modules["net"] if "net" in self._modules else self.__dict__["_lora_base"]
@@ -100,7 +105,10 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
         d = self.denoiser
         k_max = len(self.t_steps)
         if self.training:
-            k = int(torch.randint(0, k_max, ())) if k_max > 1 else 0
+            # one rollout length per iteration, the same on every rank and micro-batch: drawn from the
+            # seed the engine sets each iteration (set_rollout_seed), not from the global RNG
+            g = torch.Generator().manual_seed(self._rollout_seed) if self._rollout_seed is not None else None
+            k = int(torch.randint(0, k_max, (), generator=g)) if k_max > 1 else 0
         else:
             k = k_max - 1
         x = self._input(z)

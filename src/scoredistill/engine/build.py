@@ -170,9 +170,12 @@ def _build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
 def build_discriminator(fake: Denoiser) -> DiscriminatorHead:
     if not hasattr(fake, "features"):
         raise ConfigError("fake_score.kind", "the discriminator head needs a fake network with features()")
+    from scoredistill.models.denoiser import module_device
+
+    dev = module_device(fake)  # probe where the fake lives (it may already be on the GPU)
     with torch.no_grad():
-        x = torch.zeros(2, *fake.data_shape)
-        t = torch.full((2,), 0.5, dtype=torch.float64)
+        x = torch.zeros(2, *fake.data_shape, device=dev)
+        t = torch.full((2,), 0.5, dtype=torch.float64, device=dev)
         h = fake.features(x, t, None)
     return DiscriminatorHead(int(np.prod(h.shape[1:])))
 
@@ -206,6 +209,7 @@ def sample_classes(num_classes: int | None, n: int, g: torch.Generator | None):
 
 def make_ode_pairs(teacher: Denoiser, n: int, steps: int, seed: int, w: float = 1.0):
     """(noise, teacher Heun ODE output) pairs for regression losses (DMD, arXiv 2311.18828 §3.3)."""
+    from scoredistill.models.denoiser import module_device
     from scoredistill.sampling import get_rhos_karras, sample_heun
 
     g = torch.Generator().manual_seed(seed + 2000003)
@@ -213,5 +217,6 @@ def make_ode_pairs(teacher: Denoiser, n: int, steps: int, seed: int, w: float = 
     cond = sample_classes(teacher.num_classes, n, g)
     p = teacher.process
     rhos = get_rhos_karras(steps, max(p.rho_min, 0.002), min(p.rho_max, 80.0))
-    x = sample_heun(teacher, z, rhos, cond, w)
+    dev = module_device(teacher)
+    x = sample_heun(teacher, z.to(dev), rhos, cond.to(dev) if cond is not None else None, w).cpu()
     return z, x, cond

@@ -2,7 +2,8 @@
 
 The engine does not wrap models in DDP: each rank accumulates the gradients of its micro-batches and
 :meth:`Dist.sum_grads` all-reduces them in one flat buffer before clipping, so frozen roles,
-multi-phase updates and skipped (non-finite) steps need no special handling.
+multi-phase updates and skipped (non-finite) steps need no special handling. Roles sharded with FSDP
+(``train.fsdp``, engine/fsdp.py) hold ``DTensor`` parameters whose gradients FSDP has already summed.
 """
 
 from __future__ import annotations
@@ -41,10 +42,16 @@ class Dist:
     def sum_grads(self, params) -> None:
         if not self.enabled:
             return
+        from torch.distributed.tensor import DTensor  # here: importing it costs ~1 s, single-process runs skip it
+
         params = list(params)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        # FSDP-sharded parameters: FSDP's reduce-scatter already summed them (engine/fsdp.py)
+        params = [p for p in params if not isinstance(p, DTensor)]
+        if not params:
+            return
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         td.all_reduce(flat)
         i = 0

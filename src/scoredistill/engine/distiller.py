@@ -13,6 +13,7 @@ per generator update; FastGen/rCM semantics: set it false => 4:1).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -43,6 +44,7 @@ from scoredistill.engine.io import (
     truncate_jsonl,
 )
 from scoredistill.engine.precision import Precision
+from scoredistill.engine.schedule import build_schedulers
 from scoredistill.models.generators import EMA
 from scoredistill.models.registry import save_model
 from scoredistill.objectives.base import Batch, Roles, build_objective
@@ -74,6 +76,12 @@ class Distiller:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device", "cuda requested but no CUDA device is available; accepted here: cpu")
         self.precision = Precision(tc["precision"], self.device)
+        if tc["deterministic"]:
+            # CUDA's default kernels (atomics, autotuned convolutions) differ run to run, so a resumed GPU
+            # run drifts ~1e-4 from an uninterrupted one; these settings make it bit-exact at some speed cost
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         self.dist = Dist(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -86,8 +94,7 @@ class Distiller:
         torch.manual_seed(tc["seed"])
         self.objective = build_objective(cfg["objective"], cfg["teacher"].get("guidance_convention", "canonical"))
         self.teacher, self.reference = build_teacher(cfg["teacher"])
-        self.teacher.requires_grad_(False).eval().to(self.device)
-        self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
+        self.teacher.requires_grad_(False).eval()
         req = self.objective.requirements()
         self.requirements = req
         if "class_conditional" in req and not self.teacher.num_classes:
@@ -97,7 +104,11 @@ class Distiller:
         self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference)).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
         self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
+        # placed after the copies above: an offloaded teacher's weights live in its hooks, not its parameters
+        self._place_teacher(tc["teacher_offload"])
+        self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
         self.ema = EMA(self.generator, tc["ema"]) if tc["ema"] > 0 else None
+        self.fsdp = self._shard(cfg) if self.dist.enabled else None
         self._gen = torch.compile(self.generator) if tc["compile"] else self.generator
 
         def adam(params, lr, betas):
@@ -113,6 +124,7 @@ class Distiller:
         if self.disc is not None:
             self.optimizers["discriminator"] = adam(self.disc.parameters(), tc["disc_lr"] or tc["fake_lr"] or tc["lr"],
                                                     tc["disc_betas"] or tc["fake_betas"])
+        self.schedulers = build_schedulers(self.optimizers, tc)
         self.aux_roles = [r for r in ("fake_score", "discriminator") if r in self.optimizers]
         self.modules = {"generator": self.generator}
         if self.ema is not None:
@@ -146,6 +158,60 @@ class Distiller:
         self.eval_z = torch.randn(n_eval, *self.teacher.data_shape, generator=eg)
         self.eval_cond = sample_classes(self.teacher.num_classes, n_eval, eg)
         self._tb = None
+        self._spread_ref = None
+        self._t0 = time.time()
+
+    def _place_teacher(self, offload: bool) -> None:
+        """Move the frozen teacher to the device, or with ``train.teacher_offload`` keep its weights in
+        CPU memory and stream them to the device for each forward (accelerate's ``cpu_offload``): the
+        teacher then costs no device memory beyond one pass's weights, at the price of host-device
+        copies every call. On a CPU run offloading is the same as not offloading."""
+        if not offload or self.device.type == "cpu":
+            self.teacher.to(self.device)
+            return
+        if getattr(self.fake, "shares_teacher_module", False) or getattr(self.generator, "shares_teacher_module",
+                                                                           False):
+            raise ConfigError("train.teacher_offload", "cannot offload a teacher whose module is shared with a "
+                              "LoRA role; accepted: false, or fake_score.kind/generator.kind full")
+        try:
+            from accelerate import cpu_offload
+        except ImportError:
+            raise ConfigError("train.teacher_offload",
+                              "needs accelerate (pip install scoredistill[diffusers])") from None
+        cpu_offload(self.teacher, execution_device=self.device)
+
+    def _shard(self, cfg):
+        """FSDP2-shard the trained roles in place before the optimizers see their parameters (engine/fsdp.py)."""
+        from scoredistill.engine.fsdp import wanted
+
+        if not wanted(cfg["train"].get("fsdp", False)):
+            return None
+        cfg["train"]["fsdp"] = True  # config.yaml records what ran, also when accelerate's config asked for it
+        for sec in ("generator", "fake_score"):
+            if cfg[sec]["kind"] == "lora":  # a LoRA critic shares the (replicated) teacher's base weights
+                raise ConfigError("train.fsdp", f"{sec}.kind: lora is not supported with FSDP; accepted: "
+                                  "a full copy (teacher/full) or mlp")
+        from scoredistill.engine.fsdp import Sharder
+
+        sharder = Sharder(self.device, self.dist.world)
+        # rank 0 evaluates, samples and exports an unsharded replica of the student (refreshed by _sync_student)
+        student = self.ema.model if self.ema is not None else self.generator
+        self._replica = copy.deepcopy(student) if self.dist.is_main else None
+        self._replica_step = None
+        for m in (self.generator, self.fake, self.disc, self.ema.model if self.ema is not None else None):
+            if m is not None:
+                sharder.shard(m)
+        return sharder
+
+    def _sync_student(self):
+        """Under FSDP, refresh rank 0's unsharded student from the shards; a collective (all ranks call it)."""
+        if self.fsdp is None or self._replica_step == self.step:
+            return
+        src = self.ema.model if self.ema is not None else self.generator
+        sd = self.fsdp.full_state(src.state_dict(), keep=self.dist.is_main)
+        if sd is not None:
+            self._replica.load_state_dict(sd)
+        self._replica_step = self.step
 
     # -- roles -------------------------------------------------------------------------------------
     def roles(self) -> Roles:
@@ -224,33 +290,38 @@ class Distiller:
             if out is None:
                 return False
             loss = out["loss"]
-            defer = i == n_local - 1 and not self.dist.enabled and loss.requires_grad
-            if not defer and not bool(torch.isfinite(loss)):
-                ok = False
-                break
-            (loss / self.n_micro).backward()
-            if defer:
+            if i == n_local - 1 and not self.dist.enabled and loss.requires_grad:
+                (loss / self.n_micro).backward()  # finiteness checked below, with the gradient norms
                 deferred = out
-            else:
+                continue
+            finite = bool(torch.isfinite(loss))
+            ok = ok and finite
+            if not finite and self.fsdp is None:
+                break
+            # under FSDP every rank runs every forward and backward (they hold collectives); the guard below
+            # discards this step on all ranks anyway
+            (loss / self.n_micro).backward()
+            if finite:
                 outs.append(out)
         ok = self.dist.all_true(ok)
         params = {r: [p for p in self._params(r) if p.requires_grad] for r in roles}
         if ok:
             self.dist.sum_grads([p for r in roles for p in params[r]])
             clip = self.cfg["train"]["grad_clip"]
+            clip_fn = self.fsdp.clip_grad_norm if self.fsdp is not None else torch.nn.utils.clip_grad_norm_
             norms = {}
             for r in roles:
                 ps = [p for p in params[r] if p.grad is not None]
                 if ps:
-                    norms[r] = torch.nn.utils.clip_grad_norm_(ps, clip if clip else float("inf"))
+                    norms[r] = clip_fn(ps, clip if clip else float("inf"))
             checks = ([deferred["loss"].detach()] if deferred is not None else []) + list(norms.values())
-            finite = torch.stack([torch.isfinite(c) for c in checks]).tolist() if checks else []  # the sync
+            flags = torch.stack([torch.isfinite(c) for c in checks]).tolist() if checks else []  # the sync
             if deferred is not None:
-                ok = finite.pop(0)
+                ok = flags.pop(0)
                 if ok:
                     outs.append(deferred)
             if ok:
-                for (r, norm), fin in zip(norms.items(), finite):
+                for (r, norm), fin in zip(norms.items(), flags):
                     self._record(f"grad_norm/{r}", norm)
                     ok = ok and fin
         for r in roles:
@@ -307,6 +378,8 @@ class Distiller:
         tc = self.cfg["train"]
         obj = self.objective
         gen_step = self.step % tc["generator_every"] == 0
+        if hasattr(self.generator, "set_rollout_seed"):  # multi-step students: same rollout on every rank
+            self.generator.set_rollout_seed(hash((tc["seed"], self.step, -1)) & (2**62 - 1))
         do_aux = bool(self.aux_roles) and (not gen_step or tc["fake_on_generator_steps"])
         roles = self.roles()
         if do_aux:
@@ -329,13 +402,19 @@ class Distiller:
             if stepped and self.ema is not None:
                 self.ema.update(self.generator)
         self.step += 1
+        for sched in self.schedulers.values():
+            sched.step()
 
     # -- evaluation ----------------------------------------------------------------------------------
     def student(self):
+        if self.fsdp is not None:
+            return self._replica  # rank 0 only; current as of the last _sync_student
         return self.ema.model if self.ema is not None else self.generator
 
     @torch.no_grad()
     def sample(self, z, cond=None, use_ema=True):
+        if not use_ema and self.ema is not None and self.fsdp is not None:
+            raise RuntimeError("under FSDP only the student (EMA) has an unsharded copy to sample from")
         g = self.student() if use_ema else self.generator
         return g(z.to(self.device), cond.to(self.device) if cond is not None else None).cpu()
 
@@ -351,11 +430,22 @@ class Distiller:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self):
+        """Write a checkpoint and ``generator/`` on rank 0. Under FSDP every rank must call it: the full state is
+        gathered from the shards first (same format as without FSDP)."""
+        modules, optimizers = self.modules, self.optimizers
+        if self.fsdp is not None:
+            self._sync_student()
+            keep = self.dist.is_main
+            modules = {n: self.fsdp.full_state(m.state_dict(), keep) for n, m in self.modules.items()}
+            optimizers = {n: self.fsdp.full_optimizer_state(o, keep) for n, o in self.optimizers.items()}
+        if not self.dist.is_main:
+            return
         meta = {"step": self.step, "nonfinite": self.nonfinite, "consecutive": self.consecutive,
-                "wall": self.wall_offset + (time.time() - self._t0), "objective": self.objective.state_dict()}
+                "wall": self.wall_offset + (time.time() - self._t0), "objective": self.objective.state_dict(),
+                "schedulers": {n: sc.state_dict() for n, sc in self.schedulers.items()}}
         rngs = {"torch": torch.get_rng_state()}
         folder = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:07d}")
-        save_checkpoint(folder, self.modules, self.optimizers, rngs, meta,
+        save_checkpoint(folder, modules, optimizers, rngs, meta,
                         before_commit=lambda: _fault("checkpoint", self.step))
         prune_checkpoints(self.run_dir, self.cfg["train"]["keep_checkpoints"])
         save_model(self.student(), os.path.join(self.run_dir, "generator"),
@@ -371,17 +461,22 @@ class Distiller:
         for folder in reversed(cks):
             try:
                 tensors, meta = read_checkpoint(folder)
-                rngs = apply_checkpoint(tensors, meta, self.modules, self.optimizers)
+                rngs = apply_checkpoint(tensors, meta, self.modules, self.optimizers,
+                                        place=self.fsdp.place if self.fsdp is not None else None)
             except CheckpointError as e:
                 errors.append(str(e))
                 self.log(f"warning: skipping unreadable checkpoint {folder}: {e}")
                 continue
             torch.set_rng_state(rngs["torch"])
             self.step = int(meta["step"])
+            self._replica_step = None
             self.nonfinite.update(meta.get("nonfinite", {}))
             self.consecutive.update(meta.get("consecutive", {}))
             self.wall_offset = float(meta.get("wall", 0.0))
             self.objective.load_state_dict(meta.get("objective", {}))
+            for n, sc in self.schedulers.items():
+                if n in meta.get("schedulers", {}):
+                    sc.load_state_dict(meta["schedulers"][n])
             self._truncate_metrics(self.step)
             return self.step
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
@@ -440,6 +535,7 @@ class Distiller:
         from scoredistill.engine.progress import Progress
 
         last = None
+        evaluated = False
         try:
             with Progress(tc["steps"], self.step, enabled=tc["progress"] and main) as bar:
                 while self.step < tc["steps"]:
@@ -449,16 +545,20 @@ class Distiller:
                         self._flush_running()
                         bar.update(self.step, {k: sum(v[-tc["log_every"]:]) / len(v[-tc["log_every"]:])
                                                for k, v in self.running.items() if k.startswith("loss")})
-                    if main and (self.step % self.cfg["eval"]["every"] == 0 or self.step == tc["steps"]):
-                        last = self._write_metrics(self.evaluate())
-                        self.running = {}
-                        bar.note(last)
-                    if self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]:
+                    if self.step % self.cfg["eval"]["every"] == 0 or self.step == tc["steps"]:
+                        evaluated = True
+                        self._sync_student()
                         if main:
-                            self.save()
+                            last = self._write_metrics(self.evaluate())
+                            self.running = {}
+                            bar.note(last)
+                    if self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]:
+                        self.save()
                         self.dist.barrier()
-            if main and last is None:
-                last = self._write_metrics(self.evaluate())
+            if not evaluated:
+                self._sync_student()
+                if main:
+                    last = self._write_metrics(self.evaluate())
         finally:
             if self._tb is not None:
                 self._tb.close()

@@ -74,8 +74,8 @@ def atomic_dir(path: str | os.PathLike):
 
 
 # -- optimizer state <-> flat tensors -------------------------------------------------------------
-def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    sd = opt.state_dict()
+def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer | dict, tensors: dict, meta: dict) -> None:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     meta[prefix] = {"param_groups": sd["param_groups"], "scalars": {}}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -85,7 +85,7 @@ def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, m
                 meta[prefix]["scalars"][f"{idx}/{k}"] = v
 
 
-def _unflatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def _unflatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict, place=None) -> None:
     state: dict = {}
     for key, v in tensors.items():
         if key.startswith(prefix + "/"):
@@ -94,15 +94,21 @@ def _unflatten_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict,
     for key, v in meta[prefix]["scalars"].items():
         idx, k = key.split("/", 1)
         state.setdefault(int(idx), {})[k] = v
+    if place is not None:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        state = {i: {k: place(v, params[i]) if torch.is_tensor(v) and i < len(params) else v for k, v in st.items()}
+                 for i, st in state.items()}
     opt.load_state_dict({"state": state, "param_groups": meta[prefix]["param_groups"]})
 
 
-def save_checkpoint(folder: str, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    rngs: dict[str, torch.Tensor], meta: dict, before_commit=None) -> None:
+def save_checkpoint(folder: str, modules: dict, optimizers: dict, rngs: dict[str, torch.Tensor], meta: dict,
+                    before_commit=None) -> None:
+    """``modules`` / ``optimizers`` map names to modules / optimizers, or to their (full) state dicts, which is
+    what an FSDP run passes after gathering its shards (engine/fsdp.py)."""
     tensors: dict[str, torch.Tensor] = {}
     meta = dict(meta)
     for name, m in modules.items():
-        for k, v in m.state_dict().items():
+        for k, v in (m if isinstance(m, dict) else m.state_dict()).items():
             tensors[f"model/{name}/{k}"] = v.detach().contiguous().cpu()
     opt_meta: dict = {}
     for name, opt in optimizers.items():
@@ -135,16 +141,21 @@ def read_checkpoint(folder: str) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def apply_checkpoint(tensors: dict, meta: dict, modules: dict, optimizers: dict) -> dict[str, torch.Tensor]:
+def apply_checkpoint(tensors: dict, meta: dict, modules: dict, optimizers: dict, place=None) -> dict[str, torch.Tensor]:
+    """Load a checkpoint into ``modules`` and ``optimizers``. ``place(full, like)`` maps each full tensor to the
+    layout of the live tensor it replaces (an FSDP run keeps only its shard; engine/fsdp.py)."""
     for name, m in modules.items():
         pre = f"model/{name}/"
         sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        if place is not None:
+            own = m.state_dict()
+            sd = {k: place(v, own[k]) if k in own else v for k, v in sd.items()}
         try:
             m.load_state_dict(sd)
         except RuntimeError as e:
             raise CheckpointError(f"role {name!r} does not match this run's config: {str(e).splitlines()[0]}") from None
     for name, opt in optimizers.items():
-        _unflatten_optimizer(f"optim/{name}", opt, tensors, meta["optimizers"])
+        _unflatten_optimizer(f"optim/{name}", opt, tensors, meta["optimizers"], place)
     return {k[4:]: v for k, v in tensors.items() if k.startswith("rng/")}
 
 

@@ -67,4 +67,4 @@ class GMMEvaluator(Evaluator):
         from scoredistill.viz import scatter_panels
 
         basis = self.reference(len(panels[0][1]), seed=1)
-        scatter_panels(panels, path, means=self.gmm.means, basis_from=basis, title=title)
+        scatter_panels(panels, path, means=self.gmm.means.cpu(), basis_from=basis, title=title)

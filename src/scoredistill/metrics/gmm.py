@@ -53,14 +53,15 @@ def gmm_metrics(x: torch.Tensor, teacher, reference: torch.Tensor | None = None,
                 seed: int = 0) -> dict:
     """All metrics for samples ``x`` against a :class:`GMMTeacher`-like object (``means``,
     ``stds``, ``weights``, ``sample``). ``reference``: exact samples (drawn if not given)."""
-    x = x.detach().reshape(x.shape[0], -1).double()
+    x = x.detach().reshape(x.shape[0], -1).double().cpu()
     finite = torch.isfinite(x).all(1)
     n_bad = int((~finite).sum())
     x = x[finite]
-    means, stds, weights = teacher.means, teacher.stds, teacher.weights
+    # metrics run on the CPU whatever device the teacher was moved to for training
+    means, stds, weights = teacher.means.cpu(), teacher.stds.cpu(), teacher.weights.cpu()
     if reference is None:
         reference = teacher.sample(max(len(x), 2), generator=torch.Generator().manual_seed(seed + 1))
-    reference = reference.reshape(reference.shape[0], -1).double()
+    reference = reference.reshape(reference.shape[0], -1).double().cpu()
     if len(x) == 0:
         return {"precision": 0.0, "modes_covered": 0, "num_modes": len(means), "weight_tv": 1.0,
                 "sw2": float("inf"), "mmd": float("inf"), "spread_ratio": 0.0, "non_finite": n_bad}

@@ -56,3 +56,19 @@ def expand_t(t: torch.Tensor | float, batch: int, device=None) -> torch.Tensor:
         t = torch.tensor(float(t), dtype=torch.float64)
     t = t.to(device=device, dtype=torch.float64)
     return t.expand(batch) if t.dim() == 0 else t
+
+
+def module_device(m: nn.Module) -> torch.device:
+    """Where ``m`` computes: its first parameter's or buffer's device (CPU for parameter-free modules).
+
+    Samplers build noise on the CPU (so seeded draws do not depend on the device) and move it here.
+    An offloaded module (accelerate hooks) reports its execution device.
+    """
+    hook = getattr(m, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for t in m.parameters():
+        return t.device
+    for t in m.buffers():
+        return t.device
+    return torch.device("cpu")

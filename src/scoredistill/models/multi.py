@@ -29,6 +29,10 @@ def partition(num_classes: int, students: int) -> torch.Tensor:
 class MultiStudentGenerator(nn.Module):
     """``K`` one-step MLP students; ``G(z, c) = G_{owner(c)}(z, c)``."""
 
+    # a student runs only for the samples of its classes, so which children run depends on the data; FSDP then
+    # shards the whole generator as one unit (engine/fsdp.py), never student by student
+    calls_children_conditionally = True
+
     def __init__(self, dim: int, width: int = 256, depth: int = 4, num_classes: int | None = None,
                  students: int = 2, emb_dim: int = 64):
         super().__init__()

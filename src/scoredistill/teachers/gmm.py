@@ -114,11 +114,12 @@ class GMMTeacher(Denoiser):
     @torch.no_grad()
     def sample(self, n: int, cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
                return_components: bool = False):
-        """Exact samples from the (class-restricted) mixture."""
-        logw = self._log_mix_weights(cond, n)
+        """Exact samples from the (class-restricted) mixture, drawn and returned on the CPU so a seeded
+        CPU generator gives the same samples whatever device the teacher runs on."""
+        logw = self._log_mix_weights(cond.cpu() if cond is not None else None, n).cpu()
         k = torch.multinomial(logw.exp(), 1, generator=generator).squeeze(1)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        x = (self.means[k] + self.stds[k, None] * z).float()
+        x = (self.means.cpu()[k] + self.stds.cpu()[k, None] * z).float()
         return (x, k) if return_components else x
 
     def describe(self) -> dict:

@@ -8,14 +8,14 @@ import torch
 
 
 def _project(x: torch.Tensor, basis: torch.Tensor | None):
-    x = x.reshape(x.shape[0], -1).double()
+    x = x.detach().reshape(x.shape[0], -1).double().cpu()
     if x.shape[1] <= 2 or basis is None:
         return x[:, :2]
     return x @ basis
 
 
 def pca_basis(x: torch.Tensor) -> torch.Tensor | None:
-    x = x.reshape(x.shape[0], -1).double()
+    x = x.detach().reshape(x.shape[0], -1).double().cpu()
     if x.shape[1] <= 2:
         return None
     xc = x - x.mean(0)
