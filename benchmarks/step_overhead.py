@@ -76,16 +76,16 @@ def best_ms(times, a) -> float:
 
 
 # -- configurations -----------------------------------------------------------------------------------
-def engine_config(model: str, objective: str, batch: int, device: str, tmp: str) -> dict:
+def engine_config(model: str, objective: str, batch: int, device: str, tmp: str, width: int = 256) -> dict:
     train = {"steps": 10**9, "batch_size": batch, "generator_every": 1, "fake_on_generator_steps": True,
              "progress": False, "device": device, "checkpoint_every": 10**9}
     if model == "mlp":
         # a learned teacher so that every role is a network
-        teacher = MLPDenoiser(EDM(), 2, 256, 4, None, 1.4).requires_grad_(False)
+        teacher = MLPDenoiser(EDM(), 2, width, 4, None, 1.4).requires_grad_(False)
         save_model(teacher, f"{tmp}/teacher", extra={})
         return resolve({"teacher": {"kind": "learned", "path": f"{tmp}/teacher"},
-                        "generator": {"kind": "mlp", "width": 256, "depth": 4},
-                        "fake_score": {"kind": "mlp", "width": 256, "depth": 4},
+                        "generator": {"kind": "mlp", "width": width, "depth": 4},
+                        "fake_score": {"kind": "mlp", "width": width, "depth": 4},
                         "objective": {"name": objective},
                         "train": {**train, "ema": 0.99}, "eval": {"plots": False, "n_samples": 16}})
     user = load_yaml(f"{REPO}/recipes/digits/{objective}.yaml")
@@ -196,8 +196,8 @@ def step_rows(args, models, objectives, sync):
         batch = args.batch_mlp if model == "mlp" else args.batch_unet
         for objective in objectives:
             with tempfile.TemporaryDirectory() as tmp:
-                d = Distiller(engine_config(model, objective, batch, args.device, tmp), f"{tmp}/run",
-                              log=lambda *a: None)
+                cfg = engine_config(model, objective, batch, args.device, tmp, args.mlp_width)
+                d = Distiller(cfg, f"{tmp}/run", log=lambda *a: None)
                 bare, plain = make_loops(d, objective, batch)
                 iters = args.iters if model == "mlp" else max(1, args.iters // 4)
                 times = interleaved({"engine": d.train_step, "bare": bare, "plain": plain}, iters, args.rounds,
@@ -233,7 +233,8 @@ def sampling_rows(args, models, sync, nets):
             G, T = nets[model]
         else:  # --no-steps: build the roles without timing steps
             with tempfile.TemporaryDirectory() as tmp:
-                d = Distiller(engine_config(model, "dmd2", 16, args.device, tmp), f"{tmp}/run", log=lambda *a: None)
+                d = Distiller(engine_config(model, "dmd2", 16, args.device, tmp, args.mlp_width), f"{tmp}/run",
+                              log=lambda *a: None)
                 G, T = d.generator, d.teacher
         n = args.sample_mlp if model == "mlp" else args.sample_unet
         G.eval()
@@ -256,6 +257,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-mlp", type=int, default=256)
+    ap.add_argument("--mlp-width", type=int, default=256,
+                    help="e.g. 8 with --batch-mlp 8: the network passes cost ~nothing, the loops' fixed costs show")
     ap.add_argument("--batch-unet", type=int, default=64)
     ap.add_argument("--sample-mlp", type=int, default=4096)
     ap.add_argument("--sample-unet", type=int, default=256)
