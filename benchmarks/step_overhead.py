@@ -16,8 +16,9 @@ Timing: every candidate is warmed up, then timed in ``--rounds`` interleaved rou
 calls each (the order rotates each round); a time is the fastest round's mean (other jobs on the
 machine only ever add time), a ratio the quotient of two such times.
 
-Usage: python benchmarks/step_overhead.py [--models mlp,unet] [--objectives dmd2,sid] [--iters 10]
-       [--rounds 5] [--threads 2] [--device cpu|cuda] [--clock wall|cpu] [--no-sampling] [--no-steps]
+Usage: python benchmarks/step_overhead.py [--models mlp,unet] [--objectives dmd2,sid] [--iters 5]
+       [--rounds 7] [--threads 2] [--device cpu|cuda] [--clock wall|cpu] [--mlp-width 256] [--batch-mlp 256]
+       [--batch-unet 64] [--no-sampling] [--no-steps]
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ from scoredistill.process import EDM
 from scoredistill.sampling import get_rhos_karras, sample_heun
 
 SID_ALPHA = 1.2  # the default of objective sid (and recipes/digits/sid.yaml)
-
-
 CLOCK = time.perf_counter
 
 
