@@ -123,8 +123,8 @@ def train_image_teacher(user: dict, out: str, overrides=(), log=print, recipe: s
     g = torch.Generator().manual_seed(tr["seed"])
     model = UNetDenoiser(process, tuple(x_train.shape[1:]), tuple(net["channels"]), num_classes, sd,
                          net["emb_dim"], net["dropout"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if device.type != "cpu":
+        torch.backends.cudnn.benchmark = device.type == "cuda"
         model.to(device)
         x_train, y_train = x_train.to(device), y_train.to(device)
     ema = EMA(model, tr["ema"])
