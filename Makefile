@@ -7,7 +7,7 @@ $(BIN)/scoredistill: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,diffusers]"
+	$(BIN)/pip install -q -e ".[dev,diffusers,mnist]"
 	touch $(BIN)/scoredistill
 
 .PHONY: install demo test test-fast lint
@@ -25,4 +25,4 @@ test-fast: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts

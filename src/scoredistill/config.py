@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "means": None, "std": None, "stds": None, "weights": None, "classes": None,
         "dim": None,              # embed a 2-D preset in more dimensions (zero padding)
         "path": None,             # kind: learned -> folder written by `scoredistill train-teacher`
-        "name": None,             # kind: bundled -> a teacher shipped in the package (digits)
+        "name": None,             # kind: bundled -> a teacher shipped in the package (digits, mnist)
         "process": {"kind": "edm"},
         "guidance_convention": "canonical",  # how guidance scales in this file are written
         # kind: diffusers (path = pipeline folder; docs/diffusers.md): prompts (list | .txt), negative_prompt,

@@ -86,21 +86,28 @@ SAMPLERS = ("heun", "euler", "ddim")
 
 def teacher_sample(denoiser: Denoiser, n: int, steps: int = 18, sampler: str = "heun", cond=None, w: float = 1.0,
                    generator: torch.Generator | None = None, rho_min: float | None = None,
-                   rho_max: float | None = None, batch_size: int = 4096) -> torch.Tensor:
+                   rho_max: float | None = None, batch_size: int = 4096,
+                   device: torch.device | str | None = None) -> torch.Tensor:
     """Draw ``n`` samples. ``heun``/``euler`` use ``steps`` Karras levels (Heun: ``2 steps - 1`` NFE);
     ``ddim`` uses ``steps`` evaluations. Noise range defaults to the process's, capped to EDM's
-    [0.002, 80]."""
+    [0.002, 80]. ``device``: where the denoiser runs (default: the device of its parameters/buffers);
+    noise is drawn on the CPU from ``generator`` (samples match across devices up to float error), and
+    samples of a denoiser run off the CPU are returned on the CPU."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     p = denoiser.process
     rmin = rho_min if rho_min is not None else max(p.rho_min, 0.002)
     rmax = rho_max if rho_max is not None else min(p.rho_max, 80.0)
-    dev = module_device(denoiser)
+    device = torch.device(device) if device is not None else module_device(denoiser)
+    on_cpu = device.type == "cpu"
     out = []
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
-        z = torch.randn(m, *denoiser.data_shape, generator=generator).to(dev)
-        c = cond[i:i + m].to(dev) if torch.is_tensor(cond) else cond
+        z = torch.randn(m, *denoiser.data_shape, generator=generator)
+        c = cond[i:i + m] if torch.is_tensor(cond) else cond
+        if not on_cpu:
+            z = z.to(device)
+            c = c.to(device) if torch.is_tensor(c) else c
         if sampler == "ddim":
             t_max = float(p.t_from_rho(rmax))
             rhos = get_rhos_uniform_t(steps, denoiser, t_min=float(p.t_from_rho(rmin)), t_max=t_max)
@@ -109,7 +116,8 @@ def teacher_sample(denoiser: Denoiser, n: int, steps: int = 18, sampler: str = "
             rhos = get_rhos_karras(steps, rmin, rmax)
             fn = sample_heun if sampler == "heun" else sample_euler
             out.append(fn(denoiser, z, rhos, c, w))
-    return torch.cat(out).cpu()
+    x = torch.cat(out)
+    return x if on_cpu else x.cpu()
 
 
 def nfe(sampler: str, steps: int) -> int:

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--out", required=True)
     ts.set_defaults(fn=cmd_teacher_sample)
 
-    tt = sub.add_parser("train-teacher", help="fit a small learned teacher to a GMM")
+    tt = sub.add_parser("train-teacher", help="fit a small learned teacher to a GMM or a bundled image dataset")
     tt.add_argument("config")
     tt.add_argument("--out", required=True)
     tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

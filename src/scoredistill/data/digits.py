@@ -7,27 +7,19 @@ to ``[-1, 1]``; tensors have shape ``(N, 1, 8, 8)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+
+from scoredistill.data.split import ImageSplit, to_uint8
 
 DIGITS_SHAPE = (1, 8, 8)
 N_TRAIN = 1200
 N_HELD_OUT = 597
 
 
-@dataclass(frozen=True)
-class DigitsSplit:
-    x_train: torch.Tensor  # (1200, 1, 8, 8) float32 in [-1, 1]
-    y_train: torch.Tensor  # (1200,) int64
-    x_test: torch.Tensor   # (597, 1, 8, 8)
-    y_test: torch.Tensor
-
-    @property
-    def num_classes(self) -> int:
-        return 10
+DigitsSplit = ImageSplit  # (1200, 1, 8, 8) training / (597, 1, 8, 8) held-out images, 10 classes
 
 
 @lru_cache(maxsize=1)
@@ -49,6 +41,4 @@ def load_digits_split() -> DigitsSplit:
     return _split()
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """``[-1, 1]`` images to uint8 ``0..255`` (clipped)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+__all__ = ["DIGITS_SHAPE", "N_HELD_OUT", "N_TRAIN", "DigitsSplit", "load_digits_split", "to_uint8"]

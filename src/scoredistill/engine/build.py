@@ -50,14 +50,14 @@ def build_teacher(tcfg: dict) -> tuple[Denoiser, GMMTeacher | None]:
         elif "dataset" in cfg:  # an image teacher from `train-teacher` (teacher.kind: image)
             from scoredistill.teachers.bundled import attach_evaluator
 
-            attach_evaluator(model, cfg["dataset"])
+            attach_evaluator(model, cfg["dataset"], field="teacher.path")
         return model, ref
-    if kind == "bundled":  # teachers shipped in the package (teachers/bundled.py), e.g. name: digits
-        from scoredistill.teachers.bundled import load_bundled
+    if kind == "bundled":  # teachers shipped in the package (teachers/bundled.py): name digits | mnist
+        from scoredistill.teachers.bundled import BUNDLED, load_bundled
 
         check_keys({k: 1 for k in set_keys}, BUNDLED_KEYS, "teacher")
         if not tcfg.get("name"):
-            raise ConfigError("teacher.name", "missing; accepted: digits")
+            raise ConfigError("teacher.name", f"missing; accepted: {', '.join(BUNDLED)}")
         return load_bundled(tcfg["name"])[0], None
     if kind == "diffusers":  # a diffusers pipeline folder (scoredistill.adapters, docs/diffusers.md)
         from scoredistill.adapters.diffusers_teacher import build_diffusers_teacher

@@ -30,7 +30,7 @@ def train_teacher(path: str, out: str, overrides=(), log=print) -> dict:
     if (user.get("teacher") or {}).get("kind") == "image":
         from scoredistill.engine.image_teacher_training import train_image_teacher
 
-        return train_image_teacher(user, out, overrides, log=log)
+        return train_image_teacher(user, out, overrides, log=log, recipe=path)
     check_keys(user, ("teacher", "network", "train"), "")
     tcfg = dict(user.get("teacher") or {})
     if tcfg.pop("kind", "gmm") != "gmm":

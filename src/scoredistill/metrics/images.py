@@ -1,8 +1,10 @@
 """Offline image metrics: a classifier trained on the fly, and its feature-space Fréchet distance.
 
 No Inception weights ship with any pip package (cpu-notes §3), so the default quality metric for a
-bundled dataset is computed in the 128-d hidden layer of a small MLP classifier fitted (in about a
-second, seeded) to the dataset's *training* split:
+bundled dataset is computed in the 128-d hidden layer of a small classifier fitted (in seconds,
+seeded) to the dataset's *training* split. The classifier is chosen by the dataset's name
+(:data:`CLASSIFIERS`): an sklearn MLP on the 64 pixels of the 8x8 digits, a small CNN on 28x28 MNIST
+(an MLP on 4500 MNIST images stays below 95 % held-out accuracy):
 
 * ``fd``: Fréchet distance between the features of the samples and of the **held-out** real images;
 * ``conf90``: fraction of samples whose max class probability exceeds 0.9 (recognisable digits);
@@ -32,6 +34,8 @@ from scoredistill.config import ConfigError
 from scoredistill.metrics.evaluator import Evaluator
 
 CONF_LEVEL = 0.9
+# FD of real training-split images against the held-out split (measured, seed 0): the metric's floor
+REAL_FLOOR = {"digits": 0.7, "mnist": None}
 
 
 # -- Fréchet distance -----------------------------------------------------------------------------
@@ -58,7 +62,7 @@ def fd_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
 
 
-# -- the metric classifier ------------------------------------------------------------------------
+# -- the metric classifiers -----------------------------------------------------------------------
 class FeatureClassifier:
     """sklearn ``MLPClassifier((hidden,))`` on flattened images; ``features`` = its ReLU hidden layer."""
 
@@ -71,6 +75,7 @@ class FeatureClassifier:
             warnings.simplefilter("ignore", ConvergenceWarning)
             self.clf.fit(self._flat(x), y.numpy())
         self.num_classes = len(self.clf.classes_)
+        self.description = f"the {hidden}-d hidden layer of an MLP classifier"
 
     @staticmethod
     def _flat(x: torch.Tensor) -> np.ndarray:
@@ -87,19 +92,79 @@ class FeatureClassifier:
         return float((self.proba(x).argmax(1) == y.numpy()).mean())
 
 
+class ConvFeatureClassifier:
+    """A small CNN (two 5x5 conv + max-pool stages, ``hidden``-unit ReLU layer) trained with Adam on the
+    flattened-label cross entropy, seeded; ``features`` = its ReLU hidden layer. Runs on the CPU in a
+    few seconds for 4500 28x28 images; the global torch RNG state is left untouched."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, hidden: int = 128, seed: int = 0,
+                 widths: tuple[int, int] = (8, 16), epochs: int = 8, batch_size: int = 64, lr: float = 1e-3):
+        from torch import nn
+        from torch.nn import functional as F
+
+        c, h, w = x.shape[1:]
+        c1, c2 = widths
+        self.num_classes = int(y.max()) + 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.body = nn.Sequential(nn.Conv2d(c, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                      nn.Linear(c2 * (h // 4) * (w // 4), hidden), nn.ReLU())
+            self.head = nn.Linear(hidden, self.num_classes)
+        g = torch.Generator().manual_seed(seed)
+        params = list(self.body.parameters()) + list(self.head.parameters())
+        opt = torch.optim.Adam(params, lr=lr)
+        x, y = x.detach().float().cpu(), y.cpu()
+        with torch.enable_grad():
+            for _ in range(epochs):
+                perm = torch.randperm(len(x), generator=g)
+                for i in range(0, len(x), batch_size):
+                    idx = perm[i:i + batch_size]
+                    loss = F.cross_entropy(self.head(self.body(x[idx])), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        self.body.requires_grad_(False).eval()
+        self.head.requires_grad_(False).eval()
+        self.description = f"the {hidden}-d hidden layer of a small CNN classifier"
+
+    @torch.no_grad()
+    def _hidden(self, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+        x = x.detach().float().cpu()
+        return torch.cat([self.body(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        return self._hidden(x).double().numpy()
+
+    @torch.no_grad()
+    def proba(self, x: torch.Tensor) -> np.ndarray:
+        return torch.softmax(self.head(self._hidden(x)).double(), 1).numpy()
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((self.proba(x).argmax(1) == y.numpy()).mean())
+
+
+# The metric classifier of each bundled dataset (name -> (class, keyword arguments)). Measured held-out
+# accuracy (seed 0): digits MLP 0.977 (597 images); mnist CNN 0.966 (500 images, 6.6 s on one core).
+CLASSIFIERS = {
+    "digits": (FeatureClassifier, {"hidden": 128}),
+    "mnist": (ConvFeatureClassifier, {"hidden": 128, "widths": (8, 16), "epochs": 8}),
+}
+
+
 @lru_cache(maxsize=4)
-def dataset_classifier(name: str = "digits", seed: int = 0) -> FeatureClassifier:
+def dataset_classifier(name: str = "digits", seed: int = 0):
     """The seeded metric classifier for a bundled dataset, fitted on its training split (cached)."""
     split = load_split(name)
-    return FeatureClassifier(split.x_train, split.y_train, seed=seed)
+    cls, kwargs = CLASSIFIERS.get(name, (FeatureClassifier, {"hidden": 128}))
+    return cls(split.x_train, split.y_train, seed=seed, **kwargs)
 
 
-def load_split(name: str):
-    if name == "digits":
-        from scoredistill.data.digits import load_digits_split
+def load_split(name: str, field: str = "teacher.name"):
+    """A bundled dataset's train / held-out split by name (:func:`scoredistill.data.load_split`)."""
+    from scoredistill.data import load_split as _load
 
-        return load_digits_split()
-    raise ConfigError("teacher.name", f"unknown dataset {name!r}; accepted: digits")
+    return _load(name, field)
 
 
 # -- diversity ------------------------------------------------------------------------------------
@@ -175,10 +240,11 @@ class ImageEvaluator(Evaluator):
                ("label_acc", "label acc ↑", "{:.3f}"), ("class_min", "min class", "{:.3f}"),
                ("class_max", "max class", "{:.3f}"), ("diversity", "diversity", "{:.2f}")]
 
-    def __init__(self, dataset: str = "digits", seed: int = 0, fid_weights: str | None = None):
+    def __init__(self, dataset: str = "digits", seed: int = 0, fid_weights: str | None = None,
+                 field: str = "teacher.name"):
         self.dataset = dataset
         self.seed = seed
-        self.split = load_split(dataset)
+        self.split = load_split(dataset, field)
         self.clf = dataset_classifier(dataset, 0)
         self.num_classes = self.clf.num_classes
         self._ref_stats = gaussian_stats(self.clf.features(self.split.x_test))
@@ -187,9 +253,11 @@ class ImageEvaluator(Evaluator):
         self.fid = InceptionFID(fid_weights) if fid_weights else None
         if self.fid is not None:
             self.columns = self.columns + [("fid", "FID ↓", "{:.2f}")]
-        self.legend = (f"FD: Fréchet distance in the 128-d hidden layer of an MLP classifier fitted to the "
+        floor = REAL_FLOOR.get(dataset)
+        floor = f"real floor: the training split, about {floor}; " if floor is not None else ""
+        self.legend = (f"FD: Fréchet distance in {self.clf.description} fitted to the "
                        f"{dataset} training split, against the {len(self.split.x_test)} held-out images "
-                       f"(real floor: the training split, about 0.7; ±1 sampling noise at these sizes). "
+                       f"({floor}±1 sampling noise at these sizes). "
                        f"conf>0.9: fraction of samples the classifier assigns a class with p > 0.9; label acc: "
                        f"predicted class = requested label; min/max class: extreme predicted-class fractions "
                        f"(balanced = 0.100); diversity: same-class pairwise pixel distance relative to real "

@@ -4,11 +4,13 @@ Same preconditioning as :class:`~scoredistill.models.mlp.MLPDenoiser` (arXiv 220
 the VE-equivalent coordinates of any process (``rho = s_t/a_t``, ``y = x_t/a_t``):
 ``D(x_t) = c_skip y + c_out F(c_in y, c_noise)`` with ``c_noise = ln(rho)/4``.
 
-Architecture: two resolution levels (``channels[0]`` at full size, ``channels[1]`` at half size),
-residual blocks with GroupNorm + SiLU and an additive embedding of (noise level + class), no
-attention. Class-conditional with the null class ``-1`` (classifier-free guidance), mapped to an
-extra embedding row. :meth:`UNetDenoiser.features` returns the bottleneck activations (flattened),
-the input of DMD2's GAN head / SiDA's discriminator.
+Architecture: one resolution level per entry of ``channels`` (``channels[0]`` at full size, each
+further level at half the size of the one above, rounded up: two levels ``(32, 64)`` for the 8x8
+digits, three ``(32, 64, 80)`` for 28x28 MNIST at 28 -> 14 -> 7), residual blocks with GroupNorm +
+SiLU and an additive embedding of (noise level + class), no attention. Class-conditional with the
+null class ``-1`` (classifier-free guidance), mapped to an extra embedding row.
+:meth:`UNetDenoiser.features` returns the bottleneck activations (flattened), the input of DMD2's
+GAN head / SiDA's discriminator.
 """
 
 from __future__ import annotations
@@ -47,47 +49,72 @@ class ConvResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def _level_name(base: str, i: int) -> str:
+    """Module names of the per-level down/up convolutions: ``down``/``up`` for level 1 (the names of
+    the original two-level network, so its checkpoints load unchanged), ``down2``/``up2``, … below."""
+    return base if i == 1 else f"{base}{i}"
+
+
 class UNetBackbone(nn.Module):
-    """``F(x, emb)`` on ``(B, C, H, W)`` with even ``H, W``; two levels, skip connections.
+    """``F(x, emb)`` on ``(B, C, H, W)``; one resolution level per entry of ``channels``, skip connections.
+
+    Level 0 runs at full size with ``channels[0]``; each further level halves the size with a stride-2
+    convolution (``ceil(H / 2)``, so odd sizes work: 28 -> 14 -> 7 -> 4) and switches to
+    ``channels[i]``. The decoder upsamples by nearest-neighbour interpolation to the exact size of the
+    matching skip activation. Two levels are the bundled digits network (module names unchanged).
 
     ``gradient_checkpointing`` (off by default) recomputes each residual block in the backward pass
     instead of storing its activations (``run_block``: only while training with autograd recording)."""
 
     gradient_checkpointing: bool = False
 
-    def __init__(self, in_ch: int, channels: tuple[int, int], emb_dim: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, channels: tuple[int, ...], emb_dim: int, dropout: float = 0.0):
         super().__init__()
-        c0, c1 = channels
+        channels = tuple(int(c) for c in channels)
+        if len(channels) < 1:
+            raise ValueError("channels needs at least one entry")
+        self.levels = len(channels)
+        c0 = channels[0]
         self.conv_in = nn.Conv2d(in_ch, c0, 3, padding=1)
         self.enc0 = ConvResBlock(c0, c0, emb_dim, dropout)
-        self.down = nn.Conv2d(c0, c0, 3, stride=2, padding=1)
-        self.enc1 = ConvResBlock(c0, c1, emb_dim, dropout)
-        self.mid = ConvResBlock(c1, c1, emb_dim, dropout)
-        self.dec1 = ConvResBlock(c1 + c1, c1, emb_dim, dropout)
-        self.dec1b = ConvResBlock(c1 + c0, c1, emb_dim, dropout)
-        self.up = nn.Conv2d(c1, c0, 3, padding=1)
-        self.dec0 = ConvResBlock(c0 + c0, c0, emb_dim, dropout)
-        self.dec0b = ConvResBlock(c0 + c0, c0, emb_dim, dropout)
+        for i in range(1, self.levels):
+            prev, cur = channels[i - 1], channels[i]
+            self.add_module(_level_name("down", i), nn.Conv2d(prev, prev, 3, stride=2, padding=1))
+            self.add_module(f"enc{i}", ConvResBlock(prev, cur, emb_dim, dropout))
+        last = channels[-1]
+        self.mid = ConvResBlock(last, last, emb_dim, dropout)
+        for i in reversed(range(self.levels)):
+            cur, prev = channels[i], channels[max(i - 1, 0)]
+            self.add_module(f"dec{i}", ConvResBlock(cur + cur, cur, emb_dim, dropout))
+            self.add_module(f"dec{i}b", ConvResBlock(cur + prev, cur, emb_dim, dropout))
+            if i > 0:
+                self.add_module(_level_name("up", i), nn.Conv2d(cur, prev, 3, padding=1))
         self.out_norm = nn.GroupNorm(_groups(c0), c0)
         self.conv_out = nn.Conv2d(c0, in_ch, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     def encode(self, x, e):
-        h0 = self.conv_in(x)
-        h1 = run_block(self, self.enc0, h0, e)
-        h2 = self.down(h1)
-        h3 = run_block(self, self.enc1, h2, e)
-        mid = run_block(self, self.mid, h3, e)
-        return mid, (h0, h1, h2, h3)
+        """Bottleneck activations and the skip activations ``(in_0, enc_0, down_1, enc_1, …)``."""
+        h = self.conv_in(x)
+        skips = [h]
+        h = run_block(self, self.enc0, h, e)
+        skips.append(h)
+        for i in range(1, self.levels):
+            h = getattr(self, _level_name("down", i))(h)
+            skips.append(h)
+            h = run_block(self, getattr(self, f"enc{i}"), h, e)
+            skips.append(h)
+        return run_block(self, self.mid, h, e), tuple(skips)
 
     def forward(self, x, e):
-        h, (h0, h1, h2, h3) = self.encode(x, e)
-        h = run_block(self, self.dec1, torch.cat([h, h3], 1), e)
-        h = run_block(self, self.dec1b, torch.cat([h, h2], 1), e)
-        h = self.up(F.interpolate(h, scale_factor=2, mode="nearest"))
-        h = run_block(self, self.dec0, torch.cat([h, h1], 1), e)
-        h = run_block(self, self.dec0b, torch.cat([h, h0], 1), e)
+        h, skips = self.encode(x, e)
+        for i in reversed(range(self.levels)):
+            h = run_block(self, getattr(self, f"dec{i}"), torch.cat([h, skips[2 * i + 1]], 1), e)
+            h = run_block(self, getattr(self, f"dec{i}b"), torch.cat([h, skips[2 * i]], 1), e)
+            if i > 0:
+                h = F.interpolate(h, size=skips[2 * i - 1].shape[-2:], mode="nearest")
+                h = getattr(self, _level_name("up", i))(h)
         return self.conv_out(F.silu(self.out_norm(h)))
 
 
@@ -98,13 +125,15 @@ class UNetDenoiser(Denoiser):
     """
 
     def __init__(self, process: Process, image_shape: tuple[int, int, int] | list[int] = (1, 8, 8),
-                 channels: tuple[int, int] | list[int] = (32, 64), num_classes: int | None = None,
+                 channels: tuple[int, ...] | list[int] = (32, 64), num_classes: int | None = None,
                  sigma_data: float = 0.5, emb_dim: int = 128, dropout: float = 0.0):
         super().__init__()
         image_shape = tuple(int(v) for v in image_shape)
         channels = tuple(int(v) for v in channels)
-        if len(image_shape) != 3 or image_shape[1] % 2 or image_shape[2] % 2:
-            raise ValueError(f"image_shape must be (C, H, W) with even H, W; got {image_shape}")
+        if len(image_shape) != 3 or min(image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W); got {image_shape}")
+        if not channels or min(channels) < 1:
+            raise ValueError(f"channels must be a non-empty list of positive widths; got {channels}")
         self.process = process
         self.data_shape = image_shape
         self.num_classes = num_classes
@@ -143,7 +172,8 @@ class UNetDenoiser(Denoiser):
         return (c_skip * y + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)
 
     def features(self, x_t, t, cond=None):
-        """Bottleneck activations at ``(x_t, t)``, flattened to ``(B, channels[1] * H/2 * W/2)``."""
+        """Bottleneck activations at ``(x_t, t)``, flattened to ``(B, channels[-1] * h * w)``
+        (``h, w``: the size of the lowest level, e.g. 4x4 for 8x8 digits, 7x7 for 28x28 MNIST)."""
         y, c_in, _, _, e = self._precond(x_t, t, cond)
         h, _ = self.net.encode((c_in * y).to(x_t.dtype), e)
         return F.silu(h).reshape(h.shape[0], -1)

@@ -26,14 +26,14 @@ def tile(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
 
 
 def image_grid_panels(panels: list[tuple[str, torch.Tensor]], path: str, title: str | None = None,
-                      max_images: int = 100, nrow: int = 10) -> None:
-    """One row of image grids (the first ``max_images`` images of each panel)."""
+                      max_images: int = 100, nrow: int = 10, panel_inches: float = 3.4) -> None:
+    """One row of image grids (the first ``max_images`` images of each panel), ``panel_inches`` wide each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.7), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_inches * len(panels), panel_inches + 0.3), squeeze=False)
     for ax, (name, x) in zip(axes[0], panels):
         x = torch.nan_to_num(x[:max_images].float(), nan=0.0)
         img = tile(x, nrow=min(nrow, len(x)))
