@@ -18,7 +18,8 @@ from scipy.stats import chi2
 def assign(x: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, level: float = 0.999):
     """Nearest component in standardised distance, and whether each sample is within the radius."""
     x = x.reshape(x.shape[0], -1).double()
-    d2 = torch.cdist(x, means.double()) ** 2 / (stds.double()[None] ** 2)
+    means, stds = means.to(x.device).double(), stds.to(x.device).double()
+    d2 = torch.cdist(x, means) ** 2 / (stds[None] ** 2)
     best, k = d2.min(1)
     radius = chi2.ppf(level, df=means.shape[1])
     return k, best <= radius

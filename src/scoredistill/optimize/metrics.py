@@ -22,18 +22,18 @@ from scoredistill.metrics.gmm import assign, gmm_metrics
 
 
 def mode_spread_ratio(x: torch.Tensor, teacher) -> float:
-    x = x.detach().reshape(x.shape[0], -1).double()
+    x = x.detach().reshape(x.shape[0], -1).double().cpu()  # metrics on the CPU, wherever x was made
     x = x[torch.isfinite(x).all(1)]
     if len(x) == 0:
         return 0.0
     k, _ = assign(x, teacher.means, teacher.stds)
-    d2 = ((x - teacher.means.double()[k]) ** 2).sum(1)
-    expected = x.shape[1] * teacher.stds.double()[k] ** 2
+    d2 = ((x - teacher.means.cpu().double()[k]) ** 2).sum(1)
+    expected = x.shape[1] * teacher.stds.cpu().double()[k] ** 2
     return float((d2.mean() / expected.mean()).sqrt())
 
 
 def cluster_spread_ratio(x: torch.Tensor, teacher) -> float:
-    x = x.detach().reshape(x.shape[0], -1).double()
+    x = x.detach().reshape(x.shape[0], -1).double().cpu()  # metrics on the CPU, wherever x was made
     x = x[torch.isfinite(x).all(1)]
     if len(x) < 2:
         return 0.0
@@ -49,9 +49,9 @@ def cluster_spread_ratio(x: torch.Tensor, teacher) -> float:
 
 
 def class_accuracy(x: torch.Tensor, cond: torch.Tensor, teacher) -> float:
-    x = x.detach().reshape(x.shape[0], -1).double()
+    x = x.detach().reshape(x.shape[0], -1).double().cpu()  # metrics on the CPU, wherever x was made
     k, _ = assign(x, teacher.means, teacher.stds)
-    return float((teacher.classes[k].cpu() == cond.cpu().long()).double().mean())
+    return float((teacher.classes.cpu()[k] == cond.cpu().long()).double().mean())
 
 
 def optimize_metrics(x: torch.Tensor, teacher, cond: torch.Tensor | None = None, seed: int = 0) -> dict:
