@@ -25,11 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLF_ACC_MIN = 0.95         # CNN metric classifier, held-out accuracy: measured 0.966 (500 images)
 FD_REAL_MAX = 11.0         # training split (all 4500) vs held-out: measured 7.59 (1000 images: 8.47)
 FD_NOISE_MIN = 300.0       # uniform noise in [-1, 1], 600 images: measured 704
-# the bundled teacher (once shipped): its 35-NFE samples against the numbers recorded by ship_teacher.py
-TEACHER_CONF90_SLACK = 0.10     # 100 class-balanced samples here vs the recorded 1000
-TEACHER_LABEL_ACC_SLACK = 0.07
-TEACHER_CONF90_FLOOR = 0.80     # whatever was recorded, a usable teacher makes recognisable digits
-TEACHER_LABEL_ACC_FLOOR = 0.85
+# The bundled teacher: its 35-NFE samples against the quality recorded by ship_teacher.py (1000 samples:
+# conf>0.9 0.805, label acc 0.901, FD 15.2). The test draws 200 class-balanced samples (seed 0), so the
+# rates get 3 binomial standard deviations of slack; FD at 200 samples is biased upwards against the
+# 1000-sample record, so it has its own bound: measured 20.2 (seed 0), 18.9-22.6 over seeds 0-5.
+TEACHER_N = 200
+TEACHER_FD_MAX = 26.0
+TEACHER_CLASS_MIN = 0.05        # no class below half its real frequency (measured >= 0.075 over seeds 0-5)
 
 TINY = ["network.channels=[8,16,16]", "network.emb_dim=16", "train.steps=3", "train.batch_size=8",
         "train.log_every=1", "train.sample_every=3"]
@@ -258,9 +260,9 @@ def test_mnist_recipes_run_on_a_tiny_teacher(name, tiny_teacher, monkeypatch, tm
 
 
 # -- the bundled teacher (after it is trained and shipped) ------------------------------------------------
-@pytest.mark.slow  # 100 x 35 NFE of the 1.16 M-parameter UNet: 20-45 s on one CPU core
+@pytest.mark.slow  # 200 x 35 NFE of the 0.40 M-parameter UNet: ~10 s on two CPU cores
 @pytest.mark.skipif(not bundled_available("mnist", WEIGHTS_DIR),
-                    reason="the bundled mnist weights are not shipped yet (recipes/teachers/mnist.yaml)")
+                    reason="the bundled mnist weights are not shipped (recipes/teachers/mnist.yaml)")
 def test_bundled_mnist_teacher_reaches_recorded_quality(evaluator):
     from scoredistill.sampling import teacher_sample
 
@@ -268,8 +270,15 @@ def test_bundled_mnist_teacher_reaches_recorded_quality(evaluator):
     assert isinstance(t, UNetDenoiser) and t.num_classes == 10 and t.data_shape == (1, 28, 28)
     assert os.path.getsize(os.path.join(WEIGHTS_DIR, "mnist", "model.safetensors")) <= 5_000_000
     rec = cfg["shipped"]["quality"]["teacher"]  # written by scripts/ship_teacher.py --eval-n
-    cond = torch.arange(10).repeat(10)
+    cond = torch.arange(10).repeat(TEACHER_N // 10)
     x = teacher_sample(t, len(cond), steps=18, cond=cond, generator=torch.Generator().manual_seed(0))  # 35 NFE
     m = evaluator.metrics(x, cond)
-    assert m["conf90"] >= max(TEACHER_CONF90_FLOOR, rec["conf90"] - TEACHER_CONF90_SLACK), (m, rec)
-    assert m["label_acc"] >= max(TEACHER_LABEL_ACC_FLOOR, rec["label_acc"] - TEACHER_LABEL_ACC_SLACK), (m, rec)
+
+    def floor(p):
+        return p - 3 * (p * (1 - p) / TEACHER_N) ** 0.5
+
+    assert m["conf90"] >= floor(rec["conf90"]), (m, rec)
+    assert m["label_acc"] >= floor(rec["label_acc"]), (m, rec)
+    assert m["fd"] <= TEACHER_FD_MAX and m["class_min"] >= TEACHER_CLASS_MIN and m["non_finite"] == 0, m
+    # far from an untrained network: uniform noise scores FD 704 and conf>0.9 below 0.2 (test above)
+    assert m["fd"] < FD_NOISE_MIN / 10

@@ -6,7 +6,7 @@ the VE-equivalent coordinates of any process (``rho = s_t/a_t``, ``y = x_t/a_t``
 
 Architecture: one resolution level per entry of ``channels`` (``channels[0]`` at full size, each
 further level at half the size of the one above, rounded up: two levels ``(32, 64)`` for the 8x8
-digits, three ``(32, 64, 80)`` for 28x28 MNIST at 28 -> 14 -> 7), residual blocks with GroupNorm +
+digits, three ``(16, 32, 48)`` for 28x28 MNIST at 28 -> 14 -> 7), residual blocks with GroupNorm +
 SiLU and an additive embedding of (noise level + class), no attention. Class-conditional with the
 null class ``-1`` (classifier-free guidance), mapped to an extra embedding row.
 :meth:`UNetDenoiser.features` returns the bottleneck activations (flattened), the input of DMD2's
