@@ -94,6 +94,11 @@ def test_distill_sample_resume_and_nothing_lost(tmp_path, capsys):
     assert x.shape == (17, 2) and x.dtype == np.float32
     assert np.array_equal(x, (main(["sample", run, "--n", "17", "--seed", "3", "--out", str(tmp_path / "t.npy")]),
                               np.load(tmp_path / "t.npy"))[1])
+    # other file types, and a PNG of non-image samples, are one-line --out errors that write nothing
+    for bad, why in (("s.txt", "accepted: .npy (array), .png (image grid)"), ("s.png", "use .npy")):
+        code, out = run_main(["sample", run, "--out", str(tmp_path / bad)], capsys)
+        assert code == 2 and out.err.startswith("scoredistill: error: --out") and why in out.err, out.err
+        assert len(out.err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / bad)
     # a second distill into the same folder is refused and loses nothing
     before = sorted(os.listdir(run))
     code, out = run_main(["distill", write(tmp_path, BASE), "--out", run], capsys)
@@ -120,6 +125,18 @@ def test_teacher_sample(tmp_path):
     assert x.shape == (50, 2) and x.dtype == np.float32
     r = np.sqrt((x**2).sum(1))
     assert np.abs(r - 2.0).mean() < 0.35  # ring of radius 2
+
+
+def test_teacher_sample_class_and_png(tmp_path, capsys):
+    code, out = run_main(["teacher-sample", write(tmp_path, BASE), "--class", "1", "--out", str(tmp_path / "t.npy")],
+                         capsys)
+    assert code == 2 and "--class: this teacher is unconditional" in out.err
+    digits = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "digits", "dmd2.yaml")
+    code, out = run_main(["teacher-sample", digits, "--class", "10", "--out", str(tmp_path / "t.png")], capsys)
+    assert code == 2 and "--class: must be in [0, 9]" in out.err and not os.path.exists(tmp_path / "t.png")
+    assert main(["teacher-sample", digits, "--class", "7", "--n", "8", "--steps", "4",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    assert os.path.getsize(tmp_path / "t.png") > 1000
 
 
 def test_subprocess_no_traceback(tmp_path):

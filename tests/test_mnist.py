@@ -257,6 +257,14 @@ def test_mnist_recipes_run_on_a_tiny_teacher(name, tiny_teacher, monkeypatch, tm
     assert gcfg["denoiser"]["arch"]["image_shape"] == [1, 28, 28]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().strip().splitlines()
     assert "fd" in json.loads(lines[-1])
+    # `scoredistill sample RUN --class K --out FILE.png` writes an image grid of class K
+    from scoredistill.cli.main import main
+
+    png = tmp_path / "threes.png"
+    assert main(["sample", str(tmp_path / "run"), "--class", "3", "--n", "6", "--out", str(png)]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 100 and not os.path.exists(str(png) + ".tmp.png")
 
 
 # -- the bundled teacher (after it is trained and shipped) ------------------------------------------------

@@ -70,8 +70,36 @@ def cmd_distill(args):
     return res
 
 
-def cmd_sample(args):
+def _write_samples(out: str, x, title: str) -> None:
+    """``.npy``: the float32 array ``(N, *data_shape)``; ``.png``: a grid of image samples (1 or 3 channels).
+    Written to a temporary name and renamed, so a failed run never leaves half a file at ``out``."""
+    import math
+
     import numpy as np
+
+    from scoredistill.config import ConfigError
+
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in (".npy", ".png"):
+        raise ConfigError("--out", f"unknown file type {ext or '(none)'!r} in {out}; "
+                                   "accepted: .npy (array), .png (image grid)")
+    if ext == ".png" and not (x.dim() == 4 and x.shape[1] in (1, 3)):
+        raise ConfigError("--out", f"a .png grid needs images of 1 or 3 channels; these samples have shape "
+                                   f"{tuple(x.shape[1:])}: use .npy")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if ext == ".npy":
+        tmp = out + ".tmp.npy"
+        np.save(tmp, x.detach().float().cpu().numpy().astype(np.float32))
+        os.replace(tmp, out)
+    else:
+        from scoredistill.viz.images import image_grid_panels
+
+        nrow = min(10, math.ceil(math.sqrt(len(x))))
+        image_grid_panels([(title, x)], out, max_images=len(x), nrow=nrow,
+                          panel_inches=max(3.4, 0.022 * nrow * x.shape[-1]))
+
+
+def cmd_sample(args):
     import torch
 
     from scoredistill.config import ConfigError
@@ -101,14 +129,13 @@ def cmd_sample(args):
     elif args.cls is not None:
         raise ConfigError("--class", "this generator is unconditional")
     with torch.no_grad():
-        x = gen(z, cond).float().numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.save(args.out, x.astype(np.float32))
-    print(f"wrote {args.out} {x.shape}")
+        x = gen(z, cond).float()
+    what = f"class {args.cls}, " if args.cls is not None else ""
+    _write_samples(args.out, x, f"one-step generator ({what}seed {args.seed})")
+    print(f"wrote {args.out} {tuple(x.shape)}")
 
 
 def cmd_teacher_sample(args):
-    import numpy as np
     import torch
 
     from scoredistill.config import ConfigError, load_yaml, resolve
@@ -124,11 +151,14 @@ def cmd_teacher_sample(args):
     g = torch.Generator().manual_seed(args.seed)
     cond = sample_classes(teacher.num_classes, args.n, g)
     if args.cls is not None:
+        if not teacher.num_classes:
+            raise ConfigError("--class", "this teacher is unconditional")
+        if not 0 <= args.cls < teacher.num_classes:
+            raise ConfigError("--class", f"must be in [0, {teacher.num_classes - 1}]")
         cond = torch.full((args.n,), args.cls, dtype=torch.long)
     x = teacher_sample(teacher, args.n, steps=args.steps, sampler=args.sampler, cond=cond, w=args.guidance,
                        generator=g)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.save(args.out, x.float().numpy().astype(np.float32))
+    _write_samples(args.out, x, f"teacher, {nfe(args.sampler, args.steps)}-NFE {args.sampler} (seed {args.seed})")
     print(f"wrote {args.out} {tuple(x.shape)} ({nfe(args.sampler, args.steps)} NFE)")
 
 
@@ -158,12 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     d.set_defaults(fn=cmd_distill)
 
-    s = sub.add_parser("sample", help="sample a trained generator to .npy")
+    s = sub.add_parser("sample", help="sample a trained generator to .npy (array) or .png (image grid)")
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class", dest="cls", type=int, default=None)
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="FILE.npy (float32 array) or FILE.png (image grid)")
     s.set_defaults(fn=cmd_sample)
 
     ts = sub.add_parser("teacher-sample", help="sample the teacher with a multi-step ODE sampler")
@@ -175,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--class", dest="cls", type=int, default=None)
     ts.add_argument("--guidance", type=float, default=1.0, help="canonical CFG scale (1 = unguided)")
     ts.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ts.add_argument("--out", required=True)
+    ts.add_argument("--out", required=True, help="FILE.npy (float32 array) or FILE.png (image grid)")
     ts.set_defaults(fn=cmd_teacher_sample)
 
     tt = sub.add_parser("train-teacher", help="fit a small learned teacher to a GMM or a bundled image dataset")
