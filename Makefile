@@ -16,7 +16,7 @@ install: $(BIN)/scoredistill
 demo: install
 	$(BIN)/scoredistill demo
 
-# everything, distribution tests included (~7 min on 2 idle cores: 72 s fast + 337 s slow, measured)
+# everything, distribution tests included (~8 min on 2 idle cores: 476 s measured in a fresh clone, 2026-11-26)
 test: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
