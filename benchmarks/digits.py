@@ -1,10 +1,12 @@
-"""Digits benchmark: the bundled teacher at several NFE, real floors, and (optionally) distilled students.
+"""Image benchmark (digits, or MNIST with ``--dataset mnist``): the bundled teacher at several NFE, real
+floors, and (optionally) distilled students.
 
 Every sampler is evaluated on the same class-balanced labels (n per run, default 1200) with the
 classifier-feature metrics of :class:`scoredistill.metrics.images.ImageEvaluator`.
 
 Usage:
-  python benchmarks/digits.py [--n 1200] [--threads 2] [--teacher PATH] [--grid docs/images/digits_teacher.png]
+  python benchmarks/digits.py [--dataset digits|mnist] [--n 1200] [--threads 2] [--teacher PATH]
+                              [--grid docs/images/digits_teacher.png]
                               [--distill recipes/digits/dmd2.yaml ...] [--set KEY=VALUE ...] [--runs DIR]
                               [--students RUN_DIR ...] [--json out.json]
 Without ``--teacher`` the bundled teacher is used; ``--teacher`` takes a `train-teacher` folder
@@ -46,6 +48,7 @@ def markdown(rows) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="digits", help="bundled teacher and evaluator: digits or mnist")
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher", default=None, help="a train-teacher folder (default: the bundled teacher)")
@@ -53,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--grid", default=None, help="write a 10x10 grid of 35-NFE teacher samples (PNG)")
     ap.add_argument("--distill", nargs="*", default=[], help="recipes to distill and evaluate")
     ap.add_argument("--set", action="append", default=[], help="override for every --distill recipe")
-    ap.add_argument("--runs", default="/tmp/scoredistill_digits_runs")
+    ap.add_argument("--runs", default="/tmp/scoredistill_image_runs")
     ap.add_argument("--students", nargs="*", default=[], help="finished run folders to evaluate (RUN_DIR/generator)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -64,9 +67,11 @@ def main(argv=None):
     from scoredistill.metrics.images import ImageEvaluator
     from scoredistill.sampling import teacher_sample
 
-    tcfg = {"kind": "learned", "path": a.teacher} if a.teacher else {"kind": "bundled", "name": "digits"}
+    if a.dataset not in ("digits", "mnist"):
+        ap.error(f"--dataset: unknown value {a.dataset!r}; accepted: digits, mnist")
+    tcfg = {"kind": "learned", "path": a.teacher} if a.teacher else {"kind": "bundled", "name": a.dataset}
     teacher, _ = build_teacher(tcfg)
-    ev = ImageEvaluator("digits", seed=a.seed)
+    ev = ImageEvaluator(a.dataset, seed=a.seed)
     cond = balanced_labels(a.n)
     rows = []
     split = ev.split
@@ -87,7 +92,7 @@ def main(argv=None):
             from scoredistill.viz.images import image_grid_panels
 
             grid = torch.cat([x[cond == c][:10] for c in range(10)])  # row c = class c
-            image_grid_panels([("digits teacher, 35 NFE (row k: class k)", grid)], a.grid)
+            image_grid_panels([(f"{a.dataset} teacher, 35 NFE (row k: class k)", grid)], a.grid)
     for recipe in a.distill:
         from scoredistill.config import load_yaml, resolve
         from scoredistill.engine.distiller import Distiller
