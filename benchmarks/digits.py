@@ -48,7 +48,7 @@ def markdown(rows) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="digits", help="bundled teacher and evaluator: digits or mnist")
+    ap.add_argument("--dataset", default="digits", choices=["digits", "mnist"], help="bundled teacher and evaluator")
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher", default=None, help="a train-teacher folder (default: the bundled teacher)")
@@ -67,8 +67,6 @@ def main(argv=None):
     from scoredistill.metrics.images import ImageEvaluator
     from scoredistill.sampling import teacher_sample
 
-    if a.dataset not in ("digits", "mnist"):
-        ap.error(f"--dataset: unknown value {a.dataset!r}; accepted: digits, mnist")
     tcfg = {"kind": "learned", "path": a.teacher} if a.teacher else {"kind": "bundled", "name": a.dataset}
     teacher, _ = build_teacher(tcfg)
     ev = ImageEvaluator(a.dataset, seed=a.seed)

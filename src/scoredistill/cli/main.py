@@ -92,11 +92,10 @@ def _write_samples(out: str, x, title: str) -> None:
         np.save(tmp, x.detach().float().cpu().numpy().astype(np.float32))
         os.replace(tmp, out)
     else:
-        from scoredistill.viz.images import image_grid_panels
+        from scoredistill.viz.images import grid_inches, image_grid_panels
 
         nrow = min(10, math.ceil(math.sqrt(len(x))))
-        image_grid_panels([(title, x)], out, max_images=len(x), nrow=nrow,
-                          panel_inches=max(3.4, 0.022 * nrow * x.shape[-1]))
+        image_grid_panels([(title, x)], out, max_images=len(x), nrow=nrow, panel_inches=grid_inches(nrow, x.shape[-1]))
 
 
 def cmd_sample(args):

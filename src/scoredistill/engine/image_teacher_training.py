@@ -68,7 +68,7 @@ def resolve_device(spec) -> torch.device:
 def write_sample_grid(model: UNetDenoiser, path: str, title: str, seed: int = 0) -> None:
     """A grid of 35-NFE Heun samples of ``model`` (row k: class k; fixed noise), on the model's device."""
     from scoredistill.sampling import teacher_sample
-    from scoredistill.viz.images import image_grid_panels
+    from scoredistill.viz.images import grid_inches, image_grid_panels
 
     k = model.num_classes or 1
     cond = torch.arange(k).repeat_interleave(GRID_PER_CLASS) if model.num_classes else None
@@ -77,7 +77,7 @@ def write_sample_grid(model: UNetDenoiser, path: str, title: str, seed: int = 0)
     x = teacher_sample(model, k * GRID_PER_CLASS, steps=18, cond=cond, generator=torch.Generator().manual_seed(seed))
     model.train(was_training)
     image_grid_panels([("EMA, 35-NFE Heun (row k: class k)", x)], path, title=title, max_images=len(x),
-                      nrow=GRID_PER_CLASS, panel_inches=max(3.4, 0.022 * GRID_PER_CLASS * model.data_shape[-1]))
+                      nrow=GRID_PER_CLASS, panel_inches=grid_inches(GRID_PER_CLASS, model.data_shape[-1]))
 
 
 def resolve_image_recipe(user: dict, overrides=()) -> dict:

@@ -25,6 +25,11 @@ def tile(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
     return out[..., 0] if c == 1 else out
 
 
+def grid_inches(nrow: int, width: int) -> float:
+    """Panel width (inches) that keeps ``nrow`` tiles of ``width`` pixels legible at the savefig dpi."""
+    return max(3.4, 0.022 * nrow * width)
+
+
 def image_grid_panels(panels: list[tuple[str, torch.Tensor]], path: str, title: str | None = None,
                       max_images: int = 100, nrow: int = 10, panel_inches: float = 3.4) -> None:
     """One row of image grids (the first ``max_images`` images of each panel), ``panel_inches`` wide each."""
