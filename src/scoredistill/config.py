@@ -14,23 +14,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-
-class ConfigError(Exception):
-    """A bad field in a config or a command line; ``str()`` is the one-line message."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}" if field else message)
-
-
-def check_keys(cfg: dict, accepted: Iterable[str], section: str) -> None:
-    accepted = list(accepted)
-    for k in cfg:
-        if k not in accepted:
-            raise ConfigError(f"{section}.{k}" if section else k,
-                              f"unknown key; accepted: {', '.join(sorted(accepted))}")
-
+from scoredistill.errors import ConfigError, check_keys  # noqa: F401 (re-exported)
 
 # The schema: every accepted key with its default. ``None`` means "not set / derived".
 DEFAULTS: dict[str, Any] = {
@@ -274,6 +258,6 @@ def validate_common(cfg: dict) -> None:
 
 
 def dump(cfg: dict, path: str | os.PathLike) -> None:
-    from scoredistill.engine.io import atomic_write_text
+    from scoredistill.fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

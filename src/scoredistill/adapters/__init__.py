@@ -11,3 +11,5 @@ Modules (diffusers/transformers/peft are imported lazily, inside functions):
 * :mod:`.latents` -- VAE encode/decode of real data.
 * :mod:`.tiny` -- tiny random pipelines of every supported architecture (tests, benchmarks).
 """
+
+from scoredistill.adapters import student as _student  # noqa: E402,F401  (registers DiffusersGenerator folders)

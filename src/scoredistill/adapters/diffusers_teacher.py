@@ -54,7 +54,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
 from scoredistill.process.processes import Process, RectifiedFlow, VPDiscrete
 
@@ -426,7 +426,7 @@ def _encode_prompts(pipe, family: str, prompts: list[str], negative: str | None,
 
 def build_diffusers_teacher(tcfg: dict) -> DiffusersDenoiser:
     """The teacher role for ``teacher.kind: diffusers`` (frozen, eval mode)."""
-    from scoredistill.config import check_keys
+    from scoredistill.errors import check_keys
 
     set_keys = [k for k, v in tcfg.items() if v is not None and k != "process"]
     check_keys({k: 1 for k in set_keys}, TEACHER_KEYS, "teacher")

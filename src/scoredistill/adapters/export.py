@@ -31,7 +31,7 @@ import os
 import numpy as np
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 
 EXPORT_JSON = "scoredistill_export.json"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (SwiftBrush, ProlificDreamer)

@@ -28,9 +28,10 @@ from torch import nn
 
 from scoredistill.adapters.diffusers_teacher import DiffusersDenoiser, native_to_canonical
 from scoredistill.adapters.lora import DEFAULT_TARGETS, LoRACritic, LoRAHolder, attach_lora, enable_checkpointing
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import expand_t
 from scoredistill.models.generators import DenoiserGenerator
+from scoredistill.models.registry import register_folder_class
 from scoredistill.process.processes import VPDiscrete
 
 NOISE_INPUTS = ("pure", "scaled")
@@ -196,3 +197,6 @@ def generator_from_registry(cfg: dict) -> DiffusersGenerator:
     base = _trainable_copy(teacher)
     gen = DiffusersGenerator(base, cfg["timesteps"], cfg.get("noise_input", "pure"), cfg.get("lora"))
     return gen.requires_grad_(False).eval()
+
+
+register_folder_class("DiffusersGenerator", generator_from_registry)

@@ -167,7 +167,7 @@ def _fmt(row: dict, key: str) -> str:
 
 
 def write_tables(rows: list[dict], out: str, header: list[str]) -> None:
-    from scoredistill.engine.io import atomic_write_text
+    from scoredistill.fileio import atomic_write_text
 
     os.makedirs(out, exist_ok=True)
     tmp = os.path.join(out, ".results.csv.tmp")

@@ -101,6 +101,7 @@ def _write_samples(out: str, x, title: str) -> None:
 def cmd_sample(args):
     import torch
 
+    import scoredistill.adapters  # noqa: F401  (registers diffusers student folders with the model registry)
     from scoredistill.config import ConfigError
     from scoredistill.models.registry import load_model
 

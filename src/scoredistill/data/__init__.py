@@ -21,7 +21,7 @@ def load_split(name: str, field: str = "teacher.dataset") -> ImageSplit:
         from scoredistill.data.mnist import load_mnist_split
 
         return load_mnist_split(field)
-    from scoredistill.config import ConfigError
+    from scoredistill.errors import ConfigError
 
     raise ConfigError(field, f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
 

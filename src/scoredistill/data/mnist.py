@@ -16,8 +16,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from scoredistill.config import ConfigError
 from scoredistill.data.split import ImageSplit
+from scoredistill.errors import ConfigError
 
 MNIST_SHAPE = (1, 28, 28)
 PER_CLASS = 500

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from scoredistill.config import ConfigError, check_keys
+from scoredistill.errors import ConfigError, check_keys
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.models.generators import DenoiserGenerator, DiscriminatorHead
 from scoredistill.models.mlp import MLPBackbone, MLPDenoiser, MLPGenerator

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from scoredistill.config import ConfigError, dump
+from scoredistill.config import dump
 from scoredistill.engine.build import (
     build_discriminator,
     build_evaluator,
@@ -45,6 +45,7 @@ from scoredistill.engine.io import (
 )
 from scoredistill.engine.precision import Precision
 from scoredistill.engine.schedule import build_schedulers
+from scoredistill.errors import ConfigError, TrainingAborted  # noqa: F401 (re-exported)
 from scoredistill.models.generators import EMA
 from scoredistill.models.registry import save_model
 from scoredistill.objectives.base import Batch, Roles, build_objective
@@ -58,10 +59,6 @@ def _fault(kind: str, step: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TrainingAborted(Exception):
-    """Raised when a role's loss or gradients stay non-finite for too many consecutive steps."""
 
 
 class Distiller:
@@ -144,8 +141,8 @@ class Distiller:
                                                        tc["real_pool"], tc["seed"])
         self.ode = None
         if "ode_pairs" in req:
-            w = getattr(self.objective.p, "guidance_scale", 1.0)
-            self.ode = make_ode_pairs(self.teacher, tc["ode_pairs"], tc["ode_steps"], tc["seed"], w)
+            self.ode = make_ode_pairs(self.teacher, tc["ode_pairs"], tc["ode_steps"], tc["seed"],
+                                      self.objective.ode_guidance())
         self.step = 0
         self.nonfinite = {r: 0 for r in self.optimizers}
         self.consecutive = {r: 0 for r in self.optimizers}

@@ -44,7 +44,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 
 try:
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method

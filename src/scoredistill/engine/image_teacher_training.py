@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from scoredistill.config import ConfigError, check_keys
 from scoredistill.data import DATASETS, load_split
+from scoredistill.errors import ConfigError, check_keys
 from scoredistill.models.generators import EMA
 from scoredistill.models.registry import save_model
 from scoredistill.models.unet import UNetDenoiser

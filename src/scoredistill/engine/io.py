@@ -8,69 +8,16 @@ half-written checkpoint under its final name; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def truncate_jsonl(path: str, step: int) -> None:
-    """Drop the records of a JSONL log written after ``step`` (a resumed run rewrites them)."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass
-    atomic_write_text(path, "".join(keep))
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary folder; on success it replaces ``path`` (old content removed after)."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from scoredistill.errors import CheckpointError  # noqa: F401 (re-exported)
+from scoredistill.fileio import atomic_dir, atomic_write_text, truncate_jsonl  # noqa: F401 (re-exported)
 
 
 # -- optimizer state <-> flat tensors -------------------------------------------------------------
@@ -124,10 +71,6 @@ def save_checkpoint(folder: str, modules: dict, optimizers: dict, rngs: dict[str
             os.fsync(f.fileno())
         if before_commit is not None:
             before_commit()
-
-
-class CheckpointError(Exception):
-    pass
 
 
 def read_checkpoint(folder: str) -> tuple[dict, dict]:

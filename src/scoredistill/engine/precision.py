@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 

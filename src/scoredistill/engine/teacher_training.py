@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from scoredistill.config import ConfigError, check_keys, load_yaml
+from scoredistill.config import load_yaml
+from scoredistill.errors import ConfigError, check_keys
 from scoredistill.models.generators import EMA
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.models.registry import save_model

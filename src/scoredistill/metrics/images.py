@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.metrics.evaluator import Evaluator
 
 CONF_LEVEL = 0.9

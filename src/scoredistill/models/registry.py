@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +26,16 @@ def process_from_description(d: dict) -> Process:
     if kind == "edm" and "rho" in d:
         d["rho_karras"] = d.pop("rho")
     return PROCESS_KINDS[kind](**d)
+
+
+# Folder classes defined in higher layers (diffusers students in scoredistill.adapters) register their
+# builder here when their module is imported, so this module never imports them.
+FOLDER_CLASSES: dict[str, Callable[[dict], torch.nn.Module]] = {}
+
+
+def register_folder_class(name: str, build: Callable[[dict], torch.nn.Module]) -> None:
+    """``config.json``'s ``class: name`` is rebuilt by ``build(config)`` (weights are loaded after)."""
+    FOLDER_CLASSES[name] = build
 
 
 def model_config(model: torch.nn.Module) -> dict:
@@ -45,10 +56,8 @@ def model_config(model: torch.nn.Module) -> dict:
 
 def model_from_config(cfg: dict) -> torch.nn.Module:
     cls = cfg["class"]
-    if cls == "DiffusersGenerator":
-        from scoredistill.adapters.student import generator_from_registry
-
-        return generator_from_registry(cfg)
+    if cls in FOLDER_CLASSES:
+        return FOLDER_CLASSES[cls](cfg)
     if cls == "MLPDenoiser":
         return MLPDenoiser(process_from_description(cfg["process"]), **cfg["arch"])
     if cls == "MLPGenerator":
@@ -59,12 +68,13 @@ def model_from_config(cfg: dict) -> torch.nn.Module:
         return UNetDenoiser(process_from_description(cfg["process"]), **cfg["arch"])
     if cls == "DenoiserGenerator":
         return DenoiserGenerator(model_from_config(cfg["denoiser"]), cfg["t_init"])
-    raise ValueError(f"unknown model class {cls!r}")
+    hint = " (a diffusers student: import scoredistill.adapters first)" if cls.startswith("Diffusers") else ""
+    raise ValueError(f"unknown model class {cls!r}{hint}")
 
 
 def save_model(model: torch.nn.Module, folder: str, extra: dict | None = None) -> None:
     """Write ``folder/config.json`` and ``folder/model.safetensors`` atomically (temp + rename)."""
-    from scoredistill.engine.io import atomic_dir
+    from scoredistill.fileio import atomic_dir
 
     cfg = model_config(model)
     if extra:

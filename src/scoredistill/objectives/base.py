@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.process.processes import Process
 from scoredistill.process.time import TimeSampler, make_time_sampler
@@ -47,6 +47,11 @@ class Batch:
     ode_cond: torch.Tensor | None = None
     rng: torch.Generator | None = None
     step: int = 0
+    # the items' identity, set by the parameter optimizer: which particles / views are in the batch,
+    # how many items exist, and the view conditioning a view-aware fake score reads
+    view: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    num_items: int | None = None
 
 
 @dataclass
@@ -87,12 +92,38 @@ class Objective:
     def requirements(self) -> set[str]:
         return set()
 
-    # -- running state (checkpointed by the engine) -----------------------------------------------------
+    def ode_guidance(self) -> float:
+        """Canonical CFG scale of the teacher ODE that makes this objective's ``ode_pairs``."""
+        return float(getattr(self.p, "guidance_scale", 1.0))
+
+    # -- running state (checkpointed by both drivers) ----------------------------------------------------
     def state_dict(self) -> dict:
+        """JSON-serialisable running statistics (f-distill's ratio EMA); stored in ``meta.json``."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensor state (CDS's fixed per-item noise); stored in the checkpoint's safetensors."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    # -- schedulable hyper-parameters (the optimizer driver sets them each step) -------------------------
+    def set_param(self, key: str, value: float) -> None:
+        """Set ``objective.<key>`` to ``value`` (already canonical: see :func:`canonical_param`).
+        ``time.t_min`` / ``fake_time.t_max`` address a field of a time sampler; an integer parameter
+        is rounded."""
+        if "." in key:
+            attr, field = key.split(".", 1)
+            setattr(self, attr, dataclasses.replace(getattr(self, attr), **{field: value}))
+            return
+        cur = getattr(self.p, key)
+        if isinstance(cur, int) and not isinstance(cur, bool):
+            value = int(round(value))
+        setattr(self.p, key, value)
 
     # -- losses ------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, roles: Roles) -> dict:
@@ -119,14 +150,26 @@ def register(cls: type[Objective]) -> type[Objective]:
 _TIME_KEYS = ("time", "fake_time")
 
 
+def canonical_param(key: str, value, convention: str):
+    """A guidance scale written in ``convention`` as the canonical ``w`` (``uncond + w (cond - uncond)``);
+    every other parameter unchanged. Numbers and lists of numbers (a sampling range) are converted."""
+    from scoredistill.process.guidance import canonical_scale
+
+    if "guidance_scale" not in key:  # guidance_scale, fake_guidance_scale, guidance_scale_range, ...
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return canonical_scale(value, convention)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return [canonical_scale(v, convention) for v in value]
+    return value
+
+
 def build_objective(cfg: dict, guidance_convention: str = "canonical") -> Objective:
     """Build an objective from the ``objective`` section: ``name`` + the method's parameters.
 
     ``time`` / ``fake_time`` take a time-sampler spec (``{kind: uniform, t_min: .., t_max: ..}``).
     Guidance scales written in the ``cond_plus`` convention are converted here, once.
     """
-    from scoredistill.process.guidance import canonical_scale
-
     cfg = dict(cfg)
     name = cfg.pop("name", None)
     import scoredistill.objectives  # noqa: F401  (registers built-in objectives)
@@ -148,11 +191,7 @@ def build_objective(cfg: dict, guidance_convention: str = "canonical") -> Object
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ConfigError(f"objective.{k}", f"must be a number, got {v!r}")
-    for k in [k for k in cfg if "guidance_scale" in k]:
-        if isinstance(cfg[k], (int, float)) and not isinstance(cfg[k], bool):
-            cfg[k] = canonical_scale(cfg[k], guidance_convention)
-        elif isinstance(cfg[k], (list, tuple)) and all(isinstance(v, (int, float)) for v in cfg[k]):
-            cfg[k] = [canonical_scale(v, guidance_convention) for v in cfg[k]]  # e.g. a sampling range
+    cfg = {k: canonical_param(k, v, guidance_convention) for k, v in cfg.items()}
     params = cls.Params(**cfg)
     if hasattr(params, "validate"):
         params.validate()

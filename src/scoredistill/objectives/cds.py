@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.sds import (
     FieldObjective,
@@ -90,7 +90,7 @@ class CDS(FieldObjective):
 
     def noise_for(self, batch) -> torch.Tensor:
         x = batch.x
-        index, n = getattr(batch, "index", None), getattr(batch, "num_items", None)
+        index, n = batch.index, batch.num_items
         rows = n if index is not None and n else x.shape[0]
         if self.fixed_noise is None or tuple(self.fixed_noise.shape) != (rows,) + tuple(x.shape[1:]):
             g = torch.Generator().manual_seed(int(self.p.noise_seed))

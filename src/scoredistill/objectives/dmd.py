@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Objective, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import (
     denoising_loss,

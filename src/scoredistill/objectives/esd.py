@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import denoising_loss, drop_condition, noise_like
@@ -113,7 +113,7 @@ class VSDParticles(FieldObjective):
         x = batch.x.detach()
         t = self.sample_t(batch, roles.process, self.fake_time)
         cond = drop_condition(batch.cond, self.p.fake_cond_dropout, batch.rng)
-        view = drop_condition(getattr(batch, "view", None), self.p.fake_view_dropout, batch.rng)
+        view = drop_condition(batch.view, self.p.fake_view_dropout, batch.rng)
         fc = fake_condition(roles.fake, cond, view, x.shape[0], x.device)
         sd = getattr(roles.fake, "sigma_data", 0.5)
         loss = denoising_loss(roles.fake, x, fc, t, batch.rng, sd)
@@ -127,7 +127,7 @@ class VSDParticles(FieldObjective):
         eps = noise_like(x, batch.rng)
         x_t = p.add_noise(x, eps, t)
         e_real = eps_of(roles.teacher, x_t, t, batch.cond, self.p.guidance_scale)
-        e_fake = self.fake_eps(roles.fake, x_t, t, batch.cond, getattr(batch, "view", None))
+        e_fake = self.fake_eps(roles.fake, x_t, t, batch.cond, batch.view)
         a, s = p.coeffs(t, x)
         g = finish_field(eps_weight(self.p.weighting, a, s) * (e_real - e_fake), self.p.grad_clamp)
         return g, field_diag(g, t)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, register
 from scoredistill.objectives.common import (
     gan_discriminator_loss,

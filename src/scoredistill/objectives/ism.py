@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import noise_like
 from scoredistill.objectives.sds import (

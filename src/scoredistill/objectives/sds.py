@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Objective, ObjectiveParams, register
 from scoredistill.objectives.common import inject, noise_like
 from scoredistill.process.time import Uniform

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, register
 from scoredistill.objectives.common import denoising_loss, noise_like, per_sample_mean
 from scoredistill.objectives.sid import SiD, SiDParams, drop_nonfinite, sid_elementwise

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import dm_normaliser, noise_like
 from scoredistill.objectives.sid import SiDFamily, drop_nonfinite

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, inject, noise_like
 from scoredistill.objectives.vsd import VSD, WEIGHTINGS, x0_weight

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import inject, noise_like
 from scoredistill.objectives.dmd import FakeScoreObjective

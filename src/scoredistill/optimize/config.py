@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from scoredistill.config import DEFAULTS as DISTILL_DEFAULTS
-from scoredistill.config import ConfigError, _parse_value
+from scoredistill.config import _parse_value
+from scoredistill.errors import ConfigError
 from scoredistill.optimize.schedule import parse_schedule
 
 DEFAULTS: dict[str, Any] = {

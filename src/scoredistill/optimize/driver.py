@@ -18,21 +18,18 @@ from which ``resume`` continues exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from scoredistill.config import ConfigError, dump
+from scoredistill.config import dump
 from scoredistill.engine.build import build_teacher, data_std
-from scoredistill.engine.distiller import TrainingAborted
 from scoredistill.engine.io import (
     CheckpointError,
     apply_checkpoint,
@@ -43,7 +40,8 @@ from scoredistill.engine.io import (
     save_checkpoint,
     truncate_jsonl,
 )
-from scoredistill.objectives.base import Batch, Roles, build_objective
+from scoredistill.errors import ConfigError, TrainingAborted
+from scoredistill.objectives.base import Batch, Roles, build_objective, canonical_param
 from scoredistill.optimize.fake import ViewConditionedDenoiser
 from scoredistill.optimize.params import (
     CallableRenderer,
@@ -54,15 +52,7 @@ from scoredistill.optimize.params import (
 )
 from scoredistill.optimize.schedule import Schedule, extract_schedules, parse_schedule
 
-
-@dataclass
-class OptBatch(Batch):
-    """A :class:`Batch` with the items' identity: ``index`` (which particles / views),
-    ``num_items`` (how many exist) and ``view`` (view conditioning for a fake score)."""
-
-    view: torch.Tensor | None = None
-    index: torch.Tensor | None = None
-    num_items: int | None = None
+OptBatch = Batch  # kept for code written against the earlier name; Batch carries view/index/num_items
 
 
 # -- building ---------------------------------------------------------------------------------------
@@ -149,11 +139,8 @@ class PriorOptimizer:
         torch.manual_seed(tc["seed"])
         convention = cfg["teacher"].get("guidance_convention", "canonical")
         obj_cfg, self.obj_schedules = extract_schedules(cfg["objective"], "objective")
-        for key, sch in list(self.obj_schedules.items()):
-            if "guidance_scale" in key:
-                from scoredistill.process.guidance import canonical_scale
-
-                self.obj_schedules[key] = sch.map(lambda v: canonical_scale(v, convention))
+        self.obj_schedules = {k: sch.map(functools.partial(canonical_param, k, convention=convention))
+                              for k, sch in self.obj_schedules.items()}
         self.objective = build_objective(obj_cfg, convention)
         self.teacher, self.reference = build_teacher(cfg["teacher"])
         self.teacher.requires_grad_(False).eval().to(self.device)
@@ -226,14 +213,7 @@ class PriorOptimizer:
         for key, sch in self.obj_schedules.items():
             v = sch(step)
             values[f"objective.{key}"] = v
-            if "." in key:
-                attr, field = key.split(".", 1)
-                sampler = getattr(obj, attr)
-                setattr(obj, attr, dataclasses.replace(sampler, **{field: v}))
-            else:
-                if isinstance(getattr(obj.p, key, None), int) and not isinstance(getattr(obj.p, key), bool):
-                    v = int(round(v))
-                setattr(obj.p, key, v)
+            obj.set_param(key, v)
         for k, sch in self.lr_schedules.items():
             name = "params" if k == "lr" else "fake_score"
             if name in self.optimizers:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.optimize.params import Parameterization, Rendered
 
 

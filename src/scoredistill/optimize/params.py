@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 
 
 @dataclass

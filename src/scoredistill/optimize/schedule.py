@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 
 KINDS = ("linear", "sqrt", "step")
 

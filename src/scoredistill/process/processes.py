@@ -309,7 +309,7 @@ PROCESS_KINDS = {"vp": VPDiscrete, "vp_continuous": VPContinuous, "edm": EDM, "f
 
 def make_process(cfg: dict | None) -> Process:
     """Build a process from a config dict ``{kind: vp|vp_continuous|edm|flow, ...}``."""
-    from scoredistill.config import ConfigError, check_keys
+    from scoredistill.errors import ConfigError, check_keys
 
     cfg = dict(cfg or {"kind": "edm"})
     kind = cfg.pop("kind", "edm")

@@ -91,7 +91,7 @@ TIME_SAMPLERS = {"uniform": Uniform, "lognormal": LogNormal, "logit_normal": Log
 
 def make_time_sampler(cfg: dict | TimeSampler | None, field: str, default: TimeSampler) -> TimeSampler:
     """Build a sampler from ``{kind: uniform|lognormal|logit_normal|shifted, ...params}``."""
-    from scoredistill.config import ConfigError, check_keys
+    from scoredistill.errors import ConfigError, check_keys
 
     if cfg is None:
         return default

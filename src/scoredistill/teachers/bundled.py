@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import os
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 BUNDLED = ("digits", "mnist")

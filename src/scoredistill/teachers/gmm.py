@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
 from scoredistill.process.processes import EDM, Process
 

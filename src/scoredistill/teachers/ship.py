@@ -17,7 +17,7 @@ import shutil
 
 import torch
 
-from scoredistill.config import ConfigError
+from scoredistill.errors import ConfigError
 from scoredistill.teachers.bundled import BUNDLED, WEIGHTS_DIR, load_teacher_folder
 
 # the dataset each bundled teacher must be trained on, and a one-line description of it for the README

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ROOT  # noqa: E402
 from scoredistill.config import ConfigError, load_yaml, resolve
 from scoredistill.engine.build import build_evaluator, build_teacher
 from scoredistill.metrics.images import ImageEvaluator
@@ -17,8 +18,6 @@ from scoredistill.models.registry import load_model, save_model
 from scoredistill.models.unet import UNetDenoiser
 from scoredistill.process.processes import EDM
 from scoredistill.teachers.bundled import ENV_DIR, WEIGHTS_DIR, bundled_available, load_bundled
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Measured on the 2-core CPU box (2026-11-26, seed 0; docs/mnist.md). Thresholds leave room for BLAS /
 # thread-count differences in the CNN's training and for sampling noise.

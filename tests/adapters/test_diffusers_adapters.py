@@ -13,35 +13,16 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from scoredistill.adapters.diffusers_teacher import build_diffusers_teacher, process_from_scheduler  # noqa: E402
-from scoredistill.adapters.tiny import save_tiny  # noqa: E402
 from scoredistill.config import ConfigError, resolve  # noqa: E402
 from scoredistill.engine.distiller import Distiller  # noqa: E402
 
 PROMPTS = ["a red cube", "a blue ball"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from a second thread, and on a shared, loaded 2-core box two
-    intra-op threads make a step 10-50x slower (measured); restore the session setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_pipes")
-    cache = {}
 
-    def get(kind, **kw):
-        key = (kind, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = save_tiny(kind, str(root / f"{kind}_{len(cache)}"), **kw)
-        return cache[key]
 
-    return get
 
 
 def teacher_cfg(path, kind):

@@ -1,15 +1,13 @@
 """Crash safety (SIGKILL mid-training and mid-checkpoint), micro-batch and multi-process invariance."""
 
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import cli, gen_weights, needs_torchrun, torchrun_cli
 from scoredistill.engine.io import list_checkpoints
 
 CFG = {
@@ -24,28 +22,6 @@ CFG = {
               "progress": False, "keep_checkpoints": 5, "threads": 1},
     "eval": {"every": 6, "n_samples": 64, "plots": False},
 }
-
-
-def cli(args, env=None, cwd=None):
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "scoredistill", *args], capture_output=True, text=True,
-                          env=e, timeout=300, cwd=cwd)
-
-
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(TORCHRUN),
-                                    reason="torchrun not installed")
-
-
-def torchrun_cli(args, nproc=2, env=None):
-    """``scoredistill ARGS`` on ``nproc`` gloo ranks (``torchrun --standalone`` picks a free port)."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "scoredistill", *args],
-                          capture_output=True, text=True, env=e, timeout=300)
-
-
-def gen_weights(run):
-    return load_file(os.path.join(run, "generator", "model.safetensors"))
 
 
 @pytest.fixture(scope="module")

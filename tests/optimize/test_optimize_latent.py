@@ -16,13 +16,9 @@ from scoredistill.optimize.config import resolve
 from scoredistill.optimize.driver import build_parameterization
 from scoredistill.optimize.latent import LatentTensor
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import TORCHRUN, cli, gen_weights, needs_torchrun, torchrun_cli
 from scoredistill.config import ConfigError, resolve
 from scoredistill.engine.fsdp import blocks, wanted
 from scoredistill.engine.io import list_checkpoints
 from scoredistill.models.mlp import MLPDenoiser, MLPGenerator
 from scoredistill.models.multi import MultiStudentGenerator
 from scoredistill.process.processes import make_process
-from test_reliability import TORCHRUN, cli, gen_weights, needs_torchrun, torchrun_cli
 
 CFG = {
     "teacher": {"kind": "gmm", "preset": "ring8"},

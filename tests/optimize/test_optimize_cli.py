@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import ROOT  # noqa: E402
 from scoredistill.cli.main import main
 from scoredistill.optimize import CallableRenderer, PriorOptimizer
 from scoredistill.optimize.config import resolve
@@ -24,7 +25,6 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "optimize", "*.yaml")))
 QUIET = ["--set", "train.progress=false", "--set", "train.threads=1"]
 

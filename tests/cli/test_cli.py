@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import ROOT  # noqa: E402
 from scoredistill.cli.main import main
 
 BASE = {
@@ -131,7 +132,7 @@ def test_teacher_sample_class_and_png(tmp_path, capsys):
     code, out = run_main(["teacher-sample", write(tmp_path, BASE), "--class", "1", "--out", str(tmp_path / "t.npy")],
                          capsys)
     assert code == 2 and "--class: this teacher is unconditional" in out.err
-    digits = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "digits", "dmd2.yaml")
+    digits = os.path.join(ROOT, "recipes", "digits", "dmd2.yaml")
     code, out = run_main(["teacher-sample", digits, "--class", "10", "--out", str(tmp_path / "t.png")], capsys)
     assert code == 2 and "--class: must be in [0, 9]" in out.err and not os.path.exists(tmp_path / "t.png")
     assert main(["teacher-sample", digits, "--class", "7", "--n", "8", "--steps", "4",

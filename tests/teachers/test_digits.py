@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ROOT  # noqa: E402
 from scoredistill.config import ConfigError, resolve
 from scoredistill.data.digits import load_digits_split
 from scoredistill.engine.build import build_evaluator, build_teacher
@@ -212,7 +213,7 @@ def test_dmd2_200_steps_on_digits_reaches_recorded_fd(tmp_path):
     from scoredistill.config import load_yaml
     from scoredistill.engine.distiller import Distiller
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     cfg = resolve(load_yaml(os.path.join(root, "recipes", "digits", "dmd2.yaml")),
                   ["train.steps=200", "eval.every=200", "eval.n_samples=1000", "eval.plots=false",
                    "train.progress=false"])

@@ -6,17 +6,12 @@ import csv
 import os
 
 import pytest
-import torch
 
 from scoredistill.optimize.bench import COLUMNS, METHODS, bench_config, pairs, run_sds_suite
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def test_one_method_one_teacher_writes_files_and_columns(tmp_path):

@@ -14,35 +14,18 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from scoredistill.adapters.tiny import save_tiny  # noqa: E402
+from helpers import ROOT  # noqa: E402
 from scoredistill.cli.main import main  # noqa: E402
 from scoredistill.config import load_yaml, resolve  # noqa: E402
 from scoredistill.engine.distiller import Distiller  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cube", "a blue ball"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two are 10-50x slower on a loaded shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_export")
-    cache = {}
 
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = save_tiny(kind, str(root / kind))
-        return cache[kind]
 
-    return get
 
 
 def real_latents(path, folder, n=8):
