@@ -8,10 +8,10 @@ sampler, the naive one-step teacher and the student on the same noise.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 from scoredistill.config import resolve
+from scoredistill.engine.rundir import check_new, clear_own, mark_ours
 
 DEMO_CONFIG = {
     "teacher": {"kind": "gmm", "preset": "ring8", "process": {"kind": "edm"}},
@@ -51,8 +51,11 @@ def run_demo(out: str, quick: bool = False, image: bool = False) -> dict:
     overrides = (["train.steps=20", "eval.every=10", "eval.n_samples=100"] if image else
                  ["train.steps=300", "eval.every=100"]) if quick else []
     cfg = resolve(DEMO_IMAGE_CONFIG if image else DEMO_CONFIG, overrides)
-    if os.path.isdir(out):  # the demo folder is the demo's own scratch space
-        shutil.rmtree(out)
+    # the demo starts over in a folder it wrote before; a folder holding anything else is never touched
+    check_new(out, "--out", force=True)
+    if os.path.isdir(out) and os.listdir(out):
+        clear_own(out)
+    mark_ours(out, "demo")
     what = "bundled digits teacher (EDM UNet)" if image else "ring8 teacher (exact score)"
     updates = cfg["train"]["steps"] // cfg["train"]["generator_every"]
     console.print(f"[bold]scoredistill demo[/]: {what} -> one-step generator with DMD2, "

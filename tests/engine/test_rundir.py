@@ -1,0 +1,97 @@
+"""Run-folder lifecycle: ownership marker, exclusive lock, restart in place, stray temporaries."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import cli
+
+from scoredistill.engine.rundir import (
+    LOCK,
+    MARKER,
+    RunLock,
+    check_new,
+    clear_own,
+    has_checkpoint,
+    is_ours,
+    mark_ours,
+    remove_stray_temporaries,
+)
+from scoredistill.errors import ConfigError
+
+
+def test_new_folder_and_empty_folder_are_accepted(tmp_path):
+    check_new(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    check_new(str(tmp_path / "empty"))
+
+
+def test_foreign_folder_is_refused_and_untouched(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "thesis.tex").write_text("precious")
+    with pytest.raises(ConfigError, match="not created by scoredistill"):
+        check_new(str(d), force=True)
+    with pytest.raises(ConfigError):
+        clear_own(str(d))
+    with pytest.raises(ConfigError):
+        RunLock(str(d), "distill").acquire()
+    assert os.listdir(d) == ["thesis.tex"] and (d / "thesis.tex").read_text() == "precious"
+
+
+def test_own_folder_restarts_in_place_unless_it_has_a_checkpoint(tmp_path):
+    d = str(tmp_path / "run")
+    mark_ours(d, "distill")
+    open(os.path.join(d, "config.yaml"), "w").write("x: 1\n")
+    open(os.path.join(d, "notes.txt"), "w").write("user file")
+    check_new(d)  # nothing resumable: may start again in place
+    os.makedirs(os.path.join(d, "checkpoints", "step_0000004"))
+    assert has_checkpoint(d)
+    with pytest.raises(ConfigError, match="--resume"):
+        check_new(d)
+    check_new(d, force=True)
+    clear_own(d)
+    assert sorted(os.listdir(d)) == [MARKER, "notes.txt"]
+    assert is_ours(d)
+
+
+def test_stray_temporaries_are_removed(tmp_path):
+    d = str(tmp_path / "run")
+    mark_ours(d, "distill")
+    os.makedirs(os.path.join(d, "checkpoints", ".tmp-abc"))
+    os.makedirs(os.path.join(d, "checkpoints", "step_0000002"))
+    os.makedirs(os.path.join(d, ".old-xyz"))
+    open(os.path.join(d, ".tmp-config.yaml"), "w").write("partial")
+    removed = remove_stray_temporaries(d)
+    assert len(removed) == 3
+    assert os.listdir(os.path.join(d, "checkpoints")) == ["step_0000002"]
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
+    d = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom scoredistill.engine.rundir import RunLock\n"
+        f"RunLock({d!r}, 'distill').acquire()\nprint('locked', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"in use by another scoredistill process \\(pid {holder.pid}\\)"):
+            RunLock(d, "distill").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # a killed holder leaves no stale lock: the kernel drops a flock with its process
+    lock = RunLock(d, "distill").acquire()
+    lock.release()
+    assert os.path.exists(os.path.join(d, LOCK))
+
+
+def test_demo_refuses_a_folder_with_foreign_files(tmp_path):
+    d = tmp_path / "demo"
+    d.mkdir()
+    (d / "data.csv").write_text("1,2,3")
+    p = cli(["demo", "--quick", "--out", str(d)])
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert os.listdir(d) == ["data.csv"] and (d / "data.csv").read_text() == "1,2,3"
