@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import cli
 
+from helpers import cli
 from scoredistill.engine.rundir import (
     LOCK,
     MARKER,

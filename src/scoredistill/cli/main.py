@@ -103,6 +103,7 @@ def cmd_sample(args):
 
     import scoredistill.adapters  # noqa: F401  (registers diffusers student folders with the model registry)
     from scoredistill.config import ConfigError
+    from scoredistill.errors import CheckpointError
     from scoredistill.models.registry import load_model
 
     folder = os.path.join(args.run_dir, "generator")
@@ -114,9 +115,15 @@ def cmd_sample(args):
         raise ConfigError("RUN_DIR", f"{args.run_dir} has no generator/ yet (train first)") from None
     if args.n < 1:
         raise ConfigError("--n", "must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError("--seed", f"must be an integer in [0, 2^63), got {args.seed}")
     gen.eval()
     g = torch.Generator().manual_seed(args.seed)
-    shape = tuple(gcfg.get("data_shape") or gen.data_shape)
+    shape = gcfg.get("data_shape") or getattr(gen, "data_shape", None)
+    if (not isinstance(shape, (list, tuple)) or not shape
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in shape)):
+        raise CheckpointError(f"{folder}/config.json: data_shape must be a list of positive integers, got {shape!r}")
+    shape = tuple(shape)
     z = torch.randn(args.n, *shape, generator=g)
     cond = None
     if gen.num_classes:
@@ -128,8 +135,11 @@ def cmd_sample(args):
             cond = torch.randint(0, gen.num_classes, (args.n,), generator=g)
     elif args.cls is not None:
         raise ConfigError("--class", "this generator is unconditional")
-    with torch.no_grad():
-        x = gen(z, cond).float()
+    try:
+        with torch.no_grad():
+            x = gen(z, cond).float()
+    except RuntimeError as e:  # a config.json edited out of step with the weights
+        raise CheckpointError(f"{folder} cannot sample {tuple(shape)}: {str(e).strip().splitlines()[0]}") from None
     what = f"class {args.cls}, " if args.cls is not None else ""
     _write_samples(args.out, x, f"one-step generator ({what}seed {args.seed})")
     print(f"wrote {args.out} {tuple(x.shape)}")

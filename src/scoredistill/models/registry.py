@@ -11,8 +11,10 @@ import os
 from collections.abc import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scoredistill.errors import CheckpointError
 from scoredistill.models.generators import DenoiserGenerator
 from scoredistill.models.mlp import MLPDenoiser, MLPGenerator
 from scoredistill.models.multi import MultiStudentGenerator
@@ -87,13 +89,37 @@ def save_model(model: torch.nn.Module, folder: str, extra: dict | None = None) -
 
 
 def load_model(folder: str) -> tuple[torch.nn.Module, dict]:
-    """Load a model folder; returns ``(model, config)``. Raises ``FileNotFoundError``/``ValueError``."""
+    """Load a model folder; returns ``(model, config)``.
+
+    Raises ``FileNotFoundError`` when the folder lacks ``config.json`` or ``model.safetensors``, and
+    :class:`~scoredistill.errors.CheckpointError` (one line) when they cannot be read, name an unknown
+    class or do not match each other."""
     cfg_path = os.path.join(folder, "config.json")
     w_path = os.path.join(folder, "model.safetensors")
     if not os.path.exists(cfg_path) or not os.path.exists(w_path):
         raise FileNotFoundError(f"{folder} has no config.json + model.safetensors")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    model = model_from_config(cfg)
-    model.load_state_dict(load_file(w_path))
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(cfg, dict) or "class" not in cfg:
+        raise CheckpointError(f"{cfg_path} names no model class")
+    try:
+        model = model_from_config(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot build the model ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        state = load_file(w_path)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{w_path} is not readable ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{w_path} does not match {cfg_path}: {_first_line(e)}") from None
     return model, cfg
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
