@@ -36,8 +36,16 @@ def rows_for(distiller, steps: int):
         rows.append((name, k, ev.metrics(x, distiller.eval_cond), dt, x))
     t0 = time.time()
     x = distiller.sample(distiller.eval_z, distiller.eval_cond)
-    rows.append(("student (1-step)", 1, ev.metrics(x, distiller.eval_cond), time.time() - t0, x))
+    k = student_steps(distiller.student())
+    rows.append((f"student ({k}-step)", k, ev.metrics(x, distiller.eval_cond), time.time() - t0, x))
     return rows
+
+
+def student_steps(gen) -> int:
+    """Network evaluations of one sample of a student: ``num_steps`` where a generator declares it, the
+    length of a few-step student's time list (``t_steps``), else one."""
+    k = getattr(gen, "num_steps", None) or len(getattr(gen, "t_steps", ()) or ())
+    return int(k) if k else 1
 
 
 def table(rows, columns) -> str:
