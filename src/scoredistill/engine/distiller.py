@@ -36,6 +36,7 @@ from scoredistill.engine.dist import Dist
 from scoredistill.engine.loop import Loop
 from scoredistill.engine.optim import build_optimizer, role_optimizer
 from scoredistill.engine.precision import Precision
+from scoredistill.engine.report import write_report
 from scoredistill.engine.schedule import build_schedulers
 from scoredistill.errors import ConfigError, TrainingAborted  # noqa: F401 (re-exported)
 from scoredistill.models.generators import EMA
@@ -408,8 +409,6 @@ class Distiller(Loop):
 
     def report(self, res: dict, wall_s: float) -> str:
         """``report.md``: baselines vs student (engine/report.py); returns the metrics table."""
-        from scoredistill.engine.report import write_report
-
         tab, _ = write_report(self, wall_s, self.cfg["eval"]["teacher_steps"])
         return tab
 
