@@ -63,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
         "lr_min_ratio": 0.0,              # cosine / linear end at lr * lr_min_ratio
         "betas": [0.0, 0.99], "fake_betas": None, "disc_betas": None,
         "weight_decay": 0.0,
+        "optimizer": "adam",              # adam (L2 decay) | adamw (decoupled decay) | radam; engine/optim.py
+        "fake_optimizer": None, "disc_optimizer": None,  # null: as optimizer (disc: as fake_optimizer)
         "generator_every": 1,             # generator updated when iteration % generator_every == 0
         "fake_on_generator_steps": True,  # DMD2: fake also updated on generator iterations (5:1)
         "grad_clip": 10.0,
@@ -97,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
 
 SECTIONS = tuple(DEFAULTS)
 LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adam", "adamw", "radam")
 
 
 def _merge(base: dict, new: dict, path: str) -> dict:
@@ -203,6 +206,14 @@ def _number(cfg, section, key, lo=None, allow_none=False):
         raise ConfigError(f"{section}.{key}", f"must be >= {lo}, got {v!r}")
 
 
+def check_optimizers(train: dict, keys) -> None:
+    """``train.optimizer`` is one of OPTIMIZERS; the per-role keys after it may also be null."""
+    for i, k in enumerate(keys):
+        if not (train[k] in OPTIMIZERS or (i and train[k] is None)):
+            raise ConfigError(f"train.{k}", f"unknown value {train[k]!r}; accepted: {', '.join(OPTIMIZERS)}"
+                              + (", null" if i else ""))
+
+
 def validate_common(cfg: dict) -> None:
     t = cfg["train"]
     for k in ("steps", "batch_size", "generator_every", "checkpoint_every", "keep_checkpoints",
@@ -213,6 +224,7 @@ def validate_common(cfg: dict) -> None:
     if t["lr_schedule"] not in LR_SCHEDULES:
         raise ConfigError("train.lr_schedule",
                           f"unknown value {t['lr_schedule']!r}; accepted: {', '.join(LR_SCHEDULES)}")
+    check_optimizers(t, ("optimizer", "fake_optimizer", "disc_optimizer"))
     _number(cfg, "train", "lr_min_ratio", lo=0)
     if t["lr_min_ratio"] > 1:
         raise ConfigError("train.lr_min_ratio", f"must be in [0, 1], got {t['lr_min_ratio']!r}")

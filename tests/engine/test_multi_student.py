@@ -1,4 +1,4 @@
-"""MSD as a generator architecture (methods.md §3.11): routing by class, per-student gradients,
+"""MSD as a generator architecture (arXiv:2410.23274; docs/objectives/msd.md): routing by class, per-student gradients,
 model folders, config validation, a few engine steps."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Distribution tests of optimization under a prior on exact-score GMM teachers (methods.md §7).
+"""Distribution tests of optimization under a prior on exact-score GMM teachers (docs/optimize/README.md).
 
 Thresholds come from measured runs (CPU, 1 thread; numbers in docs/optimize/*.md). Exact-sample
 floors on ring8 with 256 samples (20 seeds): SW2 0.12–0.24 (mean 0.17), spread ratio 0.98–1.00,

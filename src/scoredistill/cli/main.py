@@ -45,7 +45,6 @@ def cmd_distill(args):
     from scoredistill.config import ConfigError, load_yaml, resolve
     from scoredistill.engine.distiller import Distiller
     from scoredistill.engine.io import list_checkpoints
-    from scoredistill.engine.report import write_report
 
     if args.resume:
         run_dir = args.resume
@@ -60,10 +59,9 @@ def cmd_distill(args):
     t0 = time.time()
     d = Distiller(cfg, run_dir)
     try:
-        res = d.train(resume=bool(args.resume))
-        if d.dist.is_main:
-            tab, _ = write_report(d, time.time() - t0, cfg["eval"]["teacher_steps"])
-            print(tab)
+        res = d.run(resume=bool(args.resume))
+        if d.is_main:
+            print(d.report(res, time.time() - t0))
             print(f"wrote {os.path.join(run_dir, 'report.md')}")
     finally:
         d.close()

@@ -8,11 +8,12 @@ particles.npy (particles) or renders.npy, report.md}``. Bad input: one line on s
 from __future__ import annotations
 
 import os
+import time
 
 
 def cmd_optimize(args):
     from scoredistill.config import ConfigError, load_yaml
-    from scoredistill.engine.io import atomic_write_text, list_checkpoints
+    from scoredistill.engine.io import list_checkpoints
     from scoredistill.optimize.config import resolve
     from scoredistill.optimize.driver import PriorOptimizer
 
@@ -32,23 +33,10 @@ def cmd_optimize(args):
         if list_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "config.yaml")):
             raise ConfigError("--out", f"{run_dir} already holds a run; use --resume {run_dir} or "
                               "another --out")
+    t0 = time.time()
     opt = PriorOptimizer(cfg, run_dir)
     res = opt.run(resume=bool(args.resume))
-    title = f"# scoredistill optimize: {opt.objective.name} on {opt.param.kind} ({opt.param.num_items} items)"
-    lines = [title,
-             "", f"steps: {opt.step}, wall: {res.get('wall_s', 0):.1f} s", "",
-             "| metric | value |", "|---|---|"]
-    for k, v in res.items():
-        if isinstance(v, (int, float)) and k not in ("step", "wall_s"):
-            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    samples = os.path.join(run_dir, "samples")
-    pngs = sorted(os.listdir(samples)) if os.path.isdir(samples) else []
-    if pngs:
-        lines += ["", f"![final](samples/{pngs[-1]})"]
-    atomic_write_text(os.path.join(run_dir, "report.md"), "\n".join(lines) + "\n")
-    summary = ", ".join(f"{k} {res[k]:.3f}" for k in ("precision", "sw2", "spread_ratio", "mode_spread_ratio",
-                                                       "class_accuracy") if isinstance(res.get(k), float))
-    print(f"step {opt.step}: {summary}" if summary else f"step {opt.step}")
+    print(opt.report(res, time.time() - t0))
     print(f"wrote {run_dir}")
     return res
 

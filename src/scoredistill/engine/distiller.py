@@ -1,10 +1,12 @@
-"""The generator-distillation engine.
+"""The generator-distillation engine: a :class:`~scoredistill.engine.loop.Loop` that trains a one- or
+few-step generator against a frozen teacher.
 
-Owns optimizers, update schedule, clipping, EMA, non-finite guards, checkpoints, logging, progress
-and evaluation. It never branches on a method's name: everything method-specific comes from the
-objective's ``requirements()``, ``generator_loss`` and ``auxiliary_losses``.
+Owns the roles (generator, fake score, discriminator, EMA), their optimizers, update schedule, clipping,
+micro-batching over processes, FSDP sharding and evaluation; the loop (cadence, guard counters, metrics,
+checkpoints, resume) is the base class's. It never branches on a method's name: everything
+method-specific comes from the objective's ``requirements()``, ``generator_loss`` and ``auxiliary_losses``.
 
-Update schedule per iteration ``i`` (explicit ratio semantics, methods.md §6.2 / pitfall 8):
+Update schedule per iteration ``i`` (explicit ratio semantics; DMD2, arXiv:2405.14867):
 the generator is updated when ``i % train.generator_every == 0``; auxiliary roles (fake score,
 discriminator) are updated on every other iteration, and also on generator iterations when
 ``train.fake_on_generator_steps`` is true (official DMD2: ``generator_every: 5`` => 5 fake updates
@@ -14,14 +16,11 @@ per generator update; FastGen/rCM semantics: set it false => 4:1).
 from __future__ import annotations
 
 import copy
-import json
 import os
-import time
 from contextlib import contextmanager
 
 import torch
 
-from scoredistill.config import dump
 from scoredistill.engine.build import (
     build_discriminator,
     build_evaluator,
@@ -34,16 +33,10 @@ from scoredistill.engine.build import (
     sample_classes,
 )
 from scoredistill.engine.dist import Dist
-from scoredistill.engine.io import (
-    CheckpointError,
-    apply_checkpoint,
-    list_checkpoints,
-    prune_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
-    truncate_jsonl,
-)
+from scoredistill.engine.loop import Loop
+from scoredistill.engine.optim import build_optimizer, role_optimizer
 from scoredistill.engine.precision import Precision
+from scoredistill.engine.report import write_report
 from scoredistill.engine.schedule import build_schedulers
 from scoredistill.errors import ConfigError, TrainingAborted  # noqa: F401 (re-exported)
 from scoredistill.models.generators import EMA
@@ -51,27 +44,13 @@ from scoredistill.models.registry import save_model
 from scoredistill.objectives.base import Batch, Roles, build_objective
 
 
-def _fault(kind: str, step: int) -> None:
-    """Fault injection for crash-safety tests: ``SCOREDISTILL_FAULT=step:N`` kills the process with
-    SIGKILL right after iteration N, ``checkpoint:N`` while the checkpoint of step N is being written."""
-    spec = os.environ.get("SCOREDISTILL_FAULT")
-    if spec and spec == f"{kind}:{step}":
-        import signal
+class Distiller(Loop):
+    step_name = "iteration"
+    progress_label = "distill"
 
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class Distiller:
     def __init__(self, cfg: dict, run_dir: str, log=print):
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.log = log
+        super().__init__(cfg, run_dir, log)
         tc = cfg["train"]
-        if tc["threads"]:
-            torch.set_num_threads(int(tc["threads"]))
-        self.device = torch.device(tc["device"])
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device", "cuda requested but no CUDA device is available; accepted here: cpu")
         self.precision = Precision(tc["precision"], self.device)
         if tc["deterministic"]:
             # CUDA's default kernels (atomics, autotuned convolutions) differ run to run, so a resumed GPU
@@ -88,7 +67,7 @@ class Distiller:
                               f"micro_batch ({per_rank}) x processes ({self.dist.world})")
         self.micro = per_rank
         self.n_micro = tc["batch_size"] // per_rank
-        torch.manual_seed(tc["seed"])
+        self.seed()
         self.objective = build_objective(cfg["objective"], cfg["teacher"].get("guidance_convention", "canonical"))
         self.teacher, self.reference = build_teacher(cfg["teacher"])
         self.teacher.requires_grad_(False).eval()
@@ -108,19 +87,21 @@ class Distiller:
         self.fsdp = self._shard(cfg) if self.dist.enabled else None
         self._gen = torch.compile(self.generator) if tc["compile"] else self.generator
 
-        def adam(params, lr, betas):
+        def opt(keys, params, lr, betas):
             # CPU: the multi-tensor implementation (torch's default there is the per-parameter Python loop);
-            # it gives bit-identical updates (tests/test_step_overhead.py) at a fraction of the overhead
-            fe = {"foreach": True} if self.device.type == "cpu" else {}
-            return torch.optim.Adam(params, lr=lr, betas=tuple(betas or tc["betas"]), weight_decay=tc["weight_decay"],
-                                    **fe)
+            # it gives bit-identical updates (tests/engine/test_step_overhead.py) at a fraction of the overhead
+            return build_optimizer(role_optimizer(tc, *keys), params, lr, betas or tc["betas"], tc["weight_decay"],
+                                   foreach=True if self.device.type == "cpu" else None)
 
-        self.optimizers = {"generator": adam(self.generator.parameters(), tc["lr"], tc["betas"])}
+        optimizers = {"generator": opt(("optimizer",), self.generator.parameters(), tc["lr"], tc["betas"])}
         if self.fake is not None:
-            self.optimizers["fake_score"] = adam(self.fake.parameters(), tc["fake_lr"] or tc["lr"], tc["fake_betas"])
+            optimizers["fake_score"] = opt(("fake_optimizer", "optimizer"), self.fake.parameters(),
+                                           tc["fake_lr"] or tc["lr"], tc["fake_betas"])
         if self.disc is not None:
-            self.optimizers["discriminator"] = adam(self.disc.parameters(), tc["disc_lr"] or tc["fake_lr"] or tc["lr"],
-                                                    tc["disc_betas"] or tc["fake_betas"])
+            optimizers["discriminator"] = opt(("disc_optimizer", "fake_optimizer", "optimizer"), self.disc.parameters(),
+                                              tc["disc_lr"] or tc["fake_lr"] or tc["lr"],
+                                              tc["disc_betas"] or tc["fake_betas"])
+        self._set_optimizers(optimizers)
         self.schedulers = build_schedulers(self.optimizers, tc)
         self.aux_roles = [r for r in ("fake_score", "discriminator") if r in self.optimizers]
         self.modules = {"generator": self.generator}
@@ -143,20 +124,26 @@ class Distiller:
         if "ode_pairs" in req:
             self.ode = make_ode_pairs(self.teacher, tc["ode_pairs"], tc["ode_steps"], tc["seed"],
                                       self.objective.ode_guidance())
-        self.step = 0
-        self.nonfinite = {r: 0 for r in self.optimizers}
-        self.consecutive = {r: 0 for r in self.optimizers}
-        self.running: dict[str, list] = {}  # floats, and tensors not yet converted (see _flush_running)
-        self._unflushed: list[tuple[list, int]] = []
         self._param_cache: dict[str, tuple] = {}
-        self.wall_offset = 0.0
         eg = torch.Generator().manual_seed(tc["seed"] + 12345)
         n_eval = cfg["eval"]["n_samples"]
         self.eval_z = torch.randn(n_eval, *self.teacher.data_shape, generator=eg)
         self.eval_cond = sample_classes(self.teacher.num_classes, n_eval, eg)
-        self._tb = None
         self._spread_ref = None
-        self._t0 = time.time()
+
+    # -- loop hooks ---------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def _barrier(self) -> None:
+        self.dist.barrier()
+
+    def _before_evaluate(self) -> None:
+        self._sync_student()
+
+    def _on_start(self) -> None:
+        self._spread_ref = None
 
     def _place_teacher(self, offload: bool) -> None:
         """Move the frozen teacher to the device, or with ``train.teacher_offload`` keep its weights in
@@ -321,12 +308,6 @@ class Distiller:
                 for (r, norm), fin in zip(norms.items(), flags):
                     self._record(f"grad_norm/{r}", norm)
                     ok = ok and fin
-        for r in roles:
-            if ok:
-                self.consecutive[r] = 0
-            else:
-                self.nonfinite[r] += 1
-                self.consecutive[r] += 1
         for out in outs:
             for k, v in out.items():
                 if k != "loss":
@@ -334,42 +315,14 @@ class Distiller:
         if not ok:
             for r in roles:
                 self.optimizers[r].zero_grad(set_to_none=True)
-            worst = max(roles, key=lambda r: self.consecutive[r])
-            if self.consecutive[worst] >= self.cfg["train"]["nan_guard_max"]:
-                raise TrainingAborted(
-                    f"{worst}: loss or gradients non-finite for {self.consecutive[worst]} consecutive steps "
-                    f"(iteration {self.step}); lower train.lr, check the teacher, or raise train.nan_guard_max")
+        self._guard(roles, ok)
+        if not ok:
             return False
         for out in outs:
             self._record("loss_gen" if "generator" in roles else "loss_aux", out["loss"])
         for r in roles:
             self.optimizers[r].step()
         return True
-
-    def _record(self, key, value):
-        """Append a diagnostic. A tensor is reduced where it lives (``value.double().mean()``, taken
-        now) and becomes a float at the next :meth:`_flush_running`, so recording needs no host sync."""
-        vals = self.running.setdefault(key, [])
-        if torch.is_tensor(value):
-            self._unflushed.append((vals, len(vals)))
-            v = value.detach()  # a float64 copy taken now: the mean of a 0-dim tensor is the tensor
-            vals.append(v.to(torch.float64, copy=True) if v.dim() == 0 else v.double().mean())
-            if len(self._unflushed) >= 4096:  # bound what train_step() called in a loop can hold
-                self._flush_running()
-        else:
-            vals.append(float(value))
-
-    def _flush_running(self):
-        """Turn every recorded tensor into a float, with one device-to-host transfer per device."""
-        by_dev: dict = {}
-        for vals, i in self._unflushed:
-            if i < len(vals) and torch.is_tensor(vals[i]):
-                by_dev.setdefault(vals[i].device, []).append((vals, i))
-        for slots in by_dev.values():
-            floats = torch.stack([vals[i] for vals, i in slots]).tolist()
-            for (vals, i), f in zip(slots, floats):
-                vals[i] = f
-        self._unflushed = []
 
     def train_step(self):
         tc = self.cfg["train"]
@@ -426,77 +379,38 @@ class Distiller:
         return res
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def save(self):
-        """Write a checkpoint and ``generator/`` on rank 0. Under FSDP every rank must call it: the full state is
-        gathered from the shards first (same format as without FSDP)."""
-        modules, optimizers = self.modules, self.optimizers
-        if self.fsdp is not None:
-            self._sync_student()
-            keep = self.dist.is_main
-            modules = {n: self.fsdp.full_state(m.state_dict(), keep) for n, m in self.modules.items()}
-            optimizers = {n: self.fsdp.full_optimizer_state(o, keep) for n, o in self.optimizers.items()}
-        if not self.dist.is_main:
-            return
-        meta = {"step": self.step, "nonfinite": self.nonfinite, "consecutive": self.consecutive,
-                "wall": self.wall_offset + (time.time() - self._t0), "objective": self.objective.state_dict(),
-                "schedulers": {n: sc.state_dict() for n, sc in self.schedulers.items()}}
-        rngs = {"torch": torch.get_rng_state()}
-        folder = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:07d}")
-        save_checkpoint(folder, modules, optimizers, rngs, meta,
-                        before_commit=lambda: _fault("checkpoint", self.step))
-        prune_checkpoints(self.run_dir, self.cfg["train"]["keep_checkpoints"])
+    def _checkpoint_state(self):
+        """Under FSDP every rank must call :meth:`save`: the full state is gathered from the shards first
+        (same format as without FSDP)."""
+        if self.fsdp is None:
+            return self.modules, self.optimizers
+        self._sync_student()
+        keep = self.dist.is_main
+        return ({n: self.fsdp.full_state(m.state_dict(), keep) for n, m in self.modules.items()},
+                {n: self.fsdp.full_optimizer_state(o, keep) for n, o in self.optimizers.items()})
+
+    def _place(self):
+        return self.fsdp.place if self.fsdp is not None else None
+
+    def _extra_meta(self) -> dict:
+        return {"schedulers": {n: sc.state_dict() for n, sc in self.schedulers.items()}}
+
+    def _load_extra(self, meta: dict, rngs: dict) -> None:
+        self._replica_step = None
+        for n, sc in self.schedulers.items():
+            if n in meta.get("schedulers", {}):
+                sc.load_state_dict(meta["schedulers"][n])
+
+    def export(self) -> None:
+        """``generator/``: the student (EMA when on) as a model folder (models/registry.py)."""
         save_model(self.student(), os.path.join(self.run_dir, "generator"),
                    extra={"ema": self.ema is not None, "step": self.step,
                           "data_shape": list(self.teacher.data_shape)})
 
-    def load_latest(self) -> int:
-        """Restore the newest readable checkpoint; an unreadable one is reported and skipped."""
-        cks = list_checkpoints(self.run_dir)
-        if not cks:
-            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
-        errors = []
-        for folder in reversed(cks):
-            try:
-                tensors, meta = read_checkpoint(folder)
-                rngs = apply_checkpoint(tensors, meta, self.modules, self.optimizers,
-                                        place=self.fsdp.place if self.fsdp is not None else None)
-            except CheckpointError as e:
-                errors.append(str(e))
-                self.log(f"warning: skipping unreadable checkpoint {folder}: {e}")
-                continue
-            torch.set_rng_state(rngs["torch"])
-            self.step = int(meta["step"])
-            self._replica_step = None
-            self.nonfinite.update(meta.get("nonfinite", {}))
-            self.consecutive.update(meta.get("consecutive", {}))
-            self.wall_offset = float(meta.get("wall", 0.0))
-            self.objective.load_state_dict(meta.get("objective", {}))
-            for n, sc in self.schedulers.items():
-                if n in meta.get("schedulers", {}):
-                    sc.load_state_dict(meta["schedulers"][n])
-            self._truncate_metrics(self.step)
-            return self.step
-        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
-
-    def _truncate_metrics(self, step):
-        truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), step)
-
-    # -- main loop --------------------------------------------------------------------------------------
-    def _write_metrics(self, res: dict):
-        res = dict(res)
-        res["wall_s"] = round(self.wall_offset + time.time() - self._t0, 2)
-        self._flush_running()
-        res["train"] = {k: sum(v) / len(v) for k, v in self.running.items() if v}
-        res["nonfinite_skipped"] = dict(self.nonfinite)
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(res) + "\n")
-        if self._tb is not None:
-            for k, v in res.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(f"eval/{k}", v, self.step)
-            for k, v in res["train"].items():
-                self._tb.add_scalar(f"train/{k}", v, self.step)
-        return res
+    def report(self, res: dict, wall_s: float) -> str:
+        """``report.md``: baselines vs student (engine/report.py); returns the metrics table."""
+        tab, _ = write_report(self, wall_s, self.cfg["eval"]["teacher_steps"])
+        return tab
 
     def _collapse_check(self, x: torch.Tensor) -> None:
         """Warn when the sample spread falls toward zero (mode collapse), relative to the target's
@@ -513,53 +427,9 @@ class Distiller:
             self.log(f"warning: possible collapse at step {self.step}: sample spread {spread:.3g} is below 10 % "
                      f"of the reference {self._spread_ref:.3g}")
 
-    def train(self, resume: bool = False) -> dict:
-        tc = self.cfg["train"]
-        main = self.dist.is_main
-        os.makedirs(self.run_dir, exist_ok=True)
-        self._t0 = time.time()
-        self._spread_ref = None
-        if resume:
-            self.load_latest()
-        if main:
-            dump(self.cfg, os.path.join(self.run_dir, "config.yaml"))
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
-            except ImportError:  # tensorboard is a dependency, but keep training if it is broken
-                self._tb = None
-        from scoredistill.engine.progress import Progress
-
-        last = None
-        evaluated = False
-        try:
-            with Progress(tc["steps"], self.step, enabled=tc["progress"] and main) as bar:
-                while self.step < tc["steps"]:
-                    self.train_step()
-                    _fault("step", self.step)
-                    if self.step % tc["log_every"] == 0 or self.step == tc["steps"]:
-                        self._flush_running()
-                        bar.update(self.step, {k: sum(v[-tc["log_every"]:]) / len(v[-tc["log_every"]:])
-                                               for k, v in self.running.items() if k.startswith("loss")})
-                    if self.step % self.cfg["eval"]["every"] == 0 or self.step == tc["steps"]:
-                        evaluated = True
-                        self._sync_student()
-                        if main:
-                            last = self._write_metrics(self.evaluate())
-                            self.running = {}
-                            bar.note(last)
-                    if self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]:
-                        self.save()
-                        self.dist.barrier()
-            if not evaluated:
-                self._sync_student()
-                if main:
-                    last = self._write_metrics(self.evaluate())
-        finally:
-            if self._tb is not None:
-                self._tb.close()
-        return last
+    def train(self, resume: bool = False) -> dict | None:
+        """The name this class had before the loop was shared: :meth:`Loop.run`."""
+        return self.run(resume)
 
     def close(self):
         self.dist.close()

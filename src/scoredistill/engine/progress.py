@@ -6,8 +6,8 @@ import sys
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0, enabled: bool = True):
-        self.total, self.start = total, start
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, label: str = "distill"):
+        self.total, self.start, self.label = total, start, label
         self.enabled = enabled and sys.stderr.isatty()
         self._p = None
 
@@ -16,10 +16,10 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RP
 
-            self._p = RP(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            self._p = RP(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                          TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
             self._p.__enter__()
-            self._task = self._p.add_task("distill", total=self.total, completed=self.start, info="")
+            self._task = self._p.add_task(self.label, total=self.total, completed=self.start, info="")
         return self
 
     def update(self, step: int, losses: dict):

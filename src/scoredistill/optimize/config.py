@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from scoredistill.config import DEFAULTS as DISTILL_DEFAULTS
-from scoredistill.config import _parse_value
+from scoredistill.config import _parse_value, check_optimizers
 from scoredistill.errors import ConfigError
 from scoredistill.optimize.schedule import parse_schedule
 
@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
         "betas": [0.9, 0.99],
         "eps": 1e-15,             # threestudio's Adam eps
         "weight_decay": 0.0,
+        "optimizer": "adam",      # adam | adamw | radam (engine/optim.py)
+        "fake_optimizer": None,   # null: as optimizer
         "fake_lr": 1e-3,          # schedulable
         "fake_betas": [0.9, 0.999],
         "fake_steps": 1,          # fake-score updates per parameter update (ProlificDreamer K = 1)
@@ -165,6 +167,7 @@ def validate(cfg: dict) -> None:
     _number(cfg, "train", "fake_lr", lo=0, schedulable=True)
     _number(cfg, "train", "eps", lo=0)
     _number(cfg, "train", "weight_decay", lo=0)
+    check_optimizers(t, ("optimizer", "fake_optimizer"))
     _number(cfg, "train", "grad_clip", lo=0, allow_none=True)
     for k in ("betas", "fake_betas"):
         b = t[k]

@@ -1,4 +1,5 @@
-"""The optimization-under-a-prior driver: Adam on a parameterization's tensors under a teacher.
+"""The optimization-under-a-prior driver: a :class:`~scoredistill.engine.loop.Loop` that optimizes a
+parameterization's tensors (``train.optimizer``, Adam by default) under a teacher.
 
 Same objective contract as the generator engine (:class:`~scoredistill.engine.distiller.Distiller`):
 the objective's ``generator_loss`` gives the loss whose gradient w.r.t. the rendered ``x`` is the
@@ -8,39 +9,28 @@ objective that declares ``fake_score`` also gets ``auxiliary_losses`` steps on *
 method's name.
 
 Per step ``i``: (1) set every schedulable scalar to its value at ``i``; (2) fake-score updates;
-(3) render a minibatch, objective loss, backward, non-finite guard, Adam step. Every
-``eval.every`` steps: metrics against the GMM reference (``metrics.jsonl``) and a scatter PNG;
-every ``train.checkpoint_every`` steps: an atomic checkpoint of the parameters, the fake score,
-both optimizers, the RNG states, the step and the objective's own state — JSON running statistics
-(``state_dict``, as in the generator engine) and tensors (``state_tensors``, e.g. CDS's fixed noise) —
-from which ``resume`` continues exactly.
+(3) render a minibatch, objective loss, backward, non-finite guard, optimizer step. Every
+``eval.every`` steps: metrics against the GMM reference (``metrics.jsonl``, TensorBoard) and a scatter
+PNG; every ``train.checkpoint_every`` steps: the loop's atomic checkpoint (parameters, fake score,
+both optimizers, RNG states, the objective's JSON and tensor state such as CDS's fixed noise) plus
+this driver's own sampling RNG and fake warm-up flag, from which ``resume`` continues exactly.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
-import time
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from scoredistill.config import dump
 from scoredistill.engine.build import build_teacher, data_std
-from scoredistill.engine.io import (
-    CheckpointError,
-    apply_checkpoint,
-    atomic_dir,
-    list_checkpoints,
-    prune_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
-    truncate_jsonl,
-)
-from scoredistill.errors import ConfigError, TrainingAborted
+from scoredistill.engine.io import atomic_dir, atomic_write_text
+from scoredistill.engine.loop import Loop
+from scoredistill.engine.optim import build_optimizer, role_optimizer
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, build_objective, canonical_param
 from scoredistill.optimize.fake import ViewConditionedDenoiser
 from scoredistill.optimize.params import (
@@ -112,31 +102,16 @@ def build_parameterization(pc: dict, teacher, seed: int) -> Parameterization:
     return CallableRenderer(render, init, nv, cls, views, pc["batch_size"])
 
 
-class _StateBag(torch.nn.Module):
-    """Checkpoint carrier for an objective's own tensors (``state_tensors``)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        for k, v in tensors.items():
-            self.register_buffer(k, v.detach().clone())
-
-
-class PriorOptimizer:
+class PriorOptimizer(Loop):
     """Optimize a parameterization under a teacher with any objective of the library."""
+
+    progress_label = "optimize"
 
     def __init__(self, cfg: dict, run_dir: str | None = None, log=print,
                  param: Parameterization | None = None):
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.log = log
+        super().__init__(cfg, run_dir, log)
         tc = cfg["train"]
-        if tc["threads"]:
-            torch.set_num_threads(int(tc["threads"]))
-        self.device = torch.device(tc["device"])
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device",
-                              "cuda requested but no CUDA device is available; accepted here: cpu")
-        torch.manual_seed(tc["seed"])
+        self.seed()
         convention = cfg["teacher"].get("guidance_convention", "canonical")
         obj_cfg, self.obj_schedules = extract_schedules(cfg["objective"], "objective")
         self.obj_schedules = {k: sch.map(functools.partial(canonical_param, k, convention=convention))
@@ -152,10 +127,9 @@ class PriorOptimizer:
             if sch is not None:
                 self.lr_schedules[k] = sch
         lr = self.lr_schedules["lr"](0) if "lr" in self.lr_schedules else tc["lr"]
-        adam = torch.optim.Adam(self.param.parameters(), lr=lr, betas=tuple(tc["betas"]), eps=tc["eps"],
-                                weight_decay=tc["weight_decay"])
-        self.optimizers = {"params": adam}
-        self.modules: dict[str, torch.nn.Module] = {"params": self.param}
+        optimizers = {"params": build_optimizer(role_optimizer(tc, "optimizer"), self.param.parameters(), lr,
+                                                tc["betas"], tc["weight_decay"], eps=tc["eps"])}
+        self.modules = {"params": self.param}
         self.fake = None
         if "fake_score" in self.objective.requirements():
             fc = cfg["fake_score"]
@@ -165,9 +139,11 @@ class PriorOptimizer:
             self.fake = ViewConditionedDenoiser(t.process, t.data_shape, t.num_classes, views, fc["width"],
                                                 fc["depth"], sd).to(self.device)
             flr = self.lr_schedules["fake_lr"](0) if "fake_lr" in self.lr_schedules else tc["fake_lr"]
-            self.optimizers["fake_score"] = torch.optim.Adam(self.fake.parameters(), lr=flr,
-                                                             betas=tuple(tc["fake_betas"]))
+            # the critic keeps torch's eps and no decay: train.eps / train.weight_decay are the parameters'
+            optimizers["fake_score"] = build_optimizer(role_optimizer(tc, "fake_optimizer", "optimizer"),
+                                                       self.fake.parameters(), flr, tc["fake_betas"])
             self.modules["fake_score"] = self.fake
+        self._set_optimizers(optimizers)
         req = self.objective.requirements()
         if "class_conditional" in req:
             if not self.teacher.num_classes:
@@ -182,13 +158,7 @@ class PriorOptimizer:
             raise ConfigError("objective.name", f"{self.objective.name} needs {need}, which the optimizer "
                               "does not provide; use `scoredistill distill`")
         self.rng = torch.Generator().manual_seed(tc["seed"])
-        self.step = 0
-        self.nonfinite = {r: 0 for r in self.optimizers}
-        self.consecutive = {r: 0 for r in self.optimizers}
-        self.running: dict[str, list[float]] = {}
-        self.wall_offset = 0.0
         self.warmed = False
-        self._t0 = time.time()
         self._preflight()
 
     def _preflight(self):
@@ -230,11 +200,6 @@ class PriorOptimizer:
         return OptBatch(x=rendered.x, cond=rendered.cond, view=rendered.view, index=index,
                         num_items=self.param.num_items, rng=self.rng, step=self.step)
 
-    def _record(self, key, value):
-        if torch.is_tensor(value):
-            value = float(value.detach().double().mean())
-        self.running.setdefault(key, []).append(float(value))
-
     def _apply(self, loss: torch.Tensor, role: str) -> bool:
         opt = self.optimizers[role]
         opt.zero_grad(set_to_none=True)
@@ -247,18 +212,12 @@ class PriorOptimizer:
                 norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
                 self._record(f"grad_norm/{role}", float(norm))
                 ok = math.isfinite(float(norm))
+        if not ok:
+            opt.zero_grad(set_to_none=True)
+        self._guard([role], ok)
         if ok:
-            self.consecutive[role] = 0
             opt.step()
-            return True
-        opt.zero_grad(set_to_none=True)
-        self.nonfinite[role] += 1
-        self.consecutive[role] += 1
-        if self.consecutive[role] >= self.cfg["train"]["nan_guard_max"]:
-            raise TrainingAborted(f"{role}: loss or gradients non-finite for {self.consecutive[role]} "
-                                  f"consecutive steps (step {self.step}); lower train.lr, check the teacher, "
-                                  "or raise train.nan_guard_max")
-        return False
+        return ok
 
     def fake_step(self):
         index = self.param.sample_index(self.cfg["params"]["batch_size"], self.rng)
@@ -322,23 +281,15 @@ class PriorOptimizer:
         return res
 
     # -- outputs & checkpoints -----------------------------------------------------------------------------
-    def _objective_state(self) -> dict[str, torch.Tensor]:
-        fn = getattr(self.objective, "state_tensors", None)
-        return {k: v.detach().cpu().contiguous() for k, v in (fn() if fn else {}).items()}
+    def _extra_meta(self) -> dict:
+        return {"warmed": self.warmed}
 
-    def save(self):
-        meta = {"step": self.step, "nonfinite": self.nonfinite, "consecutive": self.consecutive,
-                "wall": self.wall_offset + (time.time() - self._t0), "warmed": self.warmed,
-                "objective": self.objective.state_dict()}
-        rngs = {"train": self.rng.get_state(), "torch": torch.get_rng_state()}
-        modules = dict(self.modules)
-        state = self._objective_state()
-        if state:
-            modules["objective"] = _StateBag(state)
-        folder = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:07d}")
-        save_checkpoint(folder, modules, self.optimizers, rngs, meta)
-        prune_checkpoints(self.run_dir, self.cfg["train"]["keep_checkpoints"])
-        self.export()
+    def _extra_rngs(self) -> dict[str, torch.Tensor]:
+        return {"train": self.rng.get_state()}
+
+    def _load_extra(self, meta: dict, rngs: dict) -> None:
+        self.rng.set_state(rngs["train"])
+        self.warmed = bool(meta.get("warmed", True))
 
     def export(self):
         """``params.safetensors`` (the parameterization's tensors) and, for particles,
@@ -356,74 +307,20 @@ class PriorOptimizer:
         for f in os.listdir(os.path.join(self.run_dir, ".export")):
             os.replace(os.path.join(self.run_dir, ".export", f), os.path.join(self.run_dir, f))
 
-    def load_latest(self) -> int:
-        cks = list_checkpoints(self.run_dir)
-        if not cks:
-            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
-        errors = []
-        for folder in reversed(cks):
-            try:
-                tensors, meta = read_checkpoint(folder)
-                rngs = apply_checkpoint(tensors, meta, self.modules, self.optimizers)
-            except CheckpointError as e:
-                errors.append(str(e))
-                self.log(f"warning: skipping unreadable checkpoint {folder}: {e}")
-                continue
-            pre = "model/objective/"
-            state = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
-            if state and hasattr(self.objective, "load_state_tensors"):
-                self.objective.load_state_tensors(state)
-            self.objective.load_state_dict(meta.get("objective", {}))
-            self.rng.set_state(rngs["train"])
-            torch.set_rng_state(rngs["torch"])
-            self.step = int(meta["step"])
-            self.nonfinite.update(meta.get("nonfinite", {}))
-            self.consecutive.update(meta.get("consecutive", {}))
-            self.wall_offset = float(meta.get("wall", 0.0))
-            self.warmed = bool(meta.get("warmed", True))
-            self._truncate_metrics(self.step)
-            return self.step
-        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
-
-    def _truncate_metrics(self, step):
-        truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), step)
-
-    def _write_metrics(self, res: dict) -> dict:
-        res = dict(res)
-        res["wall_s"] = round(self.wall_offset + time.time() - self._t0, 2)
-        res["train"] = {k: sum(v) / len(v) for k, v in self.running.items() if v}
-        res["nonfinite_skipped"] = dict(self.nonfinite)
-        if self.run_dir is not None:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(res) + "\n")
-        return res
-
-    # -- main loop -------------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
-        """Optimize for ``train.steps`` steps (outputs only with a ``run_dir``); returns the last metrics."""
-        tc = self.cfg["train"]
-        self._t0 = time.time()
-        if self.run_dir is not None:
-            os.makedirs(self.run_dir, exist_ok=True)
-            if resume:
-                self.load_latest()
-            dump(self.cfg, os.path.join(self.run_dir, "config.yaml"))
-        from scoredistill.engine.progress import Progress
-
-        last = None
-        with Progress(tc["steps"], self.step, enabled=tc["progress"] and self.run_dir is not None) as bar:
-            while self.step < tc["steps"]:
-                self.train_step()
-                if self.step % tc["log_every"] == 0 or self.step == tc["steps"]:
-                    bar.update(self.step, {k: sum(v[-tc["log_every"]:]) / len(v[-tc["log_every"]:])
-                                           for k, v in self.running.items() if k.startswith("loss")})
-                if self.step % self.cfg["eval"]["every"] == 0 or self.step == tc["steps"]:
-                    last = self._write_metrics(self.evaluate())
-                    self.running = {}
-                    bar.note(last)
-                due = self.step % tc["checkpoint_every"] == 0 or self.step == tc["steps"]
-                if self.run_dir is not None and due:
-                    self.save()
-        if last is None:
-            last = self._write_metrics(self.evaluate())
-        return last
+    def report(self, res: dict, wall_s: float) -> str:
+        """``report.md``: the final metrics and scatter; returns a one-line summary."""
+        title = f"# scoredistill optimize: {self.objective.name} on {self.param.kind} ({self.param.num_items} items)"
+        lines = [title,
+                 "", f"steps: {self.step}, wall: {res.get('wall_s', wall_s):.1f} s", "",
+                 "| metric | value |", "|---|---|"]
+        for k, v in res.items():
+            if isinstance(v, (int, float)) and k not in ("step", "wall_s"):
+                lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        samples = os.path.join(self.run_dir, "samples")
+        pngs = sorted(os.listdir(samples)) if os.path.isdir(samples) else []
+        if pngs:
+            lines += ["", f"![final](samples/{pngs[-1]})"]
+        atomic_write_text(os.path.join(self.run_dir, "report.md"), "\n".join(lines) + "\n")
+        summary = ", ".join(f"{k} {res[k]:.3f}" for k in ("precision", "sw2", "spread_ratio", "mode_spread_ratio",
+                                                           "class_accuracy") if isinstance(res.get(k), float))
+        return f"step {self.step}: {summary}" if summary else f"step {self.step}"
