@@ -55,12 +55,17 @@ def test_every_registered_objective_has_a_page():
     assert len(OBJECTIVES) >= 18
 
 
-@pytest.mark.parametrize("name", ["dmd", "dmd2", "vsd", "sid", "sim", "fdistill", "swiftbrush", "sfd", "msd"])
-def test_generator_method_pages_cite_their_paper_and_are_indexed(name):
-    text = open(os.path.join(ROOT, "docs", "objectives", f"{name}.md"), encoding="utf-8").read()
-    assert re.search(r"arXiv\s+\[?\d{4}\.\d{5}", text), f"docs/objectives/{name}.md cites no arXiv id"
+METHOD_PAGES = [("objectives", n) for n in ("dmd", "dmd2", "vsd", "sid", "sim", "fdistill", "swiftbrush", "sfd", "msd")]
+METHOD_PAGES += [("optimize", n) for n in ("sds", "vsd_particles", "esd", "asd", "csd", "ism", "tsm", "cds", "bsd")]
+
+
+@pytest.mark.parametrize("folder,name", METHOD_PAGES)
+def test_method_pages_cite_their_paper_state_pitfalls_and_are_indexed(folder, name):
+    text = open(os.path.join(ROOT, "docs", folder, f"{name}.md"), encoding="utf-8").read()
+    assert re.search(r"arXiv\s+\[?\d{4}\.\d{5}", text), f"docs/{folder}/{name}.md cites no arXiv id"
+    assert "\n## Pitfalls" in text, f"docs/{folder}/{name}.md has no Pitfalls section"
     index = open(os.path.join(ROOT, "docs", "objectives.md"), encoding="utf-8").read()
-    assert f"(objectives/{name}.md)" in index
+    assert f"({folder}/{name}.md)" in index, f"docs/objectives.md does not link {folder}/{name}.md"
 
 
 def _links(path):
