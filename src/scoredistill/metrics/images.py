@@ -1,6 +1,6 @@
 """Offline image metrics: a classifier trained on the fly, and its feature-space Fréchet distance.
 
-No Inception weights ship with any pip package (cpu-notes §3), so the default quality metric for a
+No Inception weights ship with any pip package (they are a separate download), so the default quality metric for a
 bundled dataset is computed in the 128-d hidden layer of a small classifier fitted (in seconds,
 seeded) to the dataset's *training* split. The classifier is chosen by the dataset's name
 (:data:`CLASSIFIERS`): an sklearn MLP on the 64 pixels of the 8x8 digits, a small CNN on 28x28 MNIST

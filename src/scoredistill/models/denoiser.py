@@ -34,7 +34,7 @@ class Denoiser(nn.Module):
         """Canonical CFG ``D_u + w (D_c - D_u)``; one batched call of size ``2B`` when guiding.
 
         ``w == 1`` (or no condition) is exactly the conditional call, so every field reduces to the
-        unguided one (methods.md §1.3). Samples whose label is already null are left unguided.
+        unguided one (docs/processes.md). Samples whose label is already null are left unguided.
         """
         if cond is None or w == 1.0:
             return self.denoise(x_t, t, cond)

@@ -1,4 +1,4 @@
-"""MSD: multi-student distillation as a generator architecture (arXiv 2410.23274; methods.md §3.11).
+"""MSD: multi-student distillation as a generator architecture (arXiv 2410.23274; docs/objectives/msd.md).
 
 The classes are partitioned into ``K`` contiguous blocks (student ``k`` owns classes
 ``c`` with ``c * K // C == k``); each student is its own :class:`MLPGenerator`, and every sample is
@@ -7,8 +7,8 @@ unchanged (the recipe ``recipes/toy/msd.yaml`` uses DMD2): a student only receiv
 the samples of its own classes, which is MSD's "student k is trained only on its subset".
 
 The fake score stays one class-conditional network: conditioning on the label already makes it a
-separate score model per class, hence per student. Whether the paper uses one fake network per
-student is not stated (methods.md §3.11 [U]). The teacher-score-matching initialisation for students
+separate score model per class, hence per student. The paper does not say whether it uses one fake
+network per student (and no code is public). The teacher-score-matching initialisation for students
 smaller than the teacher is not part of this module.
 """
 

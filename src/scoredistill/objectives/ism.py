@@ -94,7 +94,7 @@ class ISMParams(ObjectiveParams):
     delta_t_start: float = 0.1      # interval at step 0, annealed to delta_t over warmup_iter
     xs_delta_t: float = 0.2         # stride of the x_s inversion
     xs_inv_steps: int = 5
-    warmup_iter: int = 1500
+    warmup_iter: int = dataclasses.field(default=1500, metadata={"unit": "steps"})  # rescaled with a budget
     max_t_range: float = 0.98       # upper time bound at step 0 (annealed to time.t_max)
     noise_offset: float = 0.1
     grad_clamp: float | None = None

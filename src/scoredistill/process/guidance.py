@@ -1,4 +1,4 @@
-"""Classifier-free guidance in one canonical form (methods.md §1.3, pitfall §8.1).
+"""Classifier-free guidance in one canonical form (docs/processes.md, "Classifier-free guidance").
 
 Canonical: ``D^w = D_u + w (D_c - D_u)``; ``w = 1`` is the unguided conditional model, ``w = 0``
 the unconditional one. Code bases that write ``D_c + s (D_c - D_u)`` (threestudio SDS, Consistent3D,

@@ -6,7 +6,7 @@ ever see ``alpha(t)``, ``sigma(t)`` and the *noise-to-signal ratio* ``rho(t) = s
 (the EDM sigma of the equivalent variance-exploding process, arXiv 2206.00364 §2). A native network
 gets its own time input from :meth:`Process.native_time`.
 
-Processes (methods.md §1.1):
+Processes (docs/processes.md):
 
 * :class:`VPDiscrete` -- DDPM with ``N`` steps (linear, scaled-linear, cosine betas); ``t = n/N``;
   between grid points ``log alpha_bar`` is interpolated linearly. Native time: ``n = t*N``.
@@ -106,7 +106,7 @@ class Process:
 
     # -- prediction conversions (x0 is the hub; float64 inside) --------------------------------------
     def to_x0(self, x_t: Tensor, pred: Tensor, t: Tensor, kind: str) -> Tensor:
-        """Convert a network prediction of type ``kind`` into ``x0`` (methods.md §1.2).
+        """Convert a network prediction of type ``kind`` into ``x0`` (docs/processes.md, "Conversions").
 
         ``eps``: ``x0 = (x_t - s eps)/a``; ``v`` (VP v-prediction ``v = a eps - s x0``):
         ``x0 = (a x_t - s v)/(a^2 + s^2)``; ``flow`` (velocity ``v = eps - x0``):

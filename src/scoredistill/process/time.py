@@ -2,7 +2,7 @@
 
 Samplers that are defined on the noise level (log-normal) work on ``rho = sigma/alpha`` and map
 back with :meth:`Process.t_from_rho`, so one sampler means the same noise distribution under every
-process. methods.md §1.6.
+process (docs/processes.md, "Time samplers").
 """
 
 from __future__ import annotations

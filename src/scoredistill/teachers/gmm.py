@@ -1,4 +1,4 @@
-"""Gaussian-mixture teachers with exact denoisers under every process (methods.md §7).
+"""Gaussian-mixture teachers with exact denoisers under every process (docs/teachers.md).
 
 For ``p = sum_k pi_k N(mu_k, s_k^2 I)`` and ``x_t = a x0 + s eps``:
 ``p_t = sum_k pi_k N(a mu_k, (a^2 s_k^2 + s^2) I)`` and the exact denoiser is the

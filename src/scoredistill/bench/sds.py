@@ -1,15 +1,17 @@
-"""The SDS bench: every optimize objective on particles under the GMM teachers, one budget, one seed.
+"""The SDS suite: every optimize objective on particles under the GMM teachers, one budget, one seed.
 
 :func:`run_sds_suite` runs each recipe of ``recipes/optimize`` (``sds, asd, csd, ism, tsm, cds, bsd,
 vsd_particles, esd``) with its own objective / fake-score / optimizer settings, swapping only the teacher
 (``ring8``, ``pair``, ``gmm10d`` unconditional; ``ring8_cond`` with ``params.classes: uniform``, the
-class playing the prompt), the particle count and the step budget. Methods that need classes (CSD, BSD)
-run on the conditional teacher only; every other method runs on all four.
+class playing the prompt), the particle count and the step budget. An objective that declares the
+``class_conditional`` requirement (CSD, BSD: they are defined by their class terms) runs on the
+conditional teacher only; every other method runs on all four.
 
-Budget: ``budget_steps`` optimizer steps per run; every step-valued schedule of the recipe
-(``[start_step, start, end, end_step]`` or ``{start_step, end_step}``) and ISM/TSM's ``warmup_iter`` are
-rescaled by ``budget_steps / recipe steps``, so the run follows the recipe's schedule shape compressed to
-the budget.
+Budget: ``budget_steps`` optimizer steps per run. Every step-valued schedule of the recipe
+(``[start_step, start, end, end_step]`` or ``{start_step, end_step}``) and every objective parameter whose
+Params field is marked as a step count (``metadata={"unit": "steps"}``, e.g. ISM/TSM's ``warmup_iter``)
+is rescaled by ``budget_steps / recipe steps``, so the run follows the recipe's schedule shape compressed
+to the budget.
 
 Reported per (method, teacher): sliced W2 to the teacher and the exact-sample floor (SW2 of ``n`` exact
 samples, same seed), spread ratio (sample std / target std), cluster spread (within-cluster std / target
@@ -22,7 +24,7 @@ end minus at 90 % of the budget), non-finite particles + skipped steps, and wall
 from __future__ import annotations
 
 import copy
-import csv
+import dataclasses
 import math
 import os
 import time
@@ -30,20 +32,25 @@ from pathlib import Path
 
 import torch
 
+from scoredistill.bench.tables import Column, markdown_table, write_tables
 from scoredistill.config import load_yaml
-from scoredistill.optimize.schedule import parse_schedule
+from scoredistill.optimize.schedule import extract_schedules, parse_schedule
 
 METHODS = ("sds", "asd", "csd", "ism", "tsm", "cds", "bsd", "vsd_particles", "esd")
 TEACHERS = ("ring8", "pair", "gmm10d", "ring8_cond")
 CONDITIONAL = {"ring8_cond"}
-NEEDS_CLASSES = {"csd", "bsd"}
 COLUMNS = ("method", "teacher", "steps", "n", "sw2", "sw2_floor", "spread_ratio", "cluster_spread_ratio",
            "modes_covered", "num_modes", "precision", "class_accuracy", "drift_per_step", "radius_growth",
            "radius_mean", "nonfinite", "wall_s")
+STEP_UNIT = "steps"  # Params field metadata {"unit": "steps"}: an integer number of optimizer steps
 
 
 def recipes_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "recipes" / "optimize"
+
+
+def _recipe(method: str, recipes: Path | None) -> dict:
+    return copy.deepcopy(load_yaml(str((recipes or recipes_dir()) / f"{method}.yaml")))
 
 
 def _scale_schedules(node, factor: float, path: str = ""):
@@ -66,18 +73,41 @@ def _scale_schedules(node, factor: float, path: str = ""):
     return node
 
 
+def step_count_params(objective_name: str) -> list[str]:
+    """The objective's parameters that count optimizer steps (Params fields marked ``unit: steps``)."""
+    from scoredistill.objectives import OBJECTIVES
+
+    cls = OBJECTIVES[objective_name]
+    return [f.name for f in dataclasses.fields(cls.Params) if f.metadata.get("unit") == STEP_UNIT]
+
+
+def _scale_step_params(obj: dict, factor: float) -> dict:
+    obj = dict(obj)
+    for k in step_count_params(obj.get("name")):
+        if isinstance(obj.get(k), int) and not isinstance(obj[k], bool):
+            obj[k] = int(round(obj[k] * factor))
+    return obj
+
+
+def needs_classes(method: str, recipes: Path | None = None) -> bool:
+    """Whether the recipe's objective declares the ``class_conditional`` requirement."""
+    from scoredistill.objectives.base import build_objective
+
+    raw = _recipe(method, recipes)
+    section, _ = extract_schedules(raw.get("objective", {}), "objective")
+    convention = raw.get("teacher", {}).get("guidance_convention", "canonical")
+    return "class_conditional" in build_objective(section, convention).requirements()
+
+
 def bench_config(method: str, teacher: str, budget_steps: int, n: int, seed: int, recipes: Path | None = None) -> dict:
     """The resolved config of one (method, teacher) run: the recipe with the teacher, particle count,
     seed and budget replaced."""
     from scoredistill.optimize.config import resolve
 
-    raw = load_yaml(str((recipes or recipes_dir()) / f"{method}.yaml"))
-    raw = copy.deepcopy(raw)
+    raw = _recipe(method, recipes)
     steps0 = int(raw.get("train", {}).get("steps", 1000))
     f = budget_steps / steps0
-    raw["objective"] = _scale_schedules(raw.get("objective", {}), f, "objective")
-    if "warmup_iter" in raw["objective"]:
-        raw["objective"]["warmup_iter"] = int(round(raw["objective"]["warmup_iter"] * f))
+    raw["objective"] = _scale_step_params(_scale_schedules(raw.get("objective", {}), f, "objective"), f)
     tr = raw.setdefault("train", {})
     for k in ("lr", "fake_lr"):
         if k in tr:
@@ -95,12 +125,14 @@ def bench_config(method: str, teacher: str, budget_steps: int, n: int, seed: int
     return resolve(raw)
 
 
-def pairs(methods=None, teachers=None) -> list[tuple[str, str]]:
+def pairs(methods=None, teachers=None, recipes: Path | None = None) -> list[tuple[str, str]]:
+    """The (method, teacher) runs of the suite: class-conditional objectives on conditional teachers only."""
     out = []
     for m in methods or METHODS:
+        cond_only = needs_classes(m, recipes)
         for t in teachers or TEACHERS:
-            if m in NEEDS_CLASSES and t not in CONDITIONAL:
-                continue       # CSD/BSD are defined by their class terms: conditional teacher only
+            if cond_only and t not in CONDITIONAL:
+                continue
             out.append((m, t))
     return out
 
@@ -165,25 +197,22 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _cell(name: str):
+    return lambda row: _fmt(row.get(name))
+
+
+MARKDOWN = [Column(title, _cell(name)) for name, title in (
+    ("method", "method"), ("teacher", "teacher"), ("sw2", "SW2"), ("sw2_floor", "SW2 floor"),
+    ("spread_ratio", "spread"), ("cluster_spread_ratio", "cluster spread"))]
+MARKDOWN.append(Column("modes", lambda r: f"{r.get('modes_covered')}/{r.get('num_modes')}"))
+MARKDOWN += [Column(title, _cell(name)) for name, title in (
+    ("precision", "precision"), ("class_accuracy", "class acc"), ("drift_per_step", "drift/step"),
+    ("radius_growth", "Δradius (last 10 %)"), ("nonfinite", "non-finite"), ("wall_s", "wall s"))]
+
+
 def write_results(rows: list[dict], out_dir: str, header: str = "") -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-    cols = ("method", "teacher", "sw2", "sw2_floor", "spread_ratio", "cluster_spread_ratio", "modes_covered",
-            "precision", "class_accuracy", "drift_per_step", "radius_growth", "nonfinite", "wall_s")
-    names = ("method", "teacher", "SW2", "SW2 floor", "spread", "cluster spread", "modes", "precision",
-             "class acc", "drift/step", "Δradius (last 10 %)", "non-finite", "wall s")
     lines = [header, ""] if header else []
-    lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
-    for r in rows:
-        vals = [_fmt(r.get(c)) for c in cols]
-        vals[6] = f"{r.get('modes_covered')}/{r.get('num_modes')}"
-        lines.append("| " + " | ".join(vals) + " |")
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_tables(out_dir, rows, COLUMNS, lines + markdown_table(rows, MARKDOWN))
 
 
 def run_sds_suite(out_dir: str, methods=None, budget_steps: int = 600, seed: int = 0, teachers=None,
@@ -200,7 +229,7 @@ def run_sds_suite(out_dir: str, methods=None, budget_steps: int = 600, seed: int
     rec = Path(recipes) if recipes else None
     rows = []
     t0 = time.time()
-    for m, t in pairs(methods, teachers):
+    for m, t in pairs(methods, teachers, rec):
         row = run_one(m, t, out_dir, budget_steps, n, seed, rec, plots)
         rows.append(row)
         if log:

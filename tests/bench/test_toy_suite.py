@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from scoredistill.cli.bench import discover
+from scoredistill.bench.toy import discover
 from scoredistill.cli.main import main
 
 TINY = ["--set", "generator.width=16", "--set", "generator.depth=1", "--set", "fake_score.width=16",
