@@ -269,6 +269,33 @@ def test_scm_loss_gradient_jvp_equals_finite_difference(kind):
     assert _rel(grads["fd"], grads["torch"]) < TOL_GRAD[kind]
 
 
+def test_dropout_masks_agree_across_passes():
+    """In training mode with dropout, the two finite-difference passes and the primal pass replay one RNG
+    state (sCM's forked RNG), so the fd tangent still matches the JVP (which is one pass) and the primal
+    F has the mask the tangent was taken with."""
+    p = EDM()
+    net = _perturbed(UNetDenoiser(p, image_shape=(1, 8, 8), channels=(8, 16), emb_dim=16, dropout=0.3)).train()
+    trig = TrigFlow(p, 0.5)
+    x0, eps = _data("unet", 4)
+    t = _times(p, 4)
+    tau = trig.tau(t)
+    x_tau, dx = trig.add_noise(x0, eps, tau), trig.velocity_target(x0, eps, tau)
+    torch.manual_seed(5)
+    F_j, dF_j = cc.scm_F_and_tangent(trig, net, x_tau, t, dx, cc.Tangent("torch"))
+    torch.manual_seed(5)
+    F_f, dF_f = cc.scm_F_and_tangent(trig, net, x_tau, t, dx, cc.Tangent("fd"))
+    assert torch.equal(F_j, F_f)
+    assert _rel(dF_f, dF_j) < TOL_TANGENT["unet"]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        F_jvp_primal = torch.func.jvp(lambda x: trig.F(net, x, t, dtype=torch.float32), (x_tau.double(),),
+                                      (dx.double(),))[0]
+    assert torch.equal(F_j.detach(), F_jvp_primal)  # the same dropout mask as the tangent pass
+    torch.manual_seed(6)
+    F_other = trig.F(net, x_tau, t, dtype=torch.float32)
+    assert not torch.allclose(F_other, F_j)  # dropout is active: another state gives another mask
+
+
 def _gaussian_student(s, rho_min):
     """The exact consistency map of data ``N(0, s^2 I)`` as a denoiser: ``y sqrt(s^2+rho_min^2)/sqrt(s^2+rho^2)``."""
 

@@ -274,31 +274,52 @@ class Tangent:
     def __call__(self, fn, module: nn.Module, primals: tuple, tangents: tuple,
                  step_scale: Tensor | None = None):
         """``fn(module, *primals)`` and its derivative along ``tangents``. ``step_scale`` (``(B,)``):
-        per-sample multiplier of the finite-difference step (the ``fd`` path only)."""
+        per-sample multiplier of the finite-difference step (the ``fd`` path only).
+
+        The ``torch`` path takes both from one ``jvp`` in the caller's grad mode; the ``fd`` path
+        evaluates the primal separately (same RNG state as the differences)."""
         if self.active == "torch":
             try:
                 out, dout = torch.func.jvp(lambda *p: fn(module, *p), primals, tangents)
                 return out, dout.detach().double()
             except (RuntimeError, NotImplementedError, TypeError) as e:
-                where = _innermost_failing(fn, module, primals, tangents)
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                if self.mode == "torch":
-                    raise ConfigError("objective.jvp", f"torch.func.jvp failed in module {where}: {first[:160]}; "
-                                      "use jvp: fd (float64 finite differences) or jvp: auto") from None
-                self.fell_back = True
-                msg = (f"objective.jvp: torch.func.jvp failed in module {where} ({first[:120]}); "
-                       "falling back to float64 finite differences")
-                if self.log is not None:
-                    self.log(msg)
-                else:
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                self._failed(e, fn, module, primals, tangents)
+        device = _device(primals)
+        with _same_rng(device):
+            out = fn(module, *primals)
+        return out, self._fd(fn, module, primals, tangents, step_scale)
+
+    def derivative(self, fn, module: nn.Module, primals: tuple, tangents: tuple,
+                   step_scale: Tensor | None = None) -> Tensor:
+        """Only the derivative (no graph, float64), with the RNG state left as it was on entry, so a
+        following primal pass sees the same dropout masks. Cheaper than :meth:`__call__` when the
+        primal is needed with grad anyway: a ``jvp`` recorded for backward costs twice one without."""
+        device = _device(primals)
+        if self.active == "torch":
+            try:
+                with torch.no_grad(), _same_rng(device):
+                    return torch.func.jvp(lambda *p: fn(module, *p), primals, tangents)[1].double()
+            except (RuntimeError, NotImplementedError, TypeError) as e:
+                self._failed(e, fn, module, primals, tangents)
         return self._fd(fn, module, primals, tangents, step_scale)
 
-    def _fd(self, fn, module, primals, tangents, step_scale):
-        device = next((p.device for p in primals if torch.is_tensor(p)), torch.device("cpu"))
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            out = fn(module, *primals)
+    def _failed(self, e: Exception, fn, module, primals, tangents) -> None:
+        """Raise the one-line error (``torch``) or log the one fallback line (``auto``)."""
+        where = _innermost_failing(fn, module, primals, tangents)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if self.mode == "torch":
+            raise ConfigError("objective.jvp", f"torch.func.jvp failed in module {where}: {first[:160]}; "
+                              "use jvp: fd (float64 finite differences) or jvp: auto") from None
+        self.fell_back = True
+        msg = (f"objective.jvp: torch.func.jvp failed in module {where} ({first[:120]}); "
+               "falling back to float64 finite differences")
+        if self.log is not None:
+            self.log(msg)
+        else:
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _fd(self, fn, module, primals, tangents, step_scale) -> Tensor:
+        device = _device(primals)
         params = {f"m.{k}": (v.detach().double() if v.is_floating_point() else v)
                   for k, v in list(module.named_parameters()) + list(module.named_buffers())}
         bound = _Bound(fn, module)
@@ -312,13 +333,22 @@ class Tangent:
                     args.append(p64 + sign * _col(h, p64).to(p64.device) * d.detach().double())
                 else:
                     args.append(p)
-            with torch.random.fork_rng(devices=devices):
+            with _same_rng(device):
                 return torch.func.functional_call(bound, params, tuple(args)).double()
 
         with torch.no_grad():
             plus, minus = shifted(1.0), shifted(-1.0)
-            dout = (plus - minus) / (2 * _col(h, plus).to(plus.device))
-        return out, dout
+            return (plus - minus) / (2 * _col(h, plus).to(plus.device))
+
+
+def _device(primals) -> torch.device:
+    return next((p.device for p in primals if torch.is_tensor(p)), torch.device("cpu"))
+
+
+def _same_rng(device: torch.device):
+    """Run a block and restore the RNG state after it: every pass of one derivative draws the same
+    dropout masks (sCM's forked RNG, arXiv 2410.11081)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ====================================================================================================
@@ -355,8 +385,8 @@ def scm_F_and_tangent(trig: TrigFlow, student: Denoiser, x_tau: Tensor, t, dx_dt
         return trig.F(net, x, tt, cond, dtype=param_dtype(net))
 
     x_in = x_tau.double()
-    F_theta, dF = tangent(F, student, (x_in, t), (dx, dt), step_scale=tau / cs.clamp(min=1e-12))
-    return F_theta, dF
+    dF = tangent.derivative(F, student, (x_in, t), (dx, dt), step_scale=tau / cs.clamp(min=1e-12))
+    return F(student, x_in, t), dF
 
 
 def scm_tangent(trig: TrigFlow, F_minus: Tensor, dF_scaled: Tensor, x_tau: Tensor, dx_dtau: Tensor, tau,
