@@ -474,6 +474,8 @@ def test_meanflow_identity_on_exact_average_velocity():
     z = torch.randn(n, 4, generator=g, dtype=torch.float64) * std(t)[:, None]
     v = z * ((t - (1 - t) * s * s) / std(t) ** 2)[:, None]  # d ln std / dt times z
     m = nn.Identity()
+    # u(z, t, t) = v(z, t): the average velocity over a vanishing interval is the instantaneous one
+    assert _rel(u_exact(m, z, t - 1e-7, t), v) < 1e-6
     for mode in ("torch", "fd"):
         u, target = cc.meanflow_target(u_exact, m, z, r, t, v, cc.Tangent(mode))
         assert _rel(target, u.double()) < (1e-12 if mode == "torch" else 1e-7)

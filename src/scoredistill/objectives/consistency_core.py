@@ -54,13 +54,13 @@ def param_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 # ====================================================================================================
-# Consistency parameterisation (arXiv 2303.01469 §3 and appendix C; the boundary at rho_min)
+# Consistency parameterisation (arXiv 2303.01469; the boundary at rho_min)
 # ====================================================================================================
 def cm_coefficients(rho: Tensor, sigma_data: float, rho_min: float) -> tuple[Tensor, Tensor]:
     """``c_skip = sd^2 / ((rho - rho_min)^2 + sd^2)``, ``c_out = sd (rho - rho_min) / sqrt(sd^2 + rho^2)``.
 
     ``f = c_skip y + c_out F`` then satisfies ``f(y, rho_min) = y`` exactly (``c_skip = 1``,
-    ``c_out = 0``) for any finite ``F`` (arXiv 2303.01469 eq. (5)-(6), written in the VE level ``rho``).
+    ``c_out = 0``) for any finite ``F`` (arXiv 2303.01469, written in the VE level ``rho``).
     """
     rho = rho.to(torch.float64)
     sd = float(sigma_data)
@@ -106,7 +106,7 @@ def ict_huber_c(dim: int) -> float:
 
 
 def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
-    """Per-sample ``sqrt(||x - y||^2 + c^2) - c`` (arXiv 2310.14189 §3.3), shape ``(B,)``.
+    """Per-sample ``sqrt(||x - y||^2 + c^2) - c`` (arXiv 2310.14189), shape ``(B,)``.
 
     Written as ``r^2 / (sqrt(r^2 + c^2) + c)`` (the same number) so small residuals do not cancel:
     ``~ r^2 / (2c)`` for ``r << c`` (L2 scaled by ``1/2c``), ``~ r - c`` for ``r >> c`` (L1-like).
@@ -125,7 +125,7 @@ def karras_levels(n: int, rho_min: float = 0.002, rho_max: float = 80.0, power: 
 
 def ict_num_levels(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT's doubling curriculum ``N(k) = min(s0 2^floor(k/K'), s1) + 1`` with
-    ``K' = floor(K / (log2 floor(s1/s0) + 1))`` (arXiv 2310.14189 §3.4)."""
+    ``K' = floor(K / (log2 floor(s1/s0) + 1))`` (arXiv 2310.14189)."""
     stages = int(math.log2(s1 // s0)) + 1
     k_prime = max(total_steps // stages, 1)
     return min(s0 * 2 ** (step // k_prime), s1) + 1
@@ -134,7 +134,7 @@ def ict_num_levels(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
 def lognormal_index_probs(levels: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
     """Probabilities of the pair index ``i`` (pairs ``(rho_i, rho_{i+1})``, ``i < n - 1``):
     ``p(i) ∝ erf((ln rho_{i+1} - P_mean)/(sqrt2 P_std)) - erf((ln rho_i - P_mean)/(sqrt2 P_std))``,
-    the lognormal mass between the two levels (arXiv 2310.14189 §3.5)."""
+    the lognormal mass between the two levels (arXiv 2310.14189)."""
     z = (levels.to(torch.float64).log() - p_mean) / (math.sqrt(2.0) * p_std)
     mass = torch.erf(z[1:]) - torch.erf(z[:-1])
     return mass / mass.sum()
@@ -159,7 +159,7 @@ def level_times(process: Process, levels: Tensor) -> Tensor:
 
 
 # ====================================================================================================
-# Teacher PF-ODE step between adjacent levels (CD, arXiv 2303.01469 Alg. 2)
+# Teacher PF-ODE step between adjacent levels (CD, arXiv 2303.01469)
 # ====================================================================================================
 ODE_SOLVERS = ("heun", "euler", "ddim")
 
@@ -370,7 +370,7 @@ def scm_F_and_tangent(trig: TrigFlow, student: Denoiser, x_tau: Tensor, t, dx_dt
     ``cos(tau) sin(tau) dF/dtau`` along the PF-ODE (float64, detached).
 
     The total derivative is one JVP of ``F`` at ``(x_tau, t)`` with tangent
-    ``cos(tau) sin(tau) (dx_tau/dtau, dt/dtau)`` -- sCM's scaled tangent (arXiv 2410.11081 §4.2, which
+    ``cos(tau) sin(tau) (dx_tau/dtau, dt/dtau)`` -- sCM's scaled tangent (arXiv 2410.11081, which
     keeps it finite as ``tau -> pi/2``); ``dt/dtau = 1/tau'(t)`` comes from forward-mode AD through the
     process schedule, so the network is differentiated in its own canonical time. The finite-difference
     step is ``fd_step * tau`` in ``tau`` (relative, as the network varies on the scale of ``tau``).
@@ -392,7 +392,7 @@ def scm_F_and_tangent(trig: TrigFlow, student: Denoiser, x_tau: Tensor, t, dx_dt
 def scm_tangent(trig: TrigFlow, F_minus: Tensor, dF_scaled: Tensor, x_tau: Tensor, dx_dtau: Tensor, tau,
                 r: float = 1.0) -> Tensor:
     """sCM's tangent ``g = -cos^2(tau) (sd F^- - dx/dtau) - r cos(tau) sin(tau) (x_tau + sd dF^-/dtau)``
-    (arXiv 2410.11081 eq. 8 with warm-up factor ``r``), float64, detached. ``dF_scaled`` is
+    (arXiv 2410.11081, with warm-up factor ``r``), float64, detached. ``dF_scaled`` is
     ``cos(tau) sin(tau) dF^-/dtau`` as returned by :func:`scm_F_and_tangent`.
 
     The loss ``||F_theta - sg(F_theta) - g||^2`` then has the gradient ``-2 dF_theta/dtheta^T g``, the
@@ -407,7 +407,7 @@ def scm_tangent(trig: TrigFlow, F_minus: Tensor, dF_scaled: Tensor, x_tau: Tenso
 
 
 def normalize_tangent(g: Tensor, c: float = 0.1, size_invariant: bool = False) -> Tensor:
-    """``g / (||g|| + c)`` per sample (sCM's tangent normalisation, arXiv 2410.11081 §4.2, c = 0.1);
+    """``g / (||g|| + c)`` per sample (sCM's tangent normalisation, arXiv 2410.11081, c = 0.1);
     ``size_invariant`` divides the norm by ``sqrt(numel per sample)`` first (FastGen's option), so the
     same ``c`` means the same thing at every resolution."""
     n = g.reshape(g.shape[0], -1).norm(dim=1)
@@ -422,7 +422,7 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
 
 
 def scm_prior_weight(trig: TrigFlow, tau) -> Tensor:
-    """sCM's prior weight ``1/(sd tan tau)``: one over the VE noise level (arXiv 2410.11081 §4.3)."""
+    """sCM's prior weight ``1/(sd tan tau)``: one over the VE noise level (arXiv 2410.11081)."""
     return 1.0 / trig.rho_of_tau(tau)
 
 
@@ -444,8 +444,8 @@ def scm_loss(F_theta: Tensor, g: Tensor, weight: Tensor | float = 1.0, logvar: T
 
 
 class AdaptiveWeight(nn.Module):
-    """sCM's learned loss weight: ``tau -> logvar(tau)`` (arXiv 2410.11081 §4.3, the adaptive weighting
-    of EDM2, arXiv 2312.02696 §5). Fourier features of ``c_noise = ln(sd tan tau)/4`` and one linear map,
+    """sCM's learned loss weight: ``tau -> logvar(tau)`` (arXiv 2410.11081, the adaptive weighting
+    of EDM2, arXiv 2312.02696). Fourier features of ``c_noise = ln(sd tan tau)/4`` and one linear map,
     zero-initialised (``logvar = 0``: weight 1). Minimising ``L/e^{lv} + lv`` over ``lv`` gives
     ``lv = ln L``, so the weighted loss is the loss relative to its running level at that time."""
 
@@ -473,7 +473,7 @@ def meanflow_target(u_fn, module: nn.Module, z: Tensor, r: Tensor, t: Tensor, v:
                     tangent: Tangent) -> tuple[Tensor, Tensor]:
     """The average velocity ``u = u_fn(module, z, r, t)`` and MeanFlow's target
     ``sg(v - (t - r) du/dt)`` with the total derivative ``du/dt = v . d_z u + d_t u`` -- one JVP with
-    tangent ``(v, 0, 1)`` (arXiv 2505.13447 eq. 8). At ``r = t`` the target is ``v``: plain flow
+    tangent ``(v, 0, 1)`` (arXiv 2505.13447). At ``r = t`` the target is ``v``: plain flow
     matching. ``r``, ``t`` are ``(B,)``; ``v`` the instantaneous velocity at ``(z, t)``. Float64 target.
     """
     zeros, ones = torch.zeros_like(r), torch.ones_like(t)

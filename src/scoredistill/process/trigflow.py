@@ -1,4 +1,4 @@
-"""TrigFlow coordinates over any library process (sCM, arXiv 2410.11081 §2 and §4.1).
+"""TrigFlow coordinates over any library process (sCM, arXiv 2410.11081).
 
 TrigFlow writes a noisy sample as ``x_tau = cos(tau) x0 + sin(tau) z`` with ``z ~ N(0, sd^2 I)``,
 ``tau in [0, pi/2]`` and ``sd`` the data standard deviation (``sigma_data``). Dividing by ``cos tau``
