@@ -1,0 +1,124 @@
+"""Cost of one sCM (sCD) student loss + backward with the tangent by ``torch.func.jvp`` and by float64
+central finite differences, each as a ratio to a DMD2-style loss + backward on the same network
+(issue 15: goal <= 2.0 for the JVP path).
+
+Networks (as in benchmarks/step_overhead.py): ``mlp`` -- the toy MLPDenoiser (256 wide, 4 blocks, 2-D
+data, batch 256); ``unet`` -- the digits UNetDenoiser ((1, 8, 8), channels (32, 64), batch 64). The
+teacher is a frozen copy of the student's network.
+
+* ``dmd2``: two network passes + backward -- the student as a one-step generator
+  ``x = D_theta(rho_max z, t_max)`` (with grad), one frozen score pass at a re-noised ``x_t`` (no
+  grad), the injected field ``x - D(x_t)`` and the backward through the generator.
+* ``scm_jvp``: teacher PF-ODE velocity at ``x_tau`` (no grad), ``F_theta`` and
+  ``cos sin dF/dtau`` from one ``torch.func.jvp`` (its primal carries the graph), the normalised
+  tangent, the sCM loss with prior weight, backward.
+* ``scm_fd``: the same with the tangent from two extra float64 passes (plus the primal pass).
+
+Timing: each candidate is warmed up, then timed in ``--rounds`` interleaved rounds of ``--iters``
+calls (the order rotates each round); a time is the fastest round's mean (other jobs only ever add
+time), a ratio the quotient of two such times.
+
+Usage: python benchmarks/scm_step.py [--models mlp,unet] [--iters 5] [--rounds 7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from scoredistill.models.mlp import MLPDenoiser
+from scoredistill.models.unet import UNetDenoiser
+from scoredistill.objectives import consistency_core as cc
+from scoredistill.process import EDM
+from scoredistill.process.trigflow import TrigFlow
+
+CLOCK = time.perf_counter
+
+
+def build(model: str, width: int):
+    p = EDM()
+    if model == "mlp":
+        net, shape, batch = MLPDenoiser(p, dim=2, width=width, depth=4, sigma_data=0.5), (2,), 256
+    else:
+        net, shape, batch = UNetDenoiser(p, image_shape=(1, 8, 8), channels=(32, 64)), (1, 8, 8), 64
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-initialised output layers would make every tangent trivial
+        for prm in net.parameters():
+            prm.add_(0.02 * torch.randn(prm.shape, generator=g))
+    teacher = copy.deepcopy(net).requires_grad_(False).eval()
+    return p, net, teacher, shape, batch
+
+
+def steps(p, net, teacher, shape, batch):
+    trig = TrigFlow(p, 0.5)
+    g = torch.Generator().manual_seed(1)
+    x0 = 0.5 * torch.randn(batch, *shape, generator=g)
+    z = torch.randn(batch, *shape, generator=g)
+    t = p.t_from_rho(torch.exp(-1.0 + 1.4 * torch.randn(batch, generator=g, dtype=torch.float64)))
+    tau = trig.tau(t)
+    x_tau = trig.add_noise(x0, z, tau)
+    t_max = torch.full((batch,), p.t_max, dtype=torch.float64)
+    t_fake = torch.full((batch,), 0.5, dtype=torch.float64)
+
+    def dmd2():
+        net.zero_grad(set_to_none=True)
+        x = net(float(p.rho_max) * z, t_max)
+        with torch.no_grad():
+            x_t = p.add_noise(x, x0, t_fake)
+            field = x - teacher(x_t, t_fake)
+        loss = 0.5 * ((x - (x - field).detach()) ** 2).mean()
+        loss.backward()
+
+    def scm(mode):
+        tangent = cc.Tangent(mode)
+
+        def step():
+            net.zero_grad(set_to_none=True)
+            dx = cc.teacher_velocity(trig, teacher, x_tau, t)
+            F, dF = cc.scm_F_and_tangent(trig, net, x_tau, t, dx, tangent)
+            gt = cc.normalize_tangent(cc.scm_tangent(trig, F, dF, x_tau, dx, tau))
+            cc.scm_loss(F, gt, cc.scm_prior_weight(trig, tau)).mean().backward()
+
+        return step
+
+    return {"dmd2": dmd2, "scm_jvp": scm("torch"), "scm_fd": scm("fd")}
+
+
+def interleaved(fns: dict, iters: int, rounds: int, warmup: int = 2) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    best = {n: float("inf") for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = CLOCK()
+            for _ in range(iters):
+                fns[n]()
+            best[n] = min(best[n], (CLOCK() - t0) / iters)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mlp,unet")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mlp-width", type=int, default=256)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), fastest of {args.rounds} rounds x {args.iters}")
+    print(f"{'model':6} {'dmd2 ms':>9} {'scm_jvp ms':>11} {'scm_fd ms':>10} {'jvp/dmd2':>9} {'fd/dmd2':>8}")
+    for model in args.models.split(","):
+        best = interleaved(steps(*build(model, args.mlp_width)), args.iters, args.rounds)
+        d = best["dmd2"]
+        print(f"{model:6} {1e3 * d:9.2f} {1e3 * best['scm_jvp']:11.2f} {1e3 * best['scm_fd']:10.2f} "
+              f"{best['scm_jvp'] / d:9.2f} {best['scm_fd'] / d:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
