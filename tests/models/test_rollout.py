@@ -347,3 +347,34 @@ def test_bad_sample_steps_is_one_line(steps):
     with pytest.raises(ConfigError) as e:
         g.sample(torch.randn(2, 3), steps=steps)
     assert e.value.field == "--steps" and "[1, 4]" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- MSD's class-routed students as a K-step backbone ------------------------------------------------------
+def test_multi_student_rollout_routes_and_trains_only_the_owner(tmp_path):
+    from scoredistill.models.fewstep import MultiStudentDenoiser
+
+    p = VPDiscrete()
+    den = MultiStudentDenoiser(p, 3, width=32, depth=2, num_classes=4, students=2, emb_dim=16)
+    g = build_fewstep(den, steps=3, mode="fixed")
+    z = torch.randn(6, 3)
+    cond = torch.tensor([0, 1, 0, 1, 1, 0])  # classes 0, 1 belong to student 0
+    g.train()
+    g.set_rollout_step(2)
+    (g(z, cond) ** 2).sum().backward()
+    grads = [sum(float(q.grad.abs().sum()) for q in n.parameters() if q.grad is not None) for n in den.nets]
+    assert grads[0] > 0 and grads[1] == 0
+    # every sample's rollout is its owner's own K-step rollout
+    g.eval()
+    mixed = torch.tensor([0, 3, 1, 2, 3, 0])
+    with torch.no_grad():
+        out = g(z, mixed)
+        for k in range(2):
+            own = FewStepGenerator(den.nets[k], g.rollout).eval()
+            rows = (den.owner[mixed] == k).nonzero(as_tuple=True)[0]
+            assert out[rows].equal(own(z[rows], mixed[rows]))
+    save_model(g, str(tmp_path / "msd"))
+    h, _ = load_model(str(tmp_path / "msd"))
+    with torch.no_grad():
+        assert h.eval()(z, mixed).equal(out)
+    with pytest.raises(ValueError, match="every sample needs a label"):
+        g(z, None)

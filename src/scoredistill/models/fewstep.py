@@ -7,9 +7,10 @@ EMA evaluation, export) it runs all ``K`` steps; in train mode it runs DMD2's ba
 the per-iteration seed the training loop passes to :meth:`~FewStepGenerator.set_rollout_seed`, with
 gradient only through step ``k``. With ``K = 1`` it computes exactly what ``DenoiserGenerator`` computes.
 
-Backbones: a copy of a learned teacher (MLP or UNet denoiser; teacher initialisation), or a fresh
+Backbones: a copy of a learned teacher (MLP or UNet denoiser; teacher initialisation), a fresh
 time-conditioned MLP from :func:`fresh_mlp_denoiser` (a one-step ``MLPGenerator`` has no time input, so it
-cannot be a step of a K-step student).
+cannot be a step of a K-step student), or :class:`MultiStudentDenoiser`, MSD's class-routed students
+(arXiv 2410.23274; models/multi.py is its one-step form) with a time input.
 
 Saved folders have ``class: FewStepGenerator``; :func:`~scoredistill.models.registry.load_model` rebuilds
 them once this module has been imported (it registers itself with ``register_folder_class``).
@@ -20,9 +21,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scoredistill.models.denoiser import Denoiser
+from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
 from scoredistill.models.mlp import MLPDenoiser
-from scoredistill.models.registry import model_config, model_from_config, register_folder_class
+from scoredistill.models.multi import partition
+from scoredistill.models.registry import (
+    model_config,
+    model_from_config,
+    process_from_description,
+    register_folder_class,
+)
 from scoredistill.models.rollout import Rollout, StepOutput, step_times
 from scoredistill.process.processes import Process
 
@@ -144,3 +151,48 @@ def fresh_mlp_denoiser(process: Process, dim: int, width: int = 256, depth: int 
     net = MLPDenoiser(process, dim, width, depth, num_classes, sigma_data, emb_dim)
     net.net.out.reset_parameters()
     return net
+
+
+class MultiStudentDenoiser(Denoiser):
+    """MSD (arXiv 2410.23274) as a K-step backbone: ``students`` fresh step networks
+    (:func:`fresh_mlp_denoiser`), class ``c`` routed to student ``c * students // num_classes`` as in
+    :class:`~scoredistill.models.multi.MultiStudentGenerator`, so a student receives gradient only from the
+    samples of its own classes at every step of the rollout."""
+
+    calls_children_conditionally = True  # which student runs depends on the labels (engine/fsdp.py)
+
+    def __init__(self, process: Process, dim: int, width: int = 256, depth: int = 4, num_classes: int | None = None,
+                 students: int = 2, sigma_data: float = 1.0, emb_dim: int = 64):
+        super().__init__()
+        if not num_classes:
+            raise ValueError("MultiStudentDenoiser needs class labels (a class-conditional teacher)")
+        if not 1 <= students <= num_classes:
+            raise ValueError(f"students must be in [1, {num_classes}] (number of classes), got {students}")
+        self.process = process
+        self.data_shape = (dim,)
+        self.num_classes = num_classes
+        self.students = students
+        self.arch = dict(dim=dim, width=width, depth=depth, num_classes=num_classes, students=students,
+                         sigma_data=float(sigma_data), emb_dim=emb_dim)
+        self.nets = nn.ModuleList(fresh_mlp_denoiser(process, dim, width, depth, num_classes, sigma_data, emb_dim)
+                                  for _ in range(students))
+        self.register_buffer("owner", partition(num_classes, students))
+
+    def denoise(self, x_t, t, cond=None):
+        if cond is None or bool((cond == NULL_CLASS).any()):
+            raise ValueError("MultiStudentDenoiser routes by class: every sample needs a label")
+        t = expand_t(t, x_t.shape[0], x_t.device)
+        who = self.owner.to(cond.device)[cond.long()]
+        out = torch.zeros_like(x_t)
+        for k, net in enumerate(self.nets):
+            idx = (who == k).nonzero(as_tuple=True)[0]
+            if len(idx):
+                out = out.index_copy(0, idx, net(x_t[idx], t[idx], cond[idx]))
+        return out
+
+    def registry_config(self) -> dict:
+        return {"class": "MultiStudentDenoiser", "arch": self.arch, "process": self.process.describe()}
+
+
+register_folder_class("MultiStudentDenoiser",
+                      lambda cfg: MultiStudentDenoiser(process_from_description(cfg["process"]), **cfg["arch"]))
