@@ -1,0 +1,198 @@
+"""K-step students over a native backbone denoiser (docs/fewstep.md).
+
+:class:`FewStepGenerator` is the one-step :class:`~scoredistill.models.generators.DenoiserGenerator`
+generalised to ``K`` steps through :class:`~scoredistill.models.rollout.Rollout`: in eval mode (sampling,
+EMA evaluation, export) it runs all ``K`` steps; in train mode it runs DMD2's backward simulation
+(arXiv 2405.14867 §4.5): the step ``k`` set by :meth:`~FewStepGenerator.set_rollout_step`, or drawn from
+the per-iteration seed the training loop passes to :meth:`~FewStepGenerator.set_rollout_seed`, with
+gradient only through step ``k``. With ``K = 1`` it computes exactly what ``DenoiserGenerator`` computes.
+
+Backbones: a copy of a learned teacher (MLP or UNet denoiser; teacher initialisation), a fresh
+time-conditioned MLP from :func:`fresh_mlp_denoiser` (a one-step ``MLPGenerator`` has no time input, so it
+cannot be a step of a K-step student), or :class:`MultiStudentDenoiser`, MSD's class-routed students
+(arXiv 2410.23274; models/multi.py is its one-step form) with a time input.
+
+Saved folders have ``class: FewStepGenerator``; :func:`~scoredistill.models.registry.load_model` rebuilds
+them once this module has been imported (it registers itself with ``register_folder_class``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
+from scoredistill.models.mlp import MLPDenoiser
+from scoredistill.models.multi import partition
+from scoredistill.models.registry import (
+    model_config,
+    model_from_config,
+    process_from_description,
+    register_folder_class,
+)
+from scoredistill.models.rollout import Rollout, StepOutput, step_times
+from scoredistill.process.processes import Process
+
+_SEED_MASK = 2**62 - 1
+
+
+class FewStepGenerator(nn.Module):
+    """``G(z, c)``: the K-step rollout of ``denoiser`` (module docstring). State-dict keys are those of
+    ``DenoiserGenerator`` (``denoiser.*``), so a one-step student's weights load into it."""
+
+    def __init__(self, denoiser: Denoiser, rollout: Rollout):
+        super().__init__()
+        if rollout.process.describe() != denoiser.process.describe():
+            raise ValueError("the rollout's process must be the denoiser's")
+        self.denoiser = denoiser
+        self.rollout = rollout
+        self.data_shape = denoiser.data_shape
+        self.num_classes = denoiser.num_classes
+        self._rollout_seed: int | None = None
+        self._rollout_step: int | None = None
+
+    @property
+    def num_steps(self) -> int:
+        """Network evaluations per sample (engine/report.py's ``student_steps`` reads it)."""
+        return self.rollout.num_steps
+
+    @property
+    def t_steps(self) -> list[float]:
+        return list(self.rollout.times)
+
+    @property
+    def t_init(self) -> float:
+        return self.rollout.times[0]
+
+    # -- step choice (training) ---------------------------------------------------------------------------
+    def set_rollout_seed(self, seed: int) -> None:
+        """The training loop calls this once per iteration with a seed derived from ``(seed, iteration)``
+        (:func:`~scoredistill.models.rollout.rollout_seed`): every rank and micro-batch then trains the same
+        step, and a resume redraws it with no saved state. Clears a step fixed by :meth:`set_rollout_step`."""
+        self._rollout_seed = int(seed)
+        self._rollout_step = None
+
+    def set_rollout_step(self, k: int | None) -> None:
+        """Train step ``k`` on every following call (``None``: back to the seeded draw)."""
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.num_steps):
+            raise ValueError(f"rollout step must be an integer in [0, {self.num_steps - 1}], got {k!r}")
+        self._rollout_step = k
+
+    def current_step(self) -> int:
+        """The step a training-mode call trains now."""
+        if self._rollout_step is not None:
+            return self._rollout_step
+        if self.num_steps == 1:
+            return 0
+        if self._rollout_seed is None:
+            raise RuntimeError(f"a {self.num_steps}-step student in training mode trains one step per iteration: "
+                               "call set_rollout_seed(seed) (the training loop does, every iteration) or "
+                               "set_rollout_step(k) first")
+        return self.rollout.choose_step(self._rollout_seed)
+
+    def _noise_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
+        """The re-noising noise source: the caller's generator; failing that, in training a generator seeded
+        by this iteration's rollout seed (the same on every rank, micro-batch and resume: every micro-batch
+        then shares one noise draw), in eval mode seed 0 (a reproducible sample for a given ``z``)."""
+        if generator is not None or self.rollout.mode != "fresh":
+            return generator
+        seed = hash((self._rollout_seed or 0, 1)) & _SEED_MASK if self.training else 0
+        return torch.Generator().manual_seed(seed)
+
+    # -- calls --------------------------------------------------------------------------------------------
+    def train_output(self, z, cond=None, generator: torch.Generator | None = None) -> StepOutput:
+        """Backward simulation of :meth:`current_step`; its :class:`StepOutput` (``x0`` with gradient, and the
+        step's input ``x_t``, time ``t`` and next time ``t_next`` for methods that need them)."""
+        return self.rollout.train_step(self.denoiser, z, cond, self.current_step(), self._noise_generator(generator))
+
+    def sample(self, z, cond=None, steps: int | None = None, generator: torch.Generator | None = None):
+        """All ``K`` steps, or ``steps = K'`` of them (evenly strided from the first, ``--steps``)."""
+        return self.rollout.sample(self.denoiser, z, cond, steps, self._noise_generator(generator))
+
+    def forward(self, z, cond=None, generator: torch.Generator | None = None):
+        if self.training:
+            return self.train_output(z, cond, generator).x0
+        return self.sample(z, cond, generator=generator)
+
+    def registry_config(self) -> dict:
+        return {"class": "FewStepGenerator", "denoiser": model_config(self.denoiser),
+                "rollout": self.rollout.describe()}
+
+
+def _from_registry(cfg: dict) -> FewStepGenerator:
+    den = model_from_config(cfg["denoiser"])
+    return FewStepGenerator(den, Rollout.from_description(cfg["rollout"], den.process))
+
+
+register_folder_class("FewStepGenerator", _from_registry)
+
+
+def build_fewstep(denoiser: Denoiser, steps: int | None = None, timesteps=None, mode: str = "fresh",
+                  noise_input: str = "scaled", step_weights=None, t_first: float | None = None,
+                  field: str = "generator") -> FewStepGenerator:
+    """A K-step student from config values (``field.steps``, ``.timesteps``, ``.rollout``, ``.noise_input``,
+    ``.step_weights``); every bad value is a one-line :class:`~scoredistill.errors.ConfigError` naming its key.
+    ``t_first`` is the first step's time when ``timesteps`` are not given (default the process's ``t_max``;
+    the teacher-initialised student passes ``t(sigma_init)``)."""
+    times = step_times(denoiser.process, steps, timesteps, t_first, field=field)
+    rollout = Rollout(denoiser.process, times, mode, noise_input, step_weights, field=field)
+    return FewStepGenerator(denoiser, rollout)
+
+
+def fresh_mlp_denoiser(process: Process, dim: int, width: int = 256, depth: int = 4, num_classes: int | None = None,
+                       sigma_data: float = 1.0, emb_dim: int = 64) -> MLPDenoiser:
+    """A freshly initialised, time-conditioned MLP step network for a K-step student from scratch.
+
+    ``MLPDenoiser`` zero-initialises its output layer (a denoiser starts at ``c_skip y``), which as a
+    generator would put every sample at (nearly) the same point at the first step, a start from which
+    reverse-KL objectives cannot recover lost modes; the output layer gets PyTorch's default
+    initialisation instead, so at ``t_max`` (``c_skip ~ 0``, ``c_out ~ sigma_data``) the student starts
+    as a random MLP of its noise input, like the one-step ``MLPGenerator``."""
+    net = MLPDenoiser(process, dim, width, depth, num_classes, sigma_data, emb_dim)
+    net.net.out.reset_parameters()
+    return net
+
+
+class MultiStudentDenoiser(Denoiser):
+    """MSD (arXiv 2410.23274) as a K-step backbone: ``students`` fresh step networks
+    (:func:`fresh_mlp_denoiser`), class ``c`` routed to student ``c * students // num_classes`` as in
+    :class:`~scoredistill.models.multi.MultiStudentGenerator`, so a student receives gradient only from the
+    samples of its own classes at every step of the rollout."""
+
+    calls_children_conditionally = True  # which student runs depends on the labels (engine/fsdp.py)
+
+    def __init__(self, process: Process, dim: int, width: int = 256, depth: int = 4, num_classes: int | None = None,
+                 students: int = 2, sigma_data: float = 1.0, emb_dim: int = 64):
+        super().__init__()
+        if not num_classes:
+            raise ValueError("MultiStudentDenoiser needs class labels (a class-conditional teacher)")
+        if not 1 <= students <= num_classes:
+            raise ValueError(f"students must be in [1, {num_classes}] (number of classes), got {students}")
+        self.process = process
+        self.data_shape = (dim,)
+        self.num_classes = num_classes
+        self.students = students
+        self.arch = dict(dim=dim, width=width, depth=depth, num_classes=num_classes, students=students,
+                         sigma_data=float(sigma_data), emb_dim=emb_dim)
+        self.nets = nn.ModuleList(fresh_mlp_denoiser(process, dim, width, depth, num_classes, sigma_data, emb_dim)
+                                  for _ in range(students))
+        self.register_buffer("owner", partition(num_classes, students))
+
+    def denoise(self, x_t, t, cond=None):
+        if cond is None or bool((cond == NULL_CLASS).any()):
+            raise ValueError("MultiStudentDenoiser routes by class: every sample needs a label")
+        t = expand_t(t, x_t.shape[0], x_t.device)
+        who = self.owner.to(cond.device)[cond.long()]
+        out = torch.zeros_like(x_t)
+        for k, net in enumerate(self.nets):
+            idx = (who == k).nonzero(as_tuple=True)[0]
+            if len(idx):
+                out = out.index_copy(0, idx, net(x_t[idx], t[idx], cond[idx]))
+        return out
+
+    def registry_config(self) -> dict:
+        return {"class": "MultiStudentDenoiser", "arch": self.arch, "process": self.process.describe()}
+
+
+register_folder_class("MultiStudentDenoiser",
+                      lambda cfg: MultiStudentDenoiser(process_from_description(cfg["process"]), **cfg["arch"]))

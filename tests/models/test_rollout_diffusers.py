@@ -1,0 +1,46 @@
+"""The diffusers student's K-step rollout (adapters/student.py ``DiffusersGenerator``) is this library's
+rollout (models/rollout.py) with ``noise_input: pure`` and ``fresh`` re-noising: given the same noise and
+the same per-iteration seed, both give the same tensors, so the student can switch to the shared rollout
+without changing what it computes (docs/fewstep.md)."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from scoredistill.adapters.diffusers_teacher import build_diffusers_teacher  # noqa: E402
+from scoredistill.adapters.student import build_diffusers_generator  # noqa: E402
+from scoredistill.adapters.tiny import save_tiny  # noqa: E402
+from scoredistill.models.rollout import Rollout, rollout_seed  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("kind, timesteps", [("ddpm", [999, 749, 499, 249]), ("sd3", [1000, 750, 500])])
+def test_diffusers_student_is_the_shared_rollout(tmp_path, kind, timesteps):
+    cfg = {"kind": "diffusers", "path": save_tiny(kind, str(tmp_path / kind))}
+    if kind != "ddpm":
+        cfg["prompts"] = ["a red cube", "a blue ball"]
+    teacher = build_diffusers_teacher(cfg)
+    gen = build_diffusers_generator({"kind": "teacher", "timesteps": timesteps}, teacher)
+    # a flow student starts at sigma = 1, i.e. t = 1, above RectifiedFlow's t_max: t_range widens the check
+    rollout = Rollout(teacher.process, gen.t_steps, "fresh", "pure", t_range=(0.0, 1.0))
+    z = torch.randn(2, *teacher.data_shape)
+    cond = torch.tensor([0, 1]) if kind != "ddpm" else None
+    seen = set()
+    with torch.no_grad():
+        gen.train()
+        for it in range(8):
+            seed = rollout_seed(4, it)
+            gen.set_rollout_seed(seed)
+            torch.manual_seed(11)  # the diffusers student still re-noises from the global RNG
+            ref = gen(z, cond)
+            k = rollout.choose_step(seed)
+            out = rollout.train_step(gen.denoiser, z, cond, k, torch.Generator().manual_seed(11))
+            assert out.x0.equal(ref)
+            seen.add(k)
+        gen.eval()
+        torch.manual_seed(12)
+        ref = gen(z, cond)
+        assert rollout.sample(gen.denoiser, z, cond, generator=torch.Generator().manual_seed(12)).equal(ref)
+    assert len(seen) > 1  # several steps compared, not only the first
