@@ -65,7 +65,7 @@ class Dist:
             td.barrier()
 
     def close(self):
-        # a barrier before teardown: without it gloo aborted at exit in 3 of 5 runs (cpu-notes §5)
+        # a barrier before teardown: without it gloo aborted at exit in 3 of 5 runs (measured here; docs/distributed.md)
         if self.enabled and self.owns_group:
             td.barrier()
             td.destroy_process_group()
