@@ -127,6 +127,9 @@ def test_missing_component_is_named(tiny, tmp_path):
     shutil.rmtree(os.path.join(path, "vae"))
     with pytest.raises(ConfigError, match=r"teacher\.path: .*missing the vae/ component \(AutoencoderKL\)"):
         build_diffusers_teacher(teacher_cfg(path, "sd15"))
+    from scoredistill.adapters.latents import main as encode_main
+
+    assert encode_main(["--teacher", path, "in.npy", "out.npy"]) == 2  # the latent encoder says the same
     path2 = str(tmp_path / "no_unet")
     shutil.copytree(tiny("ddpm"), path2)
     shutil.rmtree(os.path.join(path2, "unet"))
@@ -243,3 +246,15 @@ def test_failed_export_leaves_nothing(ddpm_run, tmp_path, capsys):
         main(["export", str(ddpm_run), "--format", "lora", "--out", str(out)])
     assert e.value.code == 2 and "generator.kind: lora" in last_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pixel_student_exports_at_its_training_resolution(tiny, tmp_path):
+    """DDPMPipeline samples at the UNet's sample_size (8 here); a student trained at 16 exports with
+    sample_size 16 (this used to fail verification with a shape mismatch)."""
+    from scoredistill.adapters.export import export_run
+
+    run = tmp_path / "run"
+    train(run_cfg(tiny("ddpm"), "ddpm", resolution=16), run)
+    info = export_run(str(run), str(tmp_path / "pipe"))
+    assert info["verify"]["first_step_matches"] and info["verify"]["full_sample_shape"] == [2, 16, 16, 3]
+    assert json.load(open(tmp_path / "pipe" / "unet" / "config.json"))["sample_size"] == 16

@@ -40,7 +40,7 @@ import shutil
 import numpy as np
 import torch
 
-from scoredistill.adapters.families import components_of, lcm_grid  # noqa: F401  (lcm_grid: public name)
+from scoredistill.adapters.families import components_of
 from scoredistill.errors import ConfigError
 
 EXPORT_JSON = "scoredistill_export.json"
@@ -113,7 +113,8 @@ def export_pipeline(gen, out: str) -> dict:
     sched, call = student_scheduler(gen)
     d.family.check_export(gen, call)
     pipe, _ = load_pipeline(d.assets.path, family=d.family)
-    pipe.register_modules(**{d.family.network: _student_network(gen), "scheduler": sched})
+    pipe.register_modules(**{d.family.network: d.family.exported_network(_student_network(gen), d),
+                             "scheduler": sched})
     pipe.save_pretrained(out)
     return _write_info(gen, out, "diffusers", call)
 

@@ -81,7 +81,6 @@ class Family:
     latent = True
     sigma_data = 1.0  # EDM loss scale: the library normalises latents to unit scale
     pipeline_multiple = 1  # the pipeline's own check_inputs divisor on height / width (pixels)
-    flow = False  # the scheduler must be flow matching (transformers) or a VP one (UNets)
 
     def __deepcopy__(self, memo):  # stateless: every copy of a role shares it
         return self
@@ -113,12 +112,13 @@ class Family:
         n = self.network_factor(model)
         m = math.lcm(f * n, self.pipeline_multiple)
         if h % m or w % m:
-            what = f"{h}x{w}" if given else f"the default {h}x{w} (network sample_size x VAE factor)"
+            what = f"{h}x{w}" if given else f"the default {h}x{w}"
             parts = [f"VAE factor {f}", f"network factor {n}"]
             if self.pipeline_multiple > 1:
                 parts.append(f"{self.pipeline_multiple} checked by the pipeline")
+            v = h if h % m else w
             raise ConfigError("teacher.resolution", f"{what} pixels is not a multiple of {m} ({', '.join(parts)}); "
-                              f"accepted: multiples of {m}, e.g. {max(m, (h // m) * m)} or {(h // m + 1) * m}")
+                              f"accepted: multiples of {m}, e.g. {max(m, (v // m) * m)} or {(v // m + 1) * m}")
 
     def seq_len(self, data_shape) -> int | None:
         """The latent sequence length a dynamically shifted scheduler needs (None: not used)."""
@@ -174,6 +174,10 @@ class Family:
 
     def check_export(self, gen, call: dict) -> None:
         """Refuse students the exported pipeline cannot reproduce."""
+
+    def exported_network(self, net, d):
+        """The student network as the exported pipeline stores it."""
+        return net
 
     def call_kwargs(self, d, call: dict) -> dict:
         """Pipeline call arguments: the scheduler's plus size and guidance (the student is unguided:
@@ -301,6 +305,13 @@ class UNet2D(VPUNetFamily):
             raise ConfigError("export", "class-conditional UNet2DModel students have no diffusers pipeline "
                               "(DDPMPipeline is unconditional); not supported yet")
 
+    def exported_network(self, net, d):
+        """DDPMPipeline samples at the UNet's ``sample_size`` (it takes no height / width): record the
+        resolution the student was trained at."""
+        h, w = d.data_shape[1:]
+        net.register_to_config(sample_size=h if h == w else [h, w])
+        return net
+
     def call_kwargs(self, d, call: dict) -> dict:
         return dict(call)
 
@@ -385,7 +396,6 @@ class FlowTransformerFamily(Family):
     """Rectified-flow transformers (velocity prediction); exported with a stochastic Euler scheduler."""
 
     network = "transformer"
-    flow = True
 
     def network_factor(self, model) -> int:
         return int(model.config.get("patch_size") or 1)
@@ -506,9 +516,9 @@ def read_index(path: str) -> dict:
     """``model_index.json`` of a local pipeline folder (one-line errors for anything else)."""
     if not os.path.isdir(path):
         if _looks_like_hub_id(path):
-            raise ConfigError("teacher.path", f"{path!r} is not a local folder; it looks like a Hugging Face hub "
-                              "id, and nothing is downloaded: download the pipeline first (e.g. `huggingface-cli "
-                              f"download {path} --local-dir DIR`) and give DIR")
+            raise ConfigError("teacher.path", f"{path!r} is not a local folder, and nothing is downloaded; if it is "
+                              "a Hugging Face hub id, download the pipeline first (e.g. `huggingface-cli download "
+                              f"{path} --local-dir DIR`) and give DIR")
         raise ConfigError("teacher.path", f"folder not found: {path}")
     idx_path = os.path.join(path, "model_index.json")
     if not os.path.exists(idx_path):
