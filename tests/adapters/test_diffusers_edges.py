@@ -167,6 +167,7 @@ def test_k_step_student_samples_reproducibly(tiny, tmp_path):
     from scoredistill.models.registry import load_model
 
     gen, _ = load_model(str(run / "generator"))
+    assert gen.nfe == 3
     gen.eval()
     z = torch.randn(2, *gen.data_shape)
     c = torch.tensor([0, 1])

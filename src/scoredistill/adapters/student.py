@@ -104,6 +104,11 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
         self._rollout_seed = int(seed)
 
     @property
+    def nfe(self) -> int:
+        """Network evaluations per sample in eval mode (all K steps), for reports."""
+        return len(self.t_steps)
+
+    @property
     def denoiser(self) -> DiffusersDenoiser:
         return self._modules["net"] if "net" in self._modules else self.__dict__["_lora_base"]
 
