@@ -250,7 +250,12 @@ def export_run(run_dir: str, out: str, fmt: str = "diffusers", verify: bool = Tr
         if os.path.exists(out):  # empty, or an earlier export (checked above): moved aside, then removed
             old = tmp + ".old"
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:  # put the earlier export back
+                os.replace(old, out)
+            raise
         if old is not None:
             shutil.rmtree(old)
     finally:
