@@ -42,28 +42,43 @@ canonical CFG on top (leave it at 1 for FLUX-dev).
 
 **Latents.** For latent models the library works on the VAE's *normalised* latents
 ``(z - shift_factor) * scaling_factor`` (``data_shape = (C, H/f, W/f)``); :meth:`DiffusersAssets.decode`
-and :meth:`DiffusersAssets.encode` convert to and from images in ``[-1, 1]``.
+and :meth:`DiffusersAssets.encode` convert to and from images in ``[-1, 1]``. ``teacher.resolution``
+must be a multiple of the VAE factor times the network's downsampling factor (and of what the
+pipeline checks), so that the student's export can sample at the size it was trained at.
+
+**Families.** Each row of the table above is one class in :mod:`scoredistill.adapters.families`;
+:func:`build_diffusers_teacher` picks it once from the folder (``model_index.json`` and the network's
+``config.json``) and :class:`DiffusersDenoiser` delegates the network call and feature hook to it.
+This module holds what all families share: the scheduler -> process mapping, the prompt table and
+VAE (:class:`DiffusersAssets`), and the denoiser.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 
+from scoredistill.adapters.families import (
+    FAMILIES,
+    FLUX_DEFAULT_GUIDANCE,
+    Family,
+    check_components,
+    components_of,
+    family_of,
+    read_index,
+    read_prompts,
+)
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
 from scoredistill.process.processes import Process, RectifiedFlow, VPDiscrete
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-FAMILIES = ("unet2d", "sd", "sdxl", "sd3", "flux")
 TEACHER_KEYS = ("kind", "path", "process", "guidance_convention", "prompts", "negative_prompt", "null_class",
                 "resolution", "embedded_guidance")
-FLUX_DEFAULT_GUIDANCE = 3.5  # FluxPipeline.__call__ default guidance_scale
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,7 +142,7 @@ class DiffusersAssets:
     """What every role built from one teacher folder shares: the cached prompt embeddings, the VAE,
     the scheduler config. Never deep-copied (copies of the teacher keep pointing at it)."""
 
-    def __init__(self, path: str, family: str, pipeline_class: str, scheduler_config: dict, teacher_cfg: dict):
+    def __init__(self, path: str, family: Family, pipeline_class: str, scheduler_config: dict, teacher_cfg: dict):
         self.path = path
         self.family = family
         self.pipeline_class = pipeline_class
@@ -198,6 +213,7 @@ def _set_lora(model, enabled: bool) -> None:
 class DiffusersDenoiser(Denoiser):
     """A diffusers network as a library denoiser; see the module docstring for conventions.
 
+    Everything family-specific is delegated to ``family`` (:mod:`scoredistill.adapters.families`).
     ``default_lora`` says whether peft LoRA adapters attached to ``model`` are active for this role
     (the teacher: off; a LoRA student: on); a LoRA critic sharing the module calls with ``lora=True``.
     """
@@ -226,13 +242,10 @@ class DiffusersDenoiser(Denoiser):
 
     def model_output(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, lora: bool | None = None):
         """The network's raw prediction (``self.prediction`` kind) at canonical time ``t``."""
-        b = x_t.shape[0]
-        t = expand_t(t, b, x_t.device)
+        t = expand_t(t, x_t.shape[0], x_t.device)
         _set_lora(self.model, self.default_lora if lora is None else lora)
         dtype = self.model.dtype
-        out = self._run(x_t.to(dtype), self.native_timestep(t).to(dtype), cond)
-        if out.shape[1] == 2 * x_t.shape[1] and self.family == "unet2d":  # learned variance channels
-            out = out[:, : x_t.shape[1]]
+        out = self.family.call(self, x_t.to(dtype), self.native_timestep(t).to(dtype), cond)
         return out.to(x_t.dtype)
 
     def denoise(self, x_t, t, cond=None, lora: bool | None = None):
@@ -242,64 +255,13 @@ class DiffusersDenoiser(Denoiser):
     def forward(self, x_t, t, cond=None, lora: bool | None = None):
         return self.denoise(x_t, t, cond, lora)
 
-    def _labels(self, cond, b, device):
-        if not self.num_classes:
-            if cond is not None and (cond >= 0).any():
-                raise ValueError("this teacher is unconditional; got class labels")
-            return None
-        if cond is None:
-            cond = torch.full((b,), NULL_CLASS, dtype=torch.long, device=device)
-        if (cond < 0).any():
-            if self.null_class is None:
-                raise ConfigError("teacher.null_class", "this class-conditional UNet has no null class; CFG and "
-                                  "condition dropout need one (or set objective.fake_cond_dropout: 0 and "
-                                  "guidance_scale: 1)")
-            cond = torch.where(cond < 0, torch.full_like(cond, self.null_class), cond)
-        return cond.long()
-
-    def _run(self, x, tn, cond):
-        b = x.shape[0]
-        if self.family == "unet2d":
-            return self.model(x, tn, class_labels=self._labels(cond, b, x.device)).sample
-        c = self.assets.cond_tensors(cond, b, x.device, x.dtype)
-        if self.family == "sd":
-            return self.model(x, tn, encoder_hidden_states=c["embeds"]).sample
-        if self.family == "sdxl":
-            extra = {"text_embeds": c["pooled"], "time_ids": c["time_ids"]}
-            return self.model(x, tn, encoder_hidden_states=c["embeds"], added_cond_kwargs=extra).sample
-        if self.family == "sd3":
-            return self.model(hidden_states=x, timestep=tn, encoder_hidden_states=c["embeds"],
-                              pooled_projections=c["pooled"]).sample
-        if self.family == "flux":
-            from diffusers import FluxPipeline
-
-            _, ch, h, w = x.shape
-            packed = FluxPipeline._pack_latents(x, b, ch, h, w)
-            img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
-            guidance = None
-            if getattr(self.model.config, "guidance_embeds", False):
-                guidance = torch.full((b,), float(self.embedded_guidance), device=x.device, dtype=x.dtype)
-            out = self.model(hidden_states=packed, timestep=tn, guidance=guidance, pooled_projections=c["pooled"],
-                             encoder_hidden_states=c["embeds"], txt_ids=c["txt_ids"], img_ids=img_ids,
-                             return_dict=False)[0]
-            f = self.assets.vae_scale_factor
-            return FluxPipeline._unpack_latents(out, h * f, w * f, f)
-        raise ValueError(f"unknown family {self.family!r}")
-
     # -- features for discriminator heads -----------------------------------------------------------
-    def _feature_module(self):
-        m = self.model
-        if self.family in ("unet2d", "sd", "sdxl"):
-            if getattr(m, "mid_block", None) is None:
-                raise ConfigError("fake_score.kind", "this UNet has no mid block to take discriminator features from")
-            return m.mid_block
-        return m.transformer_blocks[-1]
-
     def features(self, x_t, t, cond=None, lora: bool | None = None):
         """Bottleneck features (UNet mid block, or the last joint transformer block's image tokens),
         pooled to at most 4x4 spatially / averaged over tokens; on the autograd graph of ``x_t``."""
         store = {}
-        hook = self._feature_module().register_forward_hook(lambda mod, i, o: store.__setitem__("h", o))
+        module = self.family.feature_module(self.model)
+        hook = module.register_forward_hook(lambda mod, i, o: store.__setitem__("h", o))
         try:
             self.denoise(x_t, t, cond, lora)
         finally:
@@ -327,65 +289,19 @@ def is_diffusers_denoiser(obj) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-def read_prompts(spec) -> list[str]:
-    if spec is None:
-        return []
-    if isinstance(spec, str):
-        if not os.path.exists(spec):
-            raise ConfigError("teacher.prompts", f"file not found: {spec} (give a list of prompts or a .txt file)")
-        with open(spec, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
-    elif isinstance(spec, (list, tuple)) and all(isinstance(p, str) for p in spec):
-        prompts = list(spec)
-    else:
-        raise ConfigError("teacher.prompts", "must be a list of strings or the path of a .txt file")
-    if not prompts:
-        raise ConfigError("teacher.prompts", "is empty")
-    return prompts
-
-
-def load_pipeline(path: str):
-    """``DiffusionPipeline.from_pretrained`` on a local folder; components stored as ``[null, null]``
-    in ``model_index.json`` (e.g. SD3 without T5) are passed as ``None``."""
-    idx_path = os.path.join(path, "model_index.json")
-    if not os.path.isdir(path):
-        raise ConfigError("teacher.path", f"folder not found: {path}")
-    if not os.path.exists(idx_path):
-        raise ConfigError("teacher.path", f"{path} has no model_index.json; give a pipeline folder written by "
-                          "DiffusionPipeline.save_pretrained")
-    with open(idx_path) as f:
-        index = json.load(f)
-    none = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
+def load_pipeline(path: str, index: dict | None = None, family: Family | None = None):
+    """``DiffusionPipeline.from_pretrained`` on a local folder, after checking that every component
+    ``model_index.json`` lists is there; components stored as ``[null, null]`` (e.g. SD3 without T5)
+    are passed as ``None``."""
+    index = read_index(path) if index is None else index
+    check_components(path, index, family_of(path, index) if family is None else family)
+    none = {k: None for k, v in components_of(index).items() if v is None}
     from diffusers import DiffusionPipeline
 
     try:
         return DiffusionPipeline.from_pretrained(path, **none), index
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError("teacher.path", f"cannot load the pipeline: {str(e).splitlines()[0]}") from None
-
-
-def _family(model) -> str:
-    name = type(model).__name__
-    if name == "UNet2DModel":
-        return "unet2d"
-    if name == "UNet2DConditionModel":
-        cfg = model.config
-        if cfg.get("time_cond_proj_dim") is not None:
-            raise ConfigError("teacher.path", "UNet with time_cond_proj_dim (LCM-style guidance embedding) is not "
-                              "supported")
-        add = cfg.get("addition_embed_type")
-        if add == "text_time":
-            return "sdxl"
-        if add is not None or cfg.get("class_embed_type") is not None:
-            raise ConfigError("teacher.path", f"UNet2DConditionModel with addition_embed_type={add!r} / "
-                              f"class_embed_type={cfg.get('class_embed_type')!r} is not supported")
-        return "sd"
-    if name == "SD3Transformer2DModel":
-        return "sd3"
-    if name == "FluxTransformer2DModel":
-        return "flux"
-    raise ConfigError("teacher.path", f"network class {name} is not supported; accepted: UNet2DModel, "
-                      "UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel")
 
 
 def _resolution(spec, default: int) -> tuple[int, int]:
@@ -398,32 +314,6 @@ def _resolution(spec, default: int) -> tuple[int, int]:
     raise ConfigError("teacher.resolution", f"must be a positive integer or [height, width], got {spec!r}")
 
 
-@torch.no_grad()
-def _encode_prompts(pipe, family: str, prompts: list[str], negative: str | None, resolution) -> dict:
-    """Encode ``prompts`` and the negative prompt with the pipeline's own ``encode_prompt``."""
-    dev = torch.device("cpu")
-    negative_list = None if negative is None else [negative] * len(prompts)  # pipelines want prompt's type
-    if family == "sd":
-        pe, ne = pipe.encode_prompt(prompts, dev, 1, True, negative_prompt=negative_list)
-        return {"embeds": torch.cat([pe, ne[:1]])}
-    if family == "sdxl":
-        pe, ne, pp, npool = pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1,
-                                               do_classifier_free_guidance=True, negative_prompt=negative_list)
-        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pp.shape[-1]
-        time_ids = pipe._get_add_time_ids(tuple(resolution), (0, 0), tuple(resolution), dtype=pe.dtype,
-                                          text_encoder_projection_dim=proj)
-        return {"embeds": torch.cat([pe, ne[:1]]), "pooled": torch.cat([pp, npool[:1]]), "time_ids": time_ids}
-    if family == "sd3":
-        pe, ne, pp, npool = pipe.encode_prompt(prompts, None, None, device=dev, num_images_per_prompt=1,
-                                               do_classifier_free_guidance=True, negative_prompt=negative_list)
-        return {"embeds": torch.cat([pe, ne[:1]]), "pooled": torch.cat([pp, npool[:1]])}
-    if family == "flux":
-        pe, pp, txt = pipe.encode_prompt(prompts, None, device=dev, num_images_per_prompt=1)
-        ne, npool, _ = pipe.encode_prompt([negative or ""], None, device=dev, num_images_per_prompt=1)
-        return {"embeds": torch.cat([pe, ne]), "pooled": torch.cat([pp, npool]), "txt_ids": txt}
-    raise ValueError(family)
-
-
 def build_diffusers_teacher(tcfg: dict) -> DiffusersDenoiser:
     """The teacher role for ``teacher.kind: diffusers`` (frozen, eval mode)."""
     from scoredistill.errors import check_keys
@@ -433,75 +323,34 @@ def build_diffusers_teacher(tcfg: dict) -> DiffusersDenoiser:
     path = tcfg.get("path")
     if not path:
         raise ConfigError("teacher.path", "missing; give a diffusers pipeline folder (save_pretrained)")
-    pipe, index = load_pipeline(path)
-    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if model is None:
-        raise ConfigError("teacher.path", f"{type(pipe).__name__} has no unet or transformer component")
-    family = _family(model)
+    index = read_index(path)
+    family = family_of(path, index)  # the one place the family is chosen
+    pipe, _ = load_pipeline(path, index, family)
+    model = getattr(pipe, family.network)
     sched_cfg = dict(pipe.scheduler.config)
     assets = DiffusersAssets(path, family, index.get("_class_name", type(pipe).__name__), sched_cfg,
                              {**{k: v for k, v in tcfg.items() if k != "process"}, "path": os.path.abspath(path)})
-    vae = getattr(pipe, "vae", None)
-    if family != "unet2d":
-        if vae is None:
-            raise ConfigError("teacher.path", "latent teacher without a vae component")
+    if family.latent:
+        vae = pipe.vae
         assets.vae = vae.requires_grad_(False).eval()
         assets.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         assets.latent_scale = float(vae.config.scaling_factor)
         assets.latent_shift = float(vae.config.get("shift_factor") or 0.0)
     f = assets.vae_scale_factor
-    mcfg = model.config
-    if family == "unet2d":
-        h, w = _resolution(tcfg.get("resolution"), int(mcfg.sample_size if isinstance(mcfg.sample_size, int)
-                                                       else mcfg.sample_size[0]))
-        data_shape = (int(mcfg.in_channels), h, w)
-    elif family == "flux":
-        h, w = _resolution(tcfg.get("resolution"), int(pipe.default_sample_size) * f)
-        data_shape = (int(mcfg.in_channels) // 4, 2 * (h // (f * 2)), 2 * (w // (f * 2)))
-    else:
-        sz = mcfg.sample_size if isinstance(mcfg.sample_size, int) else mcfg.sample_size[0]
-        h, w = _resolution(tcfg.get("resolution"), int(sz) * f)
-        data_shape = (int(mcfg.in_channels), h // f, w // f)
-    seq_len = (data_shape[1] // 2) * (data_shape[2] // 2) if family == "flux" else None
-    process, prediction = process_from_scheduler(pipe.scheduler, seq_len)
-    if family in ("sd3", "flux") and prediction != "flow":
-        raise ConfigError("teacher.path", f"{family} transformer with a non-flow scheduler is not supported")
-    if family not in ("sd3", "flux") and prediction == "flow":
-        raise ConfigError("teacher.path", "flow-matching scheduler on a UNet is not supported")
-    time_scale = 1.0
-    if prediction == "flow" and family == "sd3":
-        time_scale = float(sched_cfg.get("num_train_timesteps", 1000))
-    num_classes = null_class = None
-    prompts = read_prompts(tcfg.get("prompts"))
-    if family == "unet2d":
-        if prompts:
-            raise ConfigError("teacher.prompts", "this UNet2DModel is not text-conditioned")
-        n_emb = mcfg.get("num_class_embeds")
-        null_class = tcfg.get("null_class")
-        if n_emb:
-            if null_class is not None and null_class != n_emb - 1:
-                raise ConfigError("teacher.null_class", f"must be the last class embedding ({n_emb - 1})")
-            num_classes = int(n_emb) - (1 if null_class is not None else 0)
-        elif null_class is not None:
-            raise ConfigError("teacher.null_class", "this UNet2DModel has no class embedding")
-    else:
-        if not prompts:
-            raise ConfigError("teacher.prompts", "missing; a text-conditioned teacher needs a list of prompts "
-                              "or a .txt file (one prompt a line)")
-        if tcfg.get("null_class") is not None:
-            raise ConfigError("teacher.null_class", "only for class-conditional UNet2DModel teachers")
-        assets.prompts = prompts
-        assets.table = {k: v.detach().float() for k, v in
-                        _encode_prompts(pipe, family, prompts, tcfg.get("negative_prompt"), (h, w)).items()}
-        num_classes = len(prompts)
-    eg = tcfg.get("embedded_guidance")
-    if family == "flux" and getattr(mcfg, "guidance_embeds", False):
-        eg = FLUX_DEFAULT_GUIDANCE if eg is None else float(eg)
-    elif eg is not None:
-        raise ConfigError("teacher.embedded_guidance", "only for FLUX-style transformers with guidance_embeds")
-    sigma_data = 0.5 if family == "unet2d" else 1.0  # EDM's image value; latents are normalised to unit scale
-    teacher = DiffusersDenoiser(model, assets, process, prediction, time_scale, data_shape, num_classes, null_class,
-                                sigma_data, eg)
+    h, w = _resolution(tcfg.get("resolution"), family.default_resolution(model, pipe, f))
+    family.check_resolution(model, h, w, f, given=tcfg.get("resolution") is not None)
+    data_shape = family.data_shape(model, h, w, f)
+    process, prediction = process_from_scheduler(pipe.scheduler, family.seq_len(data_shape))
+    family.check_prediction(prediction)
+    num_classes, null_class = family.conditioning(pipe, model, assets, tcfg, (h, w))
+    eg = family.embedded_guidance(tcfg, model.config)
+    teacher = DiffusersDenoiser(model, assets, process, prediction, family.time_scale(sched_cfg), data_shape,
+                                num_classes, null_class, family.sigma_data, eg)
     tcfg["process"] = process.describe()  # the resolved config records the process read from the scheduler
     del pipe  # text encoders and tokenizers are no longer needed
     return teacher.requires_grad_(False).eval()
+
+
+__all__ = ["BETA_SCHEDULES", "FAMILIES", "FLUX_DEFAULT_GUIDANCE", "PREDICTIONS", "TEACHER_KEYS", "DiffusersAssets",
+           "DiffusersDenoiser", "build_diffusers_teacher", "is_diffusers_denoiser", "load_pipeline",
+           "native_to_canonical", "process_from_scheduler", "read_prompts"]

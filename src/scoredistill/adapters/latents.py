@@ -13,15 +13,22 @@ teacher's resolution. Then set ``train.real_data: latents.npy``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import numpy as np
 import torch
+
+from scoredistill.errors import ConfigError
 
 
 def load_vae(path: str):
     """``(vae, scaling_factor, shift_factor)`` from a pipeline folder's ``vae`` subfolder."""
     from diffusers import AutoencoderKL
 
+    if not os.path.isfile(os.path.join(path, "vae", "config.json")):
+        raise ConfigError("--teacher", f"{path} has no vae/ component (a latent pipeline folder written by "
+                          "save_pretrained holds vae/config.json)")
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").requires_grad_(False).eval()
     return vae, float(vae.config.scaling_factor), float(vae.config.get("shift_factor") or 0.0)
 
@@ -63,11 +70,15 @@ def main(argv=None):
     p.add_argument("--mode", action="store_true", help="use the posterior mode instead of a sample")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    vae, scale, shift = load_vae(a.teacher)
+    try:
+        vae, scale, shift = load_vae(a.teacher)
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     lat = encode_images(vae, scale, shift, as_images(np.load(a.images)), sample=not a.mode, seed=a.seed)
     np.save(a.out, lat.numpy().astype(np.float32))
     print(f"wrote {a.out} {tuple(lat.shape)}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -44,6 +44,10 @@ def attach_lora(model: nn.Module, rank: int, alpha: float | None = None, targets
 
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"{section}.lora_rank", f"must be an integer >= 1, got {rank!r}")
+    if not hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin (not on e.g. UNet2DModel)
+        accepted = "teacher (a full copy)" if section == "generator" else "teacher (= full), full, mlp"
+        raise ConfigError(f"{section}.kind", f"lora is not supported for {type(model).__name__} (diffusers gives it "
+                          f"no peft adapter support); accepted: {accepted}")
     if model.__dict__.get("_sd_lora_layers"):
         raise ConfigError(f"{section}.kind", "this network already carries a LoRA adapter")
     targets = list(targets) if targets else list(DEFAULT_TARGETS)

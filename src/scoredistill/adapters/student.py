@@ -13,7 +13,9 @@ Few-step students (``K = len(timesteps) > 1``) use backward simulation (DMD2 ``s
 SiD^2's uniform step mixture): in training mode each call draws ``k ~ U{0..K-1}`` (global torch RNG,
 saved in checkpoints), rolls the student out for ``k`` steps without gradient -- x0 prediction,
 then re-noising to the next timestep with fresh noise -- and returns the x0 of step ``k`` with
-gradient. In eval mode (EMA copy, export, ``scoredistill sample``) it runs all ``K`` steps.
+gradient. In eval mode (EMA copy, export, ``scoredistill sample``) it runs all ``K`` steps, and the
+re-noising draws come from a generator seeded by the input noise ``z`` itself, so a seeded ``z``
+gives the same sample in any process.
 
 Critic (``fake_score.kind``): ``teacher``/``full`` = trainable copy, ``lora`` =
 :class:`~scoredistill.adapters.lora.LoRACritic` on the frozen teacher module.
@@ -22,6 +24,7 @@ Critic (``fake_score.kind``): ``teacher``/``full`` = trainable copy, ``lora`` =
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 from torch import nn
@@ -63,6 +66,14 @@ def check_timesteps(teacher: DiffusersDenoiser, spec) -> list[float]:
     return [float(v) for v in ts]
 
 
+def _noise_generator(z: torch.Tensor) -> torch.Generator:
+    """A generator seeded from the bits of ``z``: an eval-mode K-step rollout is then a function of its
+    input noise alone, so ``scoredistill sample --seed S``, evaluation and export verification are
+    reproducible and never consume (or depend on) the global RNG the training loop checkpoints."""
+    digest = hashlib.sha256(z.detach().float().cpu().contiguous().numpy().tobytes()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
     """K-step student over a copy of a diffusers teacher (see the module docstring)."""
 
@@ -93,6 +104,11 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
         self._rollout_seed = int(seed)
 
     @property
+    def nfe(self) -> int:
+        """Network evaluations per sample in eval mode (all K steps), for reports."""
+        return len(self.t_steps)
+
+    @property
     def denoiser(self) -> DiffusersDenoiser:
         return self._modules["net"] if "net" in self._modules else self.__dict__["_lora_base"]
 
@@ -114,10 +130,13 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
             k = k_max - 1
         x = self._input(z)
         b = z.shape[0]
+        g = None if self.training or k == 0 else _noise_generator(z)
         for j in range(k):  # backward simulation: earlier steps without gradient
             with torch.no_grad():
                 x0 = d(x, expand_t(self.t_steps[j], b, z.device), cond)
-                x = d.process.add_noise(x0, torch.randn_like(x0), expand_t(self.t_steps[j + 1], b, z.device))
+                eps = torch.randn_like(x0) if g is None else torch.randn(x0.shape, generator=g, device=g.device,
+                                                                         dtype=x0.dtype).to(x0.device)
+                x = d.process.add_noise(x0, eps, expand_t(self.t_steps[j + 1], b, z.device))
         return d(x, expand_t(self.t_steps[k], b, z.device), cond)
 
     def registry_config(self) -> dict:
