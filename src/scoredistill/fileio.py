@@ -14,12 +14,19 @@ import shutil
 import tempfile
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = os.fspath(path)
     d = os.path.dirname(path) or "."
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the final file gets a plain file's mode
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -11,7 +11,7 @@ import os
 import time
 
 from scoredistill.config import resolve
-from scoredistill.engine.rundir import check_new, clear_own, mark_ours
+from scoredistill.engine.rundir import RunLock, check_new, clear_own
 
 DEMO_CONFIG = {
     "teacher": {"kind": "gmm", "preset": "ring8", "process": {"kind": "edm"}},
@@ -53,18 +53,17 @@ def run_demo(out: str, quick: bool = False, image: bool = False) -> dict:
     cfg = resolve(DEMO_IMAGE_CONFIG if image else DEMO_CONFIG, overrides)
     # the demo starts over in a folder it wrote before; a folder holding anything else is never touched
     check_new(out, "--out", force=True)
-    if os.path.isdir(out) and os.listdir(out):
-        clear_own(out)
-    mark_ours(out, "demo")
     what = "bundled digits teacher (EDM UNet)" if image else "ring8 teacher (exact score)"
     updates = cfg["train"]["steps"] // cfg["train"]["generator_every"]
     console.print(f"[bold]scoredistill demo[/]: {what} -> one-step generator with DMD2, "
                   f"{cfg['train']['steps']} iterations ({updates} generator updates)")
     t0 = time.time()
     d = Distiller(cfg, out, log=console.print)
-    d.train()
-    train_s = time.time() - t0
-    _, rows = write_report(d, train_s, cfg["eval"]["teacher_steps"])
+    with RunLock(out, "demo"):
+        clear_own(out)  # a demo folder of ours starts over; files the user put there stay
+        d.run()
+        train_s = time.time() - t0
+        _, rows = write_report(d, train_s, cfg["eval"]["teacher_steps"])
     name = "digits" if image else "ring8"
     tab = Table(title=f"{name}, {len(d.eval_z)} samples each (train {train_s:.0f} s)")
     tab.add_column("sampler")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
@@ -30,42 +29,12 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT):
     sys.exit(code)
 
 
-def _load_run_config(run_dir: str) -> dict:
-    from scoredistill.config import ConfigError, load_yaml
-
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isdir(run_dir):
-        raise ConfigError("RUN_DIR", f"folder not found: {run_dir}")
-    if not os.path.exists(path):
-        raise ConfigError("RUN_DIR", f"{run_dir} has no config.yaml (not a scoredistill run folder)")
-    return load_yaml(path)
-
-
 def cmd_distill(args):
-    from scoredistill.config import ConfigError, load_yaml, resolve
+    from scoredistill.cli.runs import run_in_folder
+    from scoredistill.config import resolve
     from scoredistill.engine.distiller import Distiller
-    from scoredistill.engine.io import list_checkpoints
 
-    if args.resume:
-        run_dir = args.resume
-        cfg = resolve(_load_run_config(run_dir), args.set)
-    else:
-        if not args.config or not args.out:
-            raise ConfigError("distill", "needs CONFIG.yaml --out RUN_DIR, or --resume RUN_DIR")
-        run_dir = args.out
-        cfg = resolve(load_yaml(args.config), args.set)
-        if list_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "config.yaml")):
-            raise ConfigError("--out", f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-    t0 = time.time()
-    d = Distiller(cfg, run_dir)
-    try:
-        res = d.run(resume=bool(args.resume))
-        if d.is_main:
-            print(d.report(res, time.time() - t0))
-            print(f"wrote {os.path.join(run_dir, 'report.md')}")
-    finally:
-        d.close()
-    return res
+    return run_in_folder(args, command="distill", resolve=resolve, build=Distiller)
 
 
 def _write_samples(out: str, x, title: str) -> None:
@@ -194,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="run folder to create")
     d.add_argument("--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    d.add_argument("--force", action="store_true",
+                   help="start over in a run folder of ours that holds checkpoints (never touches other folders)")
     d.set_defaults(fn=cmd_distill)
 
     s = sub.add_parser("sample", help="sample a trained generator to .npy (array) or .png (image grid)")

@@ -139,6 +139,9 @@ class Distiller(Loop):
     def _barrier(self) -> None:
         self.dist.barrier()
 
+    def _all_true(self, ok: bool) -> bool:
+        return self.dist.all_true(ok)
+
     def _before_evaluate(self) -> None:
         self._sync_student()
 

@@ -44,12 +44,19 @@ OBJECTIVE_PREFIX = "model/objective/"  # where the objective's state_tensors() l
 
 def fault(kind: str, step: int) -> None:
     """Fault injection for crash-safety tests: ``SCOREDISTILL_FAULT=step:N`` kills the process with
-    SIGKILL right after iteration N, ``checkpoint:N`` while the checkpoint of step N is being written."""
+    SIGKILL right after iteration N, ``checkpoint:N`` while the checkpoint of step N is being written,
+    ``export:N`` after that checkpoint is committed and before ``generator/`` (the export) is updated."""
     spec = os.environ.get("SCOREDISTILL_FAULT")
     if spec and spec == f"{kind}:{step}":
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter of ``module`` (this process's shard, under FSDP) is finite; one host sync."""
+    flags = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in module.parameters()]
+    return bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
 
 
 class Loop:
@@ -96,6 +103,10 @@ class Loop:
 
     def _barrier(self) -> None:
         pass
+
+    def _all_true(self, ok: bool) -> bool:
+        """``ok`` on every process (a collective under several processes)."""
+        return ok
 
     def _before_evaluate(self) -> None:
         """Called on every process before the main one evaluates (a collective may run here)."""
@@ -201,7 +212,13 @@ class Loop:
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save(self):
         """Write a checkpoint, prune to ``train.keep_checkpoints`` and :meth:`export`, on the main process;
-        every process calls it (see :meth:`_checkpoint_state`)."""
+        every process calls it (see :meth:`_checkpoint_state`). Weights that are no longer finite are never
+        written: the run aborts (exit 3) and the last good checkpoint stays the newest."""
+        bad = [n for n, m in self.modules.items() if not _finite(m)]
+        if not self._all_true(not bad):
+            raise TrainingAborted(f"the weights of {', '.join(bad) or 'a role on another process'} are not finite at "
+                                  f"{self.step_name} {self.step}; nothing was saved (the newest checkpoint is the "
+                                  "last finite state): lower train.lr or check the teacher")
         modules, optimizers = self._checkpoint_state()
         if not self.is_main:
             return
@@ -215,6 +232,7 @@ class Loop:
         folder = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:07d}")
         save_checkpoint(folder, modules, optimizers, rngs, meta, before_commit=lambda: fault("checkpoint", self.step))
         prune_checkpoints(self.run_dir, self.cfg["train"]["keep_checkpoints"])
+        fault("export", self.step)
         self.export()
 
     def load_latest(self) -> int:
@@ -246,6 +264,22 @@ class Loop:
             return self.step
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
 
+    def _metrics_at(self, step: int) -> dict | None:
+        """The ``metrics.jsonl`` record of ``step``, if one was written."""
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return None
+        found = None
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and rec.get("step") == step:
+                    found = rec
+        return found
+
     # -- main loop -------------------------------------------------------------------------------------------
     def _open_tensorboard(self):
         try:
@@ -270,15 +304,26 @@ class Loop:
         main = self.is_main
         self._t0 = time.time()
         self._on_start()
+        last = None
+        evaluated = False
         if self.run_dir is not None:
             os.makedirs(self.run_dir, exist_ok=True)
-            if resume:
+            if resume and list_checkpoints(self.run_dir):
                 self.load_latest()
+                if self.step >= tc["steps"]:
+                    # a kill between the final checkpoint and its export left generator/ (or the params)
+                    # behind the checkpoint: bring them in line, and reuse the final evaluation
+                    self._before_evaluate()
+                    if main:
+                        self.export()
+                        last = self._metrics_at(self.step)
+                    evaluated = self._all_true(last is not None) if main else self._all_true(True)
+            elif resume:  # killed before its first checkpoint: nothing to continue, so start over
+                self.log(f"{self.run_dir} has no checkpoint yet: starting from step 0")
+                truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), -1)
             if main:
                 dump(self.cfg, os.path.join(self.run_dir, "config.yaml"))
                 self._tb = self._open_tensorboard()
-        last = None
-        evaluated = False
         n_log = tc["log_every"]
         try:
             with Progress(tc["steps"], self.step, enabled=tc["progress"] and main and self.run_dir is not None,

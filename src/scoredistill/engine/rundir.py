@@ -108,29 +108,39 @@ def mark_ours(path: str, kind: str) -> None:
     if os.path.exists(path) and os.listdir(path) and not is_ours(path):
         raise ConfigError("--out", f"{path} is not empty and was not created by scoredistill")
     os.makedirs(path, exist_ok=True)
-    marker = os.path.join(path, MARKER)
-    if not os.path.exists(marker):
-        from scoredistill.fileio import atomic_write_text
+    if not os.path.exists(os.path.join(path, MARKER)):
+        _write_marker(path, kind)
 
-        atomic_write_text(marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+def _write_marker(path: str, kind: str) -> None:
+    from scoredistill.fileio import atomic_write_text
+
+    atomic_write_text(os.path.join(path, MARKER),
+                      json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
 
 class RunLock:
     """Create (or adopt) a folder of ours and hold an exclusive lock on it until :meth:`release`.
 
-    ``kind`` is recorded in the marker (distill, optimize, demo, train-teacher, export)."""
+    ``kind`` is recorded in the marker (distill, optimize, demo, train-teacher, export). With ``adopt``
+    (``--resume``), a run folder written by an earlier version, before folders carried the marker
+    (``config.yaml`` beside ``checkpoints/``), is adopted as ours."""
 
-    def __init__(self, path: str, kind: str, field: str = "--out"):
+    def __init__(self, path: str, kind: str, field: str = "--out", adopt: bool = False):
         self.path = path
         self.kind = kind
         self.field = field
+        self.adopt = adopt
         self._fd = None
 
     def acquire(self) -> RunLock:
         import fcntl
 
         if os.path.exists(self.path) and os.listdir(self.path) and not is_ours(self.path):
-            raise ConfigError(self.field, f"{self.path} is not empty and was not created by scoredistill")
+            legacy = os.path.isfile(os.path.join(self.path, "config.yaml")) and has_checkpoint(self.path)
+            if not (self.adopt and legacy):
+                raise ConfigError(self.field, f"{self.path} is not empty and was not created by scoredistill")
+            _write_marker(self.path, self.kind)
         mark_ours(self.path, self.kind)
         fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
