@@ -1,4 +1,4 @@
-"""BSD — Balanced Score Distillation (PlacidDreamer, arXiv 2407.13976), methods.md §2.7.
+"""BSD — Balanced Score Distillation (PlacidDreamer, arXiv 2407.13976; docs/optimize/bsd.md).
 
 Two directions at ``x_t = a_t x + s_t eps``: classifier ``g_c = k_c (eps_c - eps_u)`` and denoising
 ``g_d = k_d eps_u``, mixed per sample by the min-norm (MGDA / Pareto) weight
@@ -20,7 +20,7 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.sds import (
+from scoredistill.objectives.core import (
     FieldObjective,
     check_clamp,
     eps_of,

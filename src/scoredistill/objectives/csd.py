@@ -1,4 +1,4 @@
-"""CSD — Classifier Score Distillation (arXiv 2310.19415), methods.md §2.3.
+"""CSD — Classifier Score Distillation (arXiv 2310.19415; docs/optimize/csd.md).
 
 Implementation form of the official code (``deep_floyd_simple_guidance.py``):
 ``g = w(t) [lambda_c eps(x_t, c) + lambda_neg eps(x_t, c_neg) + lambda_null eps(x_t, null) + lambda_n eps]``.
@@ -24,7 +24,7 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.sds import (
+from scoredistill.objectives.core import (
     FieldObjective,
     check_clamp,
     check_weighting,
