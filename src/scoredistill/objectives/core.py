@@ -37,7 +37,7 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser
 from scoredistill.objectives.base import Batch, Objective, Roles
-from scoredistill.objectives.common import denoising_loss, drop_condition
+from scoredistill.objectives.common import denoising_loss, drop_condition, noise_like
 from scoredistill.process.processes import Process
 
 
@@ -194,6 +194,14 @@ class FieldObjective(Objective):
 
     def field(self, batch: Batch, roles: Roles) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def noised(self, batch: Batch, process: Process):
+        """``(x, t, eps, x_t)``: the detached samples, this call's times and fresh noise, and
+        ``x_t = a_t x + s_t eps``."""
+        x = batch.x.detach()
+        t = self.sample_t(batch, process)
+        eps = noise_like(x, batch.rng)
+        return x, t, eps, process.add_noise(x, eps, t)
 
     def generator_loss(self, batch, roles):
         with torch.no_grad():

@@ -36,7 +36,7 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS
 from scoredistill.objectives.base import ObjectiveParams, register
-from scoredistill.objectives.common import drop_condition, noise_like
+from scoredistill.objectives.common import drop_condition
 from scoredistill.objectives.core import (
     FakeScoreObjective,
     FieldObjective,
@@ -114,11 +114,8 @@ class VSDParticles(FieldObjective, FakeScoreObjective):
 
     # -- generator field --------------------------------------------------------------------------------
     def field(self, batch, roles):
-        x = batch.x.detach()
         p = roles.process
-        t = self.sample_t(batch, p)
-        eps = noise_like(x, batch.rng)
-        x_t = p.add_noise(x, eps, t)
+        x, t, _, x_t = self.noised(batch, p)
         e_real = eps_of(roles.teacher, x_t, t, batch.cond, self.p.guidance_scale)
         e_fake = self.fake_eps(roles.fake, x_t, t, batch.cond, batch.view)
         a, s = p.coeffs(t, x)

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scoredistill.objectives.base import ObjectiveParams, register
-from scoredistill.objectives.common import noise_like
 from scoredistill.objectives.core import (
     FieldObjective,
     check_clamp,
@@ -56,11 +55,8 @@ class SDS(FieldObjective):
     default_time = Uniform(t_min=0.02, t_max=0.98)
 
     def field(self, batch, roles):
-        x = batch.x.detach()
         p = roles.process
-        t = self.sample_t(batch, p)
-        eps = noise_like(x, batch.rng)
-        x_t = p.add_noise(x, eps, t)
+        x, t, eps, x_t = self.noised(batch, p)
         e_real = eps_of(roles.teacher, x_t, t, batch.cond, self.p.guidance_scale)
         a, s = p.coeffs(t, x)
         g = finish_field(score_field(self.p.weighting, a, s, e_real, eps, "eps"), self.p.grad_clamp)
