@@ -19,9 +19,10 @@ floating-point operations are those of its reference code; :data:`WEIGHTINGS` wr
 both.
 
 **Gradient injection** (:func:`inject`) turns a detached field into a loss whose gradient is the
-field; the drivers' optimizers then step on it. The two base classes here are what the method files
-extend: :class:`FieldObjective` (the whole generator loss is an injected field) and
-:class:`FakeScoreObjective` (a learned fake score trained by denoising score matching).
+field; the drivers' optimizers then step on it. The base classes here are what the method files
+extend: :class:`FieldObjective` (the whole generator loss is an injected field),
+:class:`FakeScoreObjective` (a learned fake score trained by denoising score matching) and
+:class:`SiDFamily` (losses that differentiate through the teacher and the fake score).
 
 Method pages: docs/objectives/<name>.md (generator objectives) and docs/optimize/<name>.md
 (objectives of the parameter optimizer).
@@ -39,6 +40,7 @@ from scoredistill.models.denoiser import NULL_CLASS, Denoiser
 from scoredistill.objectives.base import Batch, Objective, Roles
 from scoredistill.objectives.common import denoising_loss, drop_condition, noise_like
 from scoredistill.process.processes import Process
+from scoredistill.process.time import LogNormal, TimeSampler
 
 
 # -- reductions and normalisers -----------------------------------------------------------------------
@@ -234,3 +236,32 @@ class FakeScoreObjective(Objective):
     def auxiliary_losses(self, batch, roles):
         loss = self.fake_loss(batch, roles)
         return {"loss": loss, "loss_fake": loss.detach()}
+
+
+def drop_nonfinite(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Keep the samples that are finite in every tensor (SiD drops NaN samples before reducing)."""
+    keep = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for v in tensors:
+        keep &= torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
+    return tuple(v[keep] for v in tensors)
+
+
+class SiDFamily(FakeScoreObjective):
+    """Base of the score-identity losses (SiD arXiv 2404.04057, SIM arXiv 2410.16794, SFD arXiv
+    2409.11219), which keep both networks on the autograd graph of ``x`` (their parameters frozen by
+    the engine). Fake-score times default to the SiD code base's ``ln rho ~ N(-1.2, 1.2^2)`` (the EDM
+    training distribution); an explicit ``objective.fake_time`` wins."""
+
+    default_fake_time: TimeSampler = LogNormal(p_mean=-1.2, p_std=1.2)
+
+    def differentiates_through(self):
+        return {"teacher", "fake"}
+
+    def terms(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond, roles: Roles,
+              teacher_cond=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x_t`` and both denoisers at ``x_t`` (the teacher guided, at ``teacher_cond`` if given), all
+        on the autograd graph of ``x``: SiD-type losses differentiate through both networks."""
+        x_t = roles.process.add_noise(x, noise, t)
+        f_real = roles.teacher.guided(x_t, t, cond if teacher_cond is None else teacher_cond, self.p.guidance_scale)
+        f_fake = roles.fake(x_t, t, cond)
+        return x_t, f_real, f_fake

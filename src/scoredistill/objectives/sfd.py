@@ -31,7 +31,8 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, register
 from scoredistill.objectives.common import denoising_loss, noise_like
-from scoredistill.objectives.sid import SiD, SiDParams, drop_nonfinite
+from scoredistill.objectives.core import drop_nonfinite
+from scoredistill.objectives.sid import SiD, SiDParams
 from scoredistill.process.time import Uniform
 
 WARMUP_TIME = Uniform(t_min=0.02, t_max=0.98)  # official: randint(20, 980) during forget_warmup

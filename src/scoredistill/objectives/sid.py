@@ -42,13 +42,14 @@ from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, edm_weight, head_logits, noise_like
 from scoredistill.objectives.core import (
-    FakeScoreObjective,
+    SiDFamily,
     check_dropout,
     check_guidance,
     dm_normaliser,
+    drop_nonfinite,
     per_sample_mean,
 )
-from scoredistill.process.time import LogNormal, TimeSampler, Uniform
+from scoredistill.process.time import Uniform
 
 SID_WEIGHTINGS = ("sid", "none")
 
@@ -75,33 +76,6 @@ def sid_elementwise(x: torch.Tensor, f_real: torch.Tensor, f_fake: torch.Tensor,
     """``(f_phi - f_psi) ((f_phi - x) - alpha (f_phi - f_psi)) / omega`` per element (nothing detached)."""
     diff = f_real - f_fake
     return diff * ((f_real - x) - alpha * diff) / omega
-
-
-def drop_nonfinite(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Keep the samples that are finite in every tensor (SiD drops NaN samples before reducing)."""
-    keep = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
-    for v in tensors:
-        keep &= torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
-    return tuple(v[keep] for v in tensors)
-
-
-class SiDFamily(FakeScoreObjective):
-    """Fake-score time default of the SiD code base: ``ln rho ~ N(-1.2, 1.2^2)`` (EDM training
-    distribution, official ``sid_loss.py``); an explicit ``objective.fake_time`` wins."""
-
-    default_fake_time: TimeSampler = LogNormal(p_mean=-1.2, p_std=1.2)
-
-    def differentiates_through(self):
-        return {"teacher", "fake"}
-
-    def terms(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond, roles: Roles,
-              teacher_cond=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x_t`` and both denoisers at ``x_t`` (the teacher guided, at ``teacher_cond`` if given), all
-        on the autograd graph of ``x``: SiD-type losses differentiate through both networks."""
-        x_t = roles.process.add_noise(x, noise, t)
-        f_real = roles.teacher.guided(x_t, t, cond if teacher_cond is None else teacher_cond, self.p.guidance_scale)
-        f_fake = roles.fake(x_t, t, cond)
-        return x_t, f_real, f_fake
 
 
 @register

@@ -40,8 +40,7 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.core import check_dropout, check_guidance, dm_normaliser
-from scoredistill.objectives.sid import SiDFamily, drop_nonfinite
+from scoredistill.objectives.core import SiDFamily, check_dropout, check_guidance, dm_normaliser, drop_nonfinite
 from scoredistill.process.time import Uniform
 
 SIM_WEIGHTINGS = ("sid", "fisher", "none")
