@@ -1,4 +1,5 @@
-"""Sign, stop-gradient and CFG-convention tests for DMD, DMD2 and VSD on exact-score teachers."""
+"""DMD, DMD2 and VSD specifics: the normalised field and its injection, the DMD variants' sign, the GAN
+term, the CFG convention, parameter errors. The shared contract is in test_contract.py."""
 
 import pytest
 import torch
@@ -7,52 +8,26 @@ from scoredistill.config import ConfigError
 from scoredistill.models.generators import DiscriminatorHead
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.objectives import Batch, Roles, build_objective
-from scoredistill.objectives.common import inject
-from scoredistill.objectives.dmd import dm_field
+from scoredistill.objectives.core import WEIGHTINGS, dm_field, eps_weight, inject, score_field, to_eps, x0_weight
 from scoredistill.process import EDM, VPDiscrete
 from scoredistill.teachers.gmm import GMMTeacher, build_gmm
 
-METHODS = [{"name": "dmd", "regression_weight": 0.0}, {"name": "dmd2"}, {"name": "dmd2", "alpha_factor": True},
-           {"name": "vsd"}]
 
-
-def point_mass_step(cfg, theta0: float, process):
-    """One SGD step of a point-mass generator x = theta on a point-mass-like target at 0, with the
-    exact fake score of the generator (a very narrow Gaussian at theta)."""
-    obj = build_objective(cfg)
-    theta = torch.tensor([theta0, -theta0 / 2], requires_grad=True)
-    teacher = GMMTeacher([[0.0, 0.0]], 0.05, process=process)
-    fake = GMMTeacher([[theta0, -theta0 / 2]], 0.05, process=process)
-    x = theta.expand(64, 2)
-    out = obj.generator_loss(Batch(x=x, rng=torch.Generator().manual_seed(0)), Roles(teacher=teacher, fake=fake))
-    (grad,) = torch.autograd.grad(out["loss"], theta)
-    return grad
-
-
-@pytest.mark.parametrize("cfg", METHODS, ids=lambda c: str(c))
+@pytest.mark.parametrize("cfg", [{"name": "dmd", "regression_weight": 0.0}, {"name": "dmd2", "alpha_factor": True},
+                                 {"name": "vsd", "weighting": "uniform"}, {"name": "vsd", "weighting": "x0"}], ids=str)
 @pytest.mark.parametrize("process", [EDM(), VPDiscrete()], ids=lambda p: p.name)
-def test_sign_moves_point_mass_toward_target(cfg, process):
-    """Gradient descent must move theta toward the target at 0: the gradient points along +theta."""
-    grad = point_mass_step(cfg, 1.0, process)
-    theta = torch.tensor([1.0, -0.5])
-    cos = float(grad @ theta / (grad.norm() * theta.norm()))
-    assert cos > 0.99, (grad, cos)
-
-
-@pytest.mark.parametrize("cfg", METHODS, ids=lambda c: str(c))
-def test_field_is_detached_from_teacher_and_fake(cfg):
-    proc = EDM()
-    teacher = MLPDenoiser(proc, 2, 32, 2)
-    fake = MLPDenoiser(proc, 2, 32, 2)
-    for m in (teacher, fake):  # make outputs depend on weights
-        torch.nn.init.normal_(m.net.out.weight, std=0.1)
+def test_variant_moves_point_mass_toward_target(cfg, process):
+    """Variants the contract suite (defaults only) does not cover: the field without regression, with
+    DMD's a_t factor, VSD's other weightings. Target at 0, samples at theta with their exact fake score."""
     obj = build_objective(cfg)
-    x = torch.randn(16, 2, requires_grad=True)
-    out = obj.generator_loss(Batch(x=x, rng=torch.Generator().manual_seed(0)), Roles(teacher=teacher, fake=fake))
-    params = list(teacher.parameters()) + list(fake.parameters())
-    grads = torch.autograd.grad(out["loss"], [x] + params, allow_unused=True)
-    assert grads[0] is not None and torch.isfinite(grads[0]).all()
-    assert all(g is None for g in grads[1:]), "DMD/VSD fields must not backpropagate into the networks"
+    theta = torch.tensor([1.0, -0.5], requires_grad=True)
+    teacher = GMMTeacher([[0.0, 0.0]], 0.05, process=process)
+    fake = GMMTeacher([[1.0, -0.5]], 0.05, process=process)
+    out = obj.generator_loss(Batch(x=theta.expand(64, 2), rng=torch.Generator().manual_seed(0)),
+                             Roles(teacher=teacher, fake=fake))
+    (grad,) = torch.autograd.grad(out["loss"], theta)
+    cos = float(grad @ theta.detach() / (grad.norm() * theta.detach().norm()))
+    assert cos > 0.99, (grad, cos)
 
 
 def test_dmd_gradient_is_normalised_field_over_numel():
@@ -83,25 +58,37 @@ def test_inject_gradient():
     assert torch.allclose(gx, g / 12)
 
 
-@pytest.mark.parametrize("name", ["dmd2", "vsd"])
-def test_guidance_one_is_unguided(name):
-    proc = EDM()
+def test_weighting_table_is_one_weight_in_two_units():
+    """``w_x0 = w_eps a_t / s_t`` for every row, and the score-difference field is the same vector in
+    epsilon units (``eps_real - eps_fake``) and x0 units (``D_fake - D_real``)."""
+    proc = VPDiscrete()
+    g = torch.Generator().manual_seed(0)
+    t = 0.02 + 0.96 * torch.rand(16, generator=g, dtype=torch.float64)
+    x_t, d_real, d_fake = (torch.randn(16, 3, generator=g) for _ in range(3))
+    a, s = proc.coeffs(t, x_t)
+    for kind in WEIGHTINGS:
+        assert torch.allclose(x0_weight(kind, a, s), eps_weight(kind, a, s) * a / s, rtol=1e-12), kind
+        g_x0 = score_field(kind, a, s, d_real, d_fake, "x0")
+        g_eps = score_field(kind, a, s, to_eps(proc, x_t, d_real, t), to_eps(proc, x_t, d_fake, t), "eps")
+        assert torch.allclose(g_x0, g_eps, rtol=1e-6, atol=1e-9), kind
+
+
+@pytest.mark.parametrize("weighting", list(WEIGHTINGS))
+def test_vsd_and_vsd_particles_share_their_field(weighting):
+    """The generator's ``vsd`` (x0 units, mean reduction) and the optimizer's ``vsd_particles`` (epsilon
+    units, sum / B) inject the same field for the same draws."""
+    proc = VPDiscrete()
     teacher = build_gmm({"preset": "ring8_cond"}, proc)
-    fake = GMMTeacher(torch.zeros(1, 2), 1.5, classes=[0], process=proc)
-    fake.num_classes = 4  # labels other than 0 -> empty sub-mixture is invalid; use the unconditional fake
-    fake = GMMTeacher(torch.zeros(1, 2), 1.5, process=proc)
-    x = torch.randn(64, 2)
-    cond = torch.randint(0, 4, (64,))
-    losses = {}
-    for w in (1.0, 1.0 + 1e-9, 3.0):
-        obj = build_objective({"name": name, "guidance_scale": w})
-        xx = x.clone().requires_grad_(True)
-        out = obj.generator_loss(Batch(x=xx, cond=cond, rng=torch.Generator().manual_seed(1)),
+    fake = GMMTeacher(teacher.means * 0.7, 0.6, classes=[0, 1, 2, 3, 0, 1, 2, 3], process=proc)
+    x0, cond = torch.randn(32, 2), torch.arange(32) % 4
+    grads = {}
+    for name in ("vsd", "vsd_particles"):
+        obj = build_objective({"name": name, "guidance_scale": 2.0, "weighting": weighting})
+        x = x0.clone().requires_grad_(True)
+        out = obj.generator_loss(Batch(x=x, cond=cond, rng=torch.Generator().manual_seed(4)),
                                  Roles(teacher=teacher, fake=fake))
-        losses[w] = torch.autograd.grad(out["loss"], xx)[0]
-    # w = 1 takes the conditional path; w = 1 + 1e-9 goes through the CFG combination: same field
-    assert torch.allclose(losses[1.0], losses[1.0 + 1e-9], atol=1e-6)
-    assert not torch.allclose(losses[1.0], losses[3.0], atol=1e-4)
+        grads[name] = torch.autograd.grad(out["loss"], x)[0]
+    torch.testing.assert_close(grads["vsd"] * x0.numel(), grads["vsd_particles"] * x0.shape[0], rtol=1e-4, atol=1e-6)
 
 
 def test_cond_plus_convention_converted_at_load():
@@ -129,18 +116,6 @@ def test_dmd2_gan_term_flows_through_frozen_fake():
             assert "loss_gan_gen" in out
             assert obj.requirements() == {"fake_score", "discriminator", "real_data"}
     assert not torch.allclose(grads[0.0], grads[1.0])
-
-
-def test_fake_loss_uses_detached_samples():
-    proc = EDM()
-    fake = MLPDenoiser(proc, 2, 32, 2)
-    obj = build_objective({"name": "dmd2"})
-    x = torch.randn(16, 2, requires_grad=True)
-    out = obj.auxiliary_losses(Batch(x=x, rng=torch.Generator().manual_seed(0)),
-                               Roles(teacher=fake, fake=fake))
-    gx, = torch.autograd.grad(out["loss"], x, allow_unused=True)
-    assert gx is None
-    assert any(p.grad is None for p in fake.parameters())  # objectives never call backward themselves
 
 
 @pytest.mark.parametrize("cfg,field", [

@@ -1,4 +1,4 @@
-"""SFD (methods.md §5): forget term = SiD with the teacher at the override class and the fake at the
+"""SFD specifics (docs/objectives/sfd.md): forget term = SiD with the teacher at the override class and the fake at the
 forget class; sign, stop-gradients (SiD-type: through both networks, only omega detached), CFG,
 fake-loss weighting, requirements."""
 
@@ -102,7 +102,7 @@ def test_forget_term_backpropagates_through_both_networks_and_detaches_only_omeg
         assert (gv - g_obj).abs().max() > 1e-3 * g_obj.abs().max(), variant
 
 
-def test_guidance_one_is_unguided():
+def test_forget_class_samples_stay_out_of_the_remain_term():
     teacher = build_gmm({"preset": "ring8_cond"}, EDM())
     fake = GMMTeacher(teacher.means * 0.8, 0.5, classes=[0, 1, 2, 3, 0, 1, 2, 3])
     g = _rng(3)
@@ -110,17 +110,12 @@ def test_guidance_one_is_unguided():
     cond = torch.randint(0, 4, (64,), generator=g)
     z = torch.randn(64, 2, generator=g)
     gen = lambda z, c: z * 1.5 + c[:, None].float()  # noqa: E731  (a label-dependent "generator")
-    grads = {}
-    for w in (1.0, 1.0 + 1e-9, 3.0):
-        obj = build_objective({"name": "sfd", "guidance_scale": w, "alpha": 1.0, "forget_weight": 1.0})
-        xx = x.clone().requires_grad_(True)
-        out = obj.generator_loss(Batch(x=xx, cond=cond, z=z, rng=_rng(4)),
-                                 Roles(teacher=teacher, fake=fake, generator=gen))
-        grads[w] = torch.autograd.grad(out["loss"], xx)[0]
-        assert torch.isfinite(out["loss_forget"])
-    assert torch.allclose(grads[1.0], grads[1.0 + 1e-9], atol=1e-7)
-    assert not torch.allclose(grads[1.0], grads[3.0], atol=1e-5)
-    assert float(grads[1.0][cond == 0].abs().max()) == 0.0  # forget-class samples are not in the remain term
+    obj = build_objective({"name": "sfd", "guidance_scale": 3.0, "alpha": 1.0, "forget_weight": 1.0})
+    xx = x.clone().requires_grad_(True)
+    out = obj.generator_loss(Batch(x=xx, cond=cond, z=z, rng=_rng(4)), Roles(teacher=teacher, fake=fake, generator=gen))
+    grad = torch.autograd.grad(out["loss"], xx)[0]
+    assert torch.isfinite(out["loss_forget"])
+    assert float(grad[cond == 0].abs().max()) == 0.0 and float(grad[cond != 0].abs().max()) > 0
 
 
 def test_fake_loss_is_remain_plus_weighted_forget():

@@ -1,5 +1,6 @@
-"""SwiftBrush / SNOOPI PG-SB (methods.md §3.2): sign, stop-gradients, CFG on both networks with the
-same w, random w per step, negative class, requirements."""
+"""SwiftBrush / SNOOPI PG-SB specifics (docs/objectives/swiftbrush.md): sign with a random w and with a
+negative class, CFG on both networks with the same w, random w per step, negative class,
+requirements. The shared contract is in test_contract.py."""
 
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ def _rng(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("cfg", [{"name": "swiftbrush"}, {"name": "swiftbrush", "guidance_scale_range": [1.0, 3.0]},
-                                 {"name": "swiftbrush", "fake_weighting": "eps"}], ids=str)
+@pytest.mark.parametrize("cfg", [{"name": "swiftbrush", "guidance_scale_range": [1.0, 3.0]},
+                                 {"name": "swiftbrush", "negative_class": 1}], ids=str)
 @pytest.mark.parametrize("process", [EDM(), VPDiscrete()], ids=lambda p: p.name)
 def test_sign_moves_point_mass_toward_target(cfg, process):
     obj = build_objective(cfg)
     theta = torch.tensor([1.0, -0.5], requires_grad=True)
-    teacher = GMMTeacher([[0.0, 0.0]], 0.05, process=process)
+    teacher = GMMTeacher([[0.0, 0.0], [3.0, -1.5]], 0.05, classes=[0, 1], process=process)
     fake = GMMTeacher([[1.0, -0.5]], 0.05, process=process)
-    out = obj.generator_loss(Batch(x=theta.expand(64, 2), rng=_rng()), Roles(teacher=teacher, fake=fake))
+    out = obj.generator_loss(Batch(x=theta.expand(64, 2), cond=torch.zeros(64, dtype=torch.long), rng=_rng()),
+                             Roles(teacher=teacher, fake=fake))
     (grad,) = torch.autograd.grad(out["loss"], theta)
     cos = float(grad @ theta.detach() / (grad.norm() * theta.detach().norm()))
     assert cos > 0.99, (grad, cos)
@@ -38,21 +40,6 @@ def _cond_roles(process=None):
     fake = MLPDenoiser(proc, 2, 32, 2, num_classes=4)
     torch.nn.init.normal_(fake.net.out.weight, std=0.1)
     return Roles(teacher=teacher, fake=fake)
-
-
-def test_field_is_detached():
-    proc = EDM()
-    teacher = MLPDenoiser(proc, 2, 32, 2, num_classes=4)
-    fake = MLPDenoiser(proc, 2, 32, 2, num_classes=4)
-    for m in (teacher, fake):
-        torch.nn.init.normal_(m.net.out.weight, std=0.1)
-    obj = build_objective({"name": "swiftbrush", "guidance_scale": 3.0})
-    x = torch.randn(16, 2, requires_grad=True)
-    out = obj.generator_loss(Batch(x=x, cond=torch.randint(0, 4, (16,)), rng=_rng()), Roles(teacher=teacher, fake=fake))
-    params = list(teacher.parameters()) + list(fake.parameters())
-    grads = torch.autograd.grad(out["loss"], [x] + params, allow_unused=True)
-    assert grads[0] is not None and torch.isfinite(grads[0]).all()
-    assert all(g is None for g in grads[1:]), "SwiftBrush's field must not backpropagate into the networks"
 
 
 def _replay(obj, x, cond, roles, seed, w, negative=None, draw_w=False):
@@ -86,15 +73,10 @@ def test_cfg_on_teacher_and_fake_with_the_same_w():
     assert torch.allclose(g, _replay(obj, x, cond, roles, 4, 3.0), atol=1e-7, rtol=1e-4)
 
 
-def test_w_one_is_unguided():
+def test_pg_sb_range_at_one_is_unguided():
     roles = _cond_roles()
     x, cond = torch.randn(32, 2), torch.randint(0, 4, (32,))
-    g1, _ = _grad(build_objective({"name": "swiftbrush", "guidance_scale": 1.0}), x, cond, roles, 2)
-    g1b, _ = _grad(build_objective({"name": "swiftbrush", "guidance_scale": 1.0 + 1e-9}), x, cond, roles, 2)
     g_rng, _ = _grad(build_objective({"name": "swiftbrush", "guidance_scale_range": [1.0, 1.0]}), x, cond, roles, 2)
-    g3, _ = _grad(build_objective({"name": "swiftbrush", "guidance_scale": 3.0}), x, cond, roles, 2)
-    assert torch.allclose(g1, g1b, atol=1e-9)
-    assert not torch.allclose(g1, g3, atol=1e-6)
     # the PG-SB draw consumes one number of the stream first; with lo = hi = 1 the field is unguided
     obj = build_objective({"name": "swiftbrush", "guidance_scale": 1.0})
     assert torch.allclose(g_rng, _replay(obj, x, cond, roles, 2, 1.0, draw_w=True), atol=1e-7, rtol=1e-4)

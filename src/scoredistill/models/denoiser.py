@@ -30,15 +30,18 @@ class Denoiser(nn.Module):
     def forward(self, x_t, t, cond=None):
         return self.denoise(x_t, t, cond)
 
-    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, w: float) -> torch.Tensor:
-        """Canonical CFG ``D_u + w (D_c - D_u)``; one batched call of size ``2B`` when guiding.
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, w: float,
+               uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """Canonical CFG ``D_u + w (D_c - D_u)`` (arXiv 2207.12598); one batched call of size ``2B``
+        when guiding.
 
         ``w == 1`` (or no condition) is exactly the conditional call, so every field reduces to the
-        unguided one (docs/processes.md). Samples whose label is already null are left unguided.
+        unguided one (docs/processes.md). Samples whose label is already null are left unguided. ``uncond`` replaces the
+        null labels of the unconditional branch (negative conditioning, ``D_neg + w (D_c - D_neg)``).
         """
         if cond is None or w == 1.0:
             return self.denoise(x_t, t, cond)
-        null = torch.full_like(cond, NULL_CLASS)
+        null = torch.full_like(cond, NULL_CLASS) if uncond is None else uncond
         both = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
         d_c, d_u = both.chunk(2)
         return cfg_combine(d_u, d_c, w)

@@ -1,4 +1,5 @@
-"""Objectives: one small file per method family over the contract in :mod:`.base`."""
+"""Objectives: one small file per method family, over the contract in :mod:`.base` and the shared math in
+:mod:`.core`."""
 
 # importing a module registers its objectives
 from scoredistill.objectives import (  # noqa: F401

@@ -1,4 +1,4 @@
-"""ASD — Asynchronous Score Distillation (ScaleDreamer, arXiv 2407.02040), methods.md §2.2.
+"""ASD — Asynchronous Score Distillation (ScaleDreamer, arXiv 2407.02040; docs/optimize/asd.md).
 
 SDS with the injected noise replaced by the *same* teacher at a later time with the same noise:
 ``g = w(t) [eps^w_real(x_t, t, c) - eps_real(x_{t+dt}, t+dt, c)]``,
@@ -21,14 +21,14 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.sds import (
+from scoredistill.objectives.core import (
     FieldObjective,
     check_clamp,
     check_weighting,
     eps_of,
-    eps_weight,
     field_diag,
     finish_field,
+    score_field,
 )
 from scoredistill.process.time import Uniform
 
@@ -76,6 +76,6 @@ class ASD(FieldObjective):
         e_real = eps_of(roles.teacher, x_t, t, batch.cond, self.p.guidance_scale)
         e_plus = eps_of(roles.teacher, x_tp, tp, batch.cond, 1.0)  # conditional, no CFG
         a, s = p.coeffs(t, x)
-        g = finish_field(eps_weight(self.p.weighting, a, s) * (e_real - e_plus), self.p.grad_clamp)
+        g = finish_field(score_field(self.p.weighting, a, s, e_real, e_plus, "eps"), self.p.grad_clamp)
         return g, field_diag(g, t, dt_mean=tp - t)
 

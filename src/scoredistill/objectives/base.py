@@ -4,7 +4,8 @@ An objective is a small, pure rule. It receives samples ``x`` (from a generator,
 tensor or a renderer) in a :class:`Batch`, the frozen/learned networks in :class:`Roles`, and returns
 a dict whose ``"loss"`` entry is the scalar to backpropagate and whose other entries are detached
 diagnostics. It never steps an optimizer, moves a device or toggles ``requires_grad``: the engine
-owns all of that (NVIDIA Model-Optimizer ``fastgen`` boundary, see STYLE.md).
+owns all of that (the boundary of NVlabs FastGen's methods). The shared field math and base classes
+are in :mod:`.core`.
 
 Requirements an objective can declare (the engine checks them before training):
 ``fake_score`` (a learned score of the sample distribution), ``discriminator`` (a head on the
@@ -12,7 +13,9 @@ fake network's features), ``real_data`` (samples of the target), ``ode_pairs`` (
 output pairs), ``class_conditional`` (a teacher with class labels).
 
 An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
-``state_dict()`` / ``load_state_dict()`` (JSON-serialisable); the engine stores them in checkpoints.
+``state_dict()`` / ``load_state_dict()`` (JSON-serialisable) and ``state_tensors()`` /
+``load_state_tensors()``; the drivers store both in checkpoints. Every registered objective is checked
+against this contract by tests/objectives/test_contract.py.
 """
 
 from __future__ import annotations
@@ -90,6 +93,13 @@ class Objective:
 
     # -- declaration -------------------------------------------------------------------------------
     def requirements(self) -> set[str]:
+        return set()
+
+    def differentiates_through(self) -> set[str]:
+        """The roles (``teacher``, ``fake``, ``discriminator``) whose outputs the generator loss keeps on
+        the autograd graph of ``x``; the engine freezes their parameters for the generator phase. Empty
+        for a fully detached field (DMD, VSD, SDS); SiD-type losses read the teacher and the fake,
+        GAN terms the fake and the discriminator."""
         return set()
 
     def ode_guidance(self) -> float:

@@ -1,4 +1,4 @@
-"""BSD — Balanced Score Distillation (PlacidDreamer, arXiv 2407.13976), methods.md §2.7.
+"""BSD — Balanced Score Distillation (PlacidDreamer, arXiv 2407.13976; docs/optimize/bsd.md).
 
 Two directions at ``x_t = a_t x + s_t eps``: classifier ``g_c = k_c (eps_c - eps_u)`` and denoising
 ``g_d = k_d eps_u``, mixed per sample by the min-norm (MGDA / Pareto) weight
@@ -19,8 +19,7 @@ import torch
 
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
-from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.sds import (
+from scoredistill.objectives.core import (
     FieldObjective,
     check_clamp,
     eps_of,
@@ -64,10 +63,8 @@ class BSD(FieldObjective):
     def field(self, batch, roles):
         if batch.cond is None:
             raise ConfigError("params.classes", "bsd needs a conditional teacher and a class per sample")
-        x = batch.x.detach()
         p = roles.process
-        t = self.sample_t(batch, p)
-        x_t = p.add_noise(x, noise_like(x, batch.rng), t)
+        x, t, _, x_t = self.noised(batch, p)
         e_c = eps_of(roles.teacher, x_t, t, batch.cond)
         e_u = eps_of(roles.teacher, x_t, t, null_like(batch.cond))
         g_c = self.p.k_c * (e_c - e_u)

@@ -1,4 +1,4 @@
-"""CDS — Consistency Distillation Sampling (Consistent3D, arXiv 2401.09050), methods.md §2.6.
+"""CDS — Consistency Distillation Sampling (Consistent3D, arXiv 2401.09050; docs/optimize/cds.md).
 
 A fixed noise ``eps*`` is drawn **once** (official ``share_noise``) and reused every step; it is
 objective state (:meth:`CDS.state_tensors`) that the optimizer driver checkpoints. One noise tensor
@@ -31,7 +31,7 @@ import torch
 
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
-from scoredistill.objectives.sds import (
+from scoredistill.objectives.core import (
     FieldObjective,
     check_clamp,
     check_weighting,

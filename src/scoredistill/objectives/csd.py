@@ -1,4 +1,4 @@
-"""CSD — Classifier Score Distillation (arXiv 2310.19415), methods.md §2.3.
+"""CSD — Classifier Score Distillation (arXiv 2310.19415; docs/optimize/csd.md).
 
 Implementation form of the official code (``deep_floyd_simple_guidance.py``):
 ``g = w(t) [lambda_c eps(x_t, c) + lambda_neg eps(x_t, c_neg) + lambda_null eps(x_t, null) + lambda_n eps]``.
@@ -23,8 +23,7 @@ import torch
 
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
-from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.sds import (
+from scoredistill.objectives.core import (
     FieldObjective,
     check_clamp,
     check_weighting,
@@ -70,11 +69,8 @@ class CSD(FieldObjective):
     def field(self, batch, roles):
         if batch.cond is None:
             raise ConfigError("params.classes", "csd needs a conditional teacher and a class per sample")
-        x = batch.x.detach()
         p = roles.process
-        t = self.sample_t(batch, p)
-        eps = noise_like(x, batch.rng)
-        x_t = p.add_noise(x, eps, t)
+        x, t, eps, x_t = self.noised(batch, p)
         q = self.p
         g = torch.zeros_like(x, dtype=torch.float64)
         if q.lambda_cond:

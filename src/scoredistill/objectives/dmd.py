@@ -1,56 +1,39 @@
 """DMD and DMD2: reverse-KL distribution matching with a learned fake score.
 
-DMD (arXiv 2311.18828): generator field in x0 space
-``g = (D_fake(x_t) - D^w_real(x_t)) / mean|x - D^w_real(x_t)|`` (per-sample mean, detached),
-optionally times ``a_t`` (the paper's eq. 7; the official DMD2 code omits it, methods.md §3.4),
-injected with ``L = 1/2 mean ||x - sg(x - g)||^2``; plus an optional regression loss
-``lambda_reg ||G(z_ref) - y_ref||^2`` on (noise, teacher-ODE output) pairs.
+DMD (arXiv 2311.18828; docs/objectives/dmd.md): generator field in x0 space
+``g = h (D_fake(x_t) - D^w_real(x_t)) / mean|x - D^w_real(x_t)|`` (per-sample mean, detached;
+:func:`~.core.dm_field`), optionally times ``a_t`` (the paper's eq. 7; the official DMD2 code omits
+it), injected with ``L = 1/2 mean ||x - sg(x - g)||^2``; plus an optional regression loss
+``lambda_reg ||G(z_ref) - y_ref||^2`` on (noise, teacher-ODE output) pairs. ``h = 1`` here; the
+per-sample weight ``h`` is the hook :meth:`DMD.field_weight` that f-distill overrides.
 The fake score is trained by EDM-weighted denoising score matching on detached samples.
 
-DMD2 (arXiv 2405.14867): DMD without regression; two time-scale updates (the engine's
-``train.generator_every`` with ``fake_on_generator_steps: true`` is the official 5:1 semantics);
-optional non-saturating GAN on a head over the fake network's features with diffusion-GAN
-re-noising, fed real samples. Stop-gradients: the DM field is fully detached; the generator GAN
-term backpropagates through the frozen fake network into ``x``.
+DMD2 (arXiv 2405.14867; docs/objectives/dmd2.md): DMD without regression; two time-scale updates
+(the engine's ``train.generator_every`` with ``fake_on_generator_steps: true`` is the official 5:1
+semantics); optional non-saturating GAN on a head over the fake network's features with
+diffusion-GAN re-noising (``t ~ U[gan_t_min, gan_t_max]``), fed real samples. Stop-gradients: the DM
+field is fully detached; the generator GAN term backpropagates through the frozen fake network into
+``x``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from scoredistill.errors import ConfigError
-from scoredistill.objectives.base import Batch, Objective, ObjectiveParams, Roles, register
+from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import (
-    denoising_loss,
-    dm_normaliser,
-    drop_condition,
     gan_discriminator_loss,
     gan_generator_loss,
     gan_logits,
-    inject,
+    head_logits,
     noise_like,
 )
+from scoredistill.objectives.core import FakeScoreObjective, check_dropout, check_guidance, dm_field, inject
 from scoredistill.process.time import Uniform
-
-
-class FakeScoreObjective(Objective):
-    """Shared auxiliary step: DSM of the fake score on detached samples, with condition dropout."""
-
-    def fake_loss(self, batch: Batch, roles: Roles) -> torch.Tensor:
-        x = batch.x.detach()
-        t = self.sample_t(batch, roles.process, self.fake_time)
-        cond = drop_condition(batch.cond, getattr(self.p, "fake_cond_dropout", 0.0), batch.rng)
-        sd = getattr(roles.fake, "sigma_data", 0.5)
-        return denoising_loss(roles.fake, x, cond, t, batch.rng, sd)
-
-    def requirements(self):
-        return {"fake_score"}
-
-    def auxiliary_losses(self, batch, roles):
-        loss = self.fake_loss(batch, roles)
-        return {"loss": loss, "loss_fake": loss.detach()}
 
 
 @dataclass
@@ -60,26 +43,10 @@ class DMDParams(ObjectiveParams):
     fake_cond_dropout: float = 0.1
 
     def validate(self):
-        if self.guidance_scale < 0:
-            raise ConfigError("objective.guidance_scale", "must be >= 0 (canonical CFG, 1 = unguided)")
+        check_guidance(self.guidance_scale)
         if self.regression_weight < 0:
             raise ConfigError("objective.regression_weight", "must be >= 0")
-        if not 0 <= self.fake_cond_dropout < 1:
-            raise ConfigError("objective.fake_cond_dropout", "must be in [0, 1)")
-
-
-def dm_field(x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cond, roles: Roles, w: float,
-             alpha_factor: bool = False):
-    """The detached DMD field ``(D_fake - D^w_real) / mean|x - D^w_real|`` and diagnostics."""
-    with torch.no_grad():
-        d_real = roles.teacher.guided(x_t, t, cond, w)
-        d_fake = roles.fake(x_t, t, cond)
-        norm = dm_normaliser(x, d_real)
-        g = (d_fake.double() - d_real.double()) / norm.double()
-        if alpha_factor:
-            a, _ = roles.process.coeffs(t, x)
-            g = g * a
-    return g.to(x.dtype), norm
+        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
 
 
 @register
@@ -87,6 +54,9 @@ class DMD(FakeScoreObjective):
     name = "dmd"
     Params = DMDParams
     default_time = Uniform(t_min=0.02, t_max=0.98)
+    # whether the discriminator head is read at the field's own x_t and t (FastGen f-distill) rather
+    # than at a separate diffusion-GAN re-noising
+    logits_at_field_sample: ClassVar[bool] = False
 
     def requirements(self):
         req = {"fake_score"}
@@ -94,18 +64,32 @@ class DMD(FakeScoreObjective):
             req.add("ode_pairs")
         return req
 
-    def dm_loss(self, batch: Batch, roles: Roles) -> tuple[torch.Tensor, dict]:
+    def field_weight(self, logits: torch.Tensor | None, t: torch.Tensor, process) -> tuple[torch.Tensor | None, dict]:
+        """Per-sample weight ``h`` (detached, ``(B,)``) on the field and its diagnostics; ``None``:
+        ``h = 1`` (reverse KL)."""
+        return None, {}
+
+    def dm_loss(self, batch: Batch, roles: Roles) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """The injected field, its diagnostics and the head's logits at ``x_t`` (when read there)."""
         x = batch.x
         t = self.sample_t(batch, roles.process)
-        x_t = roles.process.add_noise(x.detach(), noise_like(x, batch.rng), t)
-        g, norm = dm_field(x.detach(), x_t, t, batch.cond, roles, self.p.guidance_scale, self.p.alpha_factor)
-        loss = inject(x, g)
+        x_t = roles.process.add_noise(x, noise_like(x, batch.rng), t)  # on x's graph for a GAN term at x_t
+        g, norm = dm_field(x.detach(), x_t.detach(), t, batch.cond, roles, self.p.guidance_scale, self.p.alpha_factor)
+        logits = None
+        if self.logits_at_field_sample:
+            logits = head_logits(roles.fake, roles.discriminator, x_t, t, batch.cond)
+        h, diag = self.field_weight(logits, t, roles.process)
+        if h is None:
+            loss = inject(x, g)
+        else:
+            hb = h.view((-1,) + (1,) * (x.dim() - 1)).to(x.device)
+            loss = inject(x, (hb * g.double()).to(x.dtype))
         diag = {"loss_dm": loss.detach(), "field_norm": g.flatten(1).norm(dim=1).mean(),
-                "normaliser": norm.mean(), "t_mean": t.mean()}
-        return loss, diag
+                "normaliser": norm.mean(), "t_mean": t.mean(), **diag}
+        return loss, diag, logits
 
     def generator_loss(self, batch, roles):
-        loss, diag = self.dm_loss(batch, roles)
+        loss, diag, _ = self.dm_loss(batch, roles)
         if self.p.regression_weight > 0:
             pred = roles.generator(batch.ode_z, batch.ode_cond)
             reg = ((pred - batch.ode_x) ** 2).mean()
@@ -145,16 +129,26 @@ class DMD2(DMD):
     def requirements(self):
         return {"fake_score", "discriminator", "real_data"} if self.gan else {"fake_score"}
 
+    def differentiates_through(self):
+        return {"fake", "discriminator"} if self.gan else set()
+
     def _gan_t(self, batch, n, device):
         u = torch.rand(n, generator=batch.rng, dtype=torch.float64)
         return (self.p.gan_t_min + (self.p.gan_t_max - self.p.gan_t_min) * u).to(device)
 
+    def _disc_t(self, batch: Batch, n: int, device, process) -> torch.Tensor:
+        """Times of the discriminator step: where the generator side reads the head."""
+        if self.logits_at_field_sample:
+            return self.time(n, process, generator=batch.rng, device=device)
+        return self._gan_t(batch, n, device)
+
     def generator_loss(self, batch, roles):
-        loss, diag = self.dm_loss(batch, roles)
+        loss, diag, logits = self.dm_loss(batch, roles)
         if self.gan:
             x = batch.x
-            t = self._gan_t(batch, x.shape[0], x.device)
-            logits = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
+            if logits is None:
+                t = self._gan_t(batch, x.shape[0], x.device)
+                logits = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
             gl = gan_generator_loss(logits)
             diag["loss_gan_gen"] = gl.detach()
             loss = loss + self.p.gan_weight_gen * gl
@@ -165,9 +159,9 @@ class DMD2(DMD):
         out = {"loss_fake": loss.detach()}
         if self.gan:
             x, real = batch.x.detach(), batch.real
-            t = self._gan_t(batch, x.shape[0], x.device)
+            t = self._disc_t(batch, x.shape[0], x.device, roles.process)
             lf = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
-            t_r = self._gan_t(batch, real.shape[0], real.device)
+            t_r = self._disc_t(batch, real.shape[0], real.device, roles.process)
             lr = gan_logits(roles.fake, roles.discriminator, real, batch.real_cond, t_r, noise_like(real, batch.rng))
             dl = gan_discriminator_loss(lf, lr)
             out["loss_disc"] = dl.detach()

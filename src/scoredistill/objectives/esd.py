@@ -1,9 +1,10 @@
-"""VSD for optimized samples (ProlificDreamer, arXiv 2305.16213) and ESD — Entropic Score Distillation
-(arXiv 2401.00909); methods.md §3.1 and §3.3.
+"""VSD for optimized samples (ProlificDreamer, arXiv 2305.16213; docs/optimize/vsd_particles.md) and
+ESD — Entropic Score Distillation (arXiv 2401.00909; docs/optimize/esd.md).
 
 Field (epsilon space): ``g = w(t) (eps^w_real(x_t, t, c) - eps_fake(x_t, t, c, view))``,
 ``w = 1 - alpha_bar = s_t^2`` (weighting ``sds``), fully detached, threestudio reduction
-(``sum / B``). The fake score ``phi`` is a learned denoiser of the *current samples* conditioned on the
+(``sum / B``): the score-difference field :func:`~.core.score_field` that the generator's ``vsd``
+computes in x0 units. The fake score ``phi`` is a learned denoiser of the *current samples* conditioned on the
 teacher condition ``c`` and a **view** (the camera of 3-D work; for particles the particle index or a
 group id): it is trained by denoising score matching on detached renders with condition dropout
 (``fake_cond_dropout`` on ``c``, ``fake_view_dropout`` on the view, 10 % each by default, ProlificDreamer's
@@ -35,15 +36,17 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS
 from scoredistill.objectives.base import ObjectiveParams, register
-from scoredistill.objectives.common import denoising_loss, drop_condition, noise_like
-from scoredistill.objectives.sds import (
+from scoredistill.objectives.common import drop_condition
+from scoredistill.objectives.core import (
+    FakeScoreObjective,
     FieldObjective,
     check_clamp,
+    check_dropout,
     check_weighting,
     eps_of,
-    eps_weight,
     field_diag,
     finish_field,
+    score_field,
     to_eps,
 )
 from scoredistill.process.time import Uniform
@@ -73,12 +76,11 @@ class VSDParticlesParams(ObjectiveParams):
         check_weighting(self.weighting)
         check_clamp(self.grad_clamp)
         for k in ("fake_cond_dropout", "fake_view_dropout"):
-            if not 0 <= getattr(self, k) < 1:
-                raise ConfigError(f"objective.{k}", "must be in [0, 1)")
+            check_dropout(k, getattr(self, k))
 
 
 @register
-class VSDParticles(FieldObjective):
+class VSDParticles(FieldObjective, FakeScoreObjective):
     name = "vsd_particles"
     Params = VSDParticlesParams
     default_time = Uniform(t_min=0.02, t_max=0.98)
@@ -86,9 +88,6 @@ class VSDParticles(FieldObjective):
     @property
     def view_lambda(self) -> float:
         return 0.0
-
-    def requirements(self):
-        return {"fake_score"}
 
     # -- fake score ---------------------------------------------------------------------------------
     def _fake_eps_view(self, fake, x_t, t, cond, view):
@@ -109,27 +108,18 @@ class VSDParticles(FieldObjective):
             return e_null
         return lam * e_null + (1.0 - lam) * self._fake_eps_view(fake, x_t, t, cond, view)
 
-    def auxiliary_losses(self, batch, roles):
-        x = batch.x.detach()
-        t = self.sample_t(batch, roles.process, self.fake_time)
-        cond = drop_condition(batch.cond, self.p.fake_cond_dropout, batch.rng)
+    def fake_condition(self, batch, roles, cond):
         view = drop_condition(batch.view, self.p.fake_view_dropout, batch.rng)
-        fc = fake_condition(roles.fake, cond, view, x.shape[0], x.device)
-        sd = getattr(roles.fake, "sigma_data", 0.5)
-        loss = denoising_loss(roles.fake, x, fc, t, batch.rng, sd)
-        return {"loss": loss, "loss_fake": loss.detach()}
+        return fake_condition(roles.fake, cond, view, batch.x.shape[0], batch.x.device)
 
     # -- generator field --------------------------------------------------------------------------------
     def field(self, batch, roles):
-        x = batch.x.detach()
         p = roles.process
-        t = self.sample_t(batch, p)
-        eps = noise_like(x, batch.rng)
-        x_t = p.add_noise(x, eps, t)
+        x, t, _, x_t = self.noised(batch, p)
         e_real = eps_of(roles.teacher, x_t, t, batch.cond, self.p.guidance_scale)
         e_fake = self.fake_eps(roles.fake, x_t, t, batch.cond, batch.view)
         a, s = p.coeffs(t, x)
-        g = finish_field(eps_weight(self.p.weighting, a, s) * (e_real - e_fake), self.p.grad_clamp)
+        g = finish_field(score_field(self.p.weighting, a, s, e_real, e_fake, "eps"), self.p.grad_clamp)
         return g, field_diag(g, t)
 
 

@@ -1,7 +1,7 @@
-"""f-distill: f-divergence distribution matching (arXiv 2502.15681; methods.md §3.8).
+"""f-distill: f-divergence distribution matching (arXiv 2502.15681; docs/objectives/fdistill.md).
 
-DMD2 with a density-ratio weight on the distribution-matching field (NVlabs/FastGen
-``fastgen/methods/distribution_matching/f_distill.py``):
+DMD2 with a density-ratio weight on the distribution-matching field, a subclass that overrides only
+DMD2's weight hook :meth:`~.dmd.DMD.field_weight` (as NVlabs/FastGen's f-distill subclasses its DMD2):
 
     g = h(r̂(x_t)) * (D_fake(x_t) - D^w_real(x_t)) / mean|x - D^w_real(x_t)|,
 
@@ -14,7 +14,7 @@ injected with DMD2's mean-reduced surrogate, **plus DMD2's non-saturating GAN ge
 (Neyman chi^2: ``f(r) = (1-r)^2/r`` => ``f'' = 2/r^3`` => ``h ∝ 1/r``; the Pearson chi^2 would be
 ``h ∝ r^2`` and is not in the table.)
 
-Ratio estimate (methods.md §3.8 / pitfall 5): the discriminator head on the fake network's features
+Ratio estimate: the discriminator head on the fake network's features
 is trained with DMD2's non-saturating BCE (real vs generated, both re-noised at ``t`` from the
 **same** time sampler as the field, as FastGen samples both from ``sample_t_cfg``), so its logit
 estimates ``log(p_real,t / q_t)``. At the **same noisy sample** ``x_t`` used for the score difference:
@@ -33,17 +33,10 @@ from dataclasses import dataclass
 import torch
 
 from scoredistill.errors import ConfigError
-from scoredistill.objectives.base import Batch, Roles, register
-from scoredistill.objectives.common import (
-    gan_discriminator_loss,
-    gan_generator_loss,
-    gan_logits,
-    inject,
-    noise_like,
-)
-from scoredistill.objectives.dmd import DMD2, DMD2Params, dm_field
+from scoredistill.objectives.base import register
+from scoredistill.objectives.dmd import DMD2, DMD2Params
 
-# h(r) up to a constant, r = p_real / q_fake (methods.md §3.8 table; FastGen names in comments)
+# h(r) up to a constant, r = p_real / q_fake (FastGen names in comments)
 WEIGHTS = {
     "reverse_kl": lambda r: torch.ones_like(r),            # rkl (= DMD / DMD2)
     "forward_kl": lambda r: r,                             # kl
@@ -103,13 +96,11 @@ def f_weight(divergence: str, r: torch.Tensor) -> torch.Tensor:
 class FDistill(DMD2):
     name = "fdistill"
     Params = FDistillParams
+    logits_at_field_sample = True  # r̂ is estimated at the field's own x_t (FastGen)
 
     def __init__(self, params, time=None, fake_time=None):
         super().__init__(params, time, fake_time)
         self.bins = torch.ones(int(params.ratio_bins), dtype=torch.float64)
-
-    def requirements(self):
-        return {"fake_score", "discriminator", "real_data"}
 
     # -- state that must survive a resume (EMA of the per-bin mean ratio) ---------------------------------
     def state_dict(self) -> dict:
@@ -145,32 +136,6 @@ class FDistill(DMD2):
         h = h / (h.mean() + 1e-6)
         return h.detach(), r
 
-    # -- losses -----------------------------------------------------------------------------------------
-    def generator_loss(self, batch: Batch, roles: Roles) -> dict:
-        x = batch.x
-        t = self.sample_t(batch, roles.process)
-        x_t = roles.process.add_noise(x, noise_like(x, batch.rng), t)  # on the graph of x (GAN term)
-        g, norm = dm_field(x.detach(), x_t.detach(), t, batch.cond, roles, self.p.guidance_scale,
-                           self.p.alpha_factor)
-        logits = roles.discriminator(roles.fake.features(x_t, t, batch.cond)).reshape(x.shape[0])
-        h, r = self.weights(logits, t, roles.process)
-        hb = h.view((-1,) + (1,) * (x.dim() - 1)).to(x.device)
-        loss_dm = inject(x, (hb * g.double()).to(x.dtype))
-        gl = gan_generator_loss(logits)
-        loss = loss_dm + self.p.gan_weight_gen * gl
-        return {"loss": loss, "loss_dm": loss_dm.detach(), "loss_gan_gen": gl.detach(),
-                "h_min": h.min(), "h_max": h.max(), "ratio_mean": r.mean(),
-                "field_norm": g.flatten(1).norm(dim=1).mean(), "normaliser": norm.mean(), "t_mean": t.mean()}
-
-    def auxiliary_losses(self, batch: Batch, roles: Roles) -> dict:
-        """Fake-score DSM + ``gan_weight_disc`` x discriminator BCE, real and generated samples re-noised
-        with times from the generator-field sampler (so ``r̂`` is estimated where it is used)."""
-        loss = self.fake_loss(batch, roles)
-        x, real = batch.x.detach(), batch.real
-        t = self.sample_t(batch, roles.process)
-        lf = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
-        t_r = self.time(real.shape[0], roles.process, generator=batch.rng, device=real.device)
-        lr = gan_logits(roles.fake, roles.discriminator, real, batch.real_cond, t_r, noise_like(real, batch.rng))
-        dl = gan_discriminator_loss(lf, lr)
-        return {"loss": loss + self.p.gan_weight_disc * dl, "loss_fake": loss.detach(), "loss_disc": dl.detach(),
-                "disc_acc": 0.5 * ((lf < 0).float().mean() + (lr > 0).float().mean())}
+    def field_weight(self, logits, t, process):
+        h, r = self.weights(logits, t, process)
+        return h, {"h_min": h.min(), "h_max": h.max(), "ratio_mean": r.mean()}

@@ -1,5 +1,6 @@
 """ISM — Interval Score Matching (LucidDreamer, arXiv 2311.11284) and TSM — Trajectory Score Matching
-(Dreamer XL, arXiv 2405.11252), methods.md §2.4–2.5. Both share :func:`ddim_invert`.
+(Dreamer XL, arXiv 2405.11252); docs/optimize/ism.md and docs/optimize/tsm.md. Both share
+:func:`ddim_invert`.
 
 ISM: ``g = (s_t / a_t) [eps^w_real(x_t, t, c) - eps_real(x_s, s, null)]`` with ``s = t - delta`` and
 ``x_s``, ``x_t`` obtained by deterministic, unconditional DDIM inversion of ``x``:
@@ -33,13 +34,14 @@ import torch
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.sds import (
+from scoredistill.objectives.core import (
     FieldObjective,
     check_clamp,
     eps_of,
     field_diag,
     finish_field,
     null_like,
+    score_field,
 )
 from scoredistill.process.time import Uniform
 
@@ -156,7 +158,8 @@ class ISM(FieldObjective):
         e_real = eps_of(roles.teacher, x_t, t, batch.cond, self.p.guidance_scale)
         tgt = self.target(roles, x_s, e_s, s, t, null)
         a, sig = p.coeffs(t, x)
-        g = finish_field((sig / a) * (e_real - tgt), self.p.grad_clamp)
+        # LucidDreamer's w(t) = sqrt((1 - alpha_bar) / alpha_bar) = s_t / a_t: the x0 weighting
+        g = finish_field(score_field("x0", a, sig, e_real, tgt, "eps"), self.p.grad_clamp)
         return g, field_diag(g, t, interval=t - s)
 
 

@@ -1,4 +1,4 @@
-"""SFD: Score Forgetting Distillation (arXiv 2409.11219; methods.md §5; official
+"""SFD: Score Forgetting Distillation (arXiv 2409.11219; docs/objectives/sfd.md; official
 ``tqch/score-forgetting-distillation`` DDPM/runners/diffusion.py ``train_sfd``, functions/losses.py).
 
 SiD (see :mod:`.sid`) on a class-conditional teacher, plus a *forget* term that is SiD with a
@@ -30,8 +30,9 @@ import torch
 
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, register
-from scoredistill.objectives.common import denoising_loss, noise_like, per_sample_mean
-from scoredistill.objectives.sid import SiD, SiDParams, drop_nonfinite, sid_elementwise
+from scoredistill.objectives.common import denoising_loss, noise_like
+from scoredistill.objectives.core import drop_nonfinite
+from scoredistill.objectives.sid import SiD, SiDParams
 from scoredistill.process.time import Uniform
 
 WARMUP_TIME = Uniform(t_min=0.02, t_max=0.98)  # official: randint(20, 980) during forget_warmup
@@ -95,11 +96,7 @@ class SFD(SiD):
     def forget_loss(self, x_f: torch.Tensor, c_f: torch.Tensor, c_o: torch.Tensor, t, noise, roles: Roles,
                     step: int) -> tuple[torch.Tensor, dict]:
         """Per-sample SiD loss of ``x_f = G(z, c_f)`` with the teacher at ``c_o`` and the fake at ``c_f``."""
-        x_t = roles.process.add_noise(x_f, noise, t)
-        f_real = roles.teacher.guided(x_t, t, c_o, self.p.guidance_scale)
-        f_fake = roles.fake(x_t, t, c_f)
-        om = self.omega(x_f, f_real)
-        loss = per_sample_mean(sid_elementwise(x_f, f_real, f_fake, self.alpha_at(step), om)).reshape(-1)
+        loss, _, om, _, _ = self.sid_loss(x_f, t, noise, c_f, roles, step, teacher_cond=c_o)
         return loss, {"omega_forget": om.mean().detach()}
 
     def generator_loss(self, batch: Batch, roles: Roles) -> dict:

@@ -1,4 +1,4 @@
-"""SiD and SiDA: Score identity Distillation, plain and adversarial (methods.md §3.6, §3.6.2).
+"""SiD and SiDA: Score identity Distillation, plain and adversarial (docs/objectives/sid.md).
 
 SiD (arXiv 2404.04057, official ``training/sid_loss.py``). With ``x = G(z)``,
 ``x_t = a_t x + s_t n``, ``f_phi = D^w_real(x_t)`` and ``f_psi = D_fake(x_t)``, the generator loss per
@@ -12,9 +12,9 @@ reduced by the mean over elements (the official code sums over elements and mult
 **Stop-gradients: none on f_phi or f_psi** -- autograd flows through ``x_t`` into both networks
 (their parameters are frozen by the engine) and through ``x``; only ``omega`` is detached.
 ``alpha = 1`` is the Fisher-divergence gradient with the sampling distribution held fixed,
-``alpha = 1/2`` its total derivative (methods.md §3.6, checked in tests/test_sid_sim.py); the
+``alpha = 1/2`` its total derivative (checked in tests/objectives/test_sid_sim.py); the
 official default is 1.2. From a randomly initialised generator ``alpha > 1`` repels samples that are
-still far from the data (methods.md §3.6), so ``alpha_warmup_steps`` uses ``alpha = 1`` until
+still far from the data, so ``alpha_warmup_steps`` uses ``alpha = 1`` until
 ``batch.step`` (the engine iteration) reaches it.
 
 Generator time: ``t ~ U[0, 0.8]`` in the EDM process's canonical (Karras-ramp) time, which is
@@ -40,15 +40,16 @@ import torch.nn.functional as F
 
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
-from scoredistill.objectives.common import (
+from scoredistill.objectives.common import drop_condition, edm_weight, head_logits, noise_like
+from scoredistill.objectives.core import (
+    SiDFamily,
+    check_dropout,
+    check_guidance,
     dm_normaliser,
-    drop_condition,
-    edm_weight,
-    noise_like,
+    drop_nonfinite,
     per_sample_mean,
 )
-from scoredistill.objectives.dmd import FakeScoreObjective
-from scoredistill.process.time import LogNormal, TimeSampler, Uniform
+from scoredistill.process.time import Uniform
 
 SID_WEIGHTINGS = ("sid", "none")
 
@@ -61,15 +62,13 @@ class SiDParams(ObjectiveParams):
     fake_cond_dropout: float = 0.1
 
     def validate(self):
-        if self.guidance_scale < 0:
-            raise ConfigError("objective.guidance_scale", "must be >= 0 (canonical CFG, 1 = unguided)")
+        check_guidance(self.guidance_scale)
         if self.weighting not in SID_WEIGHTINGS:
             raise ConfigError("objective.weighting",
                               f"unknown value {self.weighting!r}; accepted: {', '.join(SID_WEIGHTINGS)}")
         if self.alpha_warmup_steps < 0 or int(self.alpha_warmup_steps) != self.alpha_warmup_steps:
             raise ConfigError("objective.alpha_warmup_steps", "must be an integer >= 0")
-        if not 0 <= self.fake_cond_dropout < 1:
-            raise ConfigError("objective.fake_cond_dropout", "must be in [0, 1)")
+        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
 
 
 def sid_elementwise(x: torch.Tensor, f_real: torch.Tensor, f_fake: torch.Tensor, alpha: float,
@@ -77,21 +76,6 @@ def sid_elementwise(x: torch.Tensor, f_real: torch.Tensor, f_fake: torch.Tensor,
     """``(f_phi - f_psi) ((f_phi - x) - alpha (f_phi - f_psi)) / omega`` per element (nothing detached)."""
     diff = f_real - f_fake
     return diff * ((f_real - x) - alpha * diff) / omega
-
-
-def drop_nonfinite(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Keep the samples that are finite in every tensor (SiD drops NaN samples before reducing)."""
-    keep = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
-    for v in tensors:
-        keep &= torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
-    return tuple(v[keep] for v in tensors)
-
-
-class SiDFamily(FakeScoreObjective):
-    """Fake-score time default of the SiD code base: ``ln rho ~ N(-1.2, 1.2^2)`` (EDM training
-    distribution, official ``sid_loss.py``); an explicit ``objective.fake_time`` wins."""
-
-    default_fake_time: TimeSampler = LogNormal(p_mean=-1.2, p_std=1.2)
 
 
 @register
@@ -108,18 +92,16 @@ class SiD(SiDFamily):
             return torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
         return dm_normaliser(x, f_real)  # detached, clipped at 1e-5
 
-    def terms(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond, roles: Roles):
-        """``x_t`` and both denoisers at ``x_t``, all on the autograd graph of ``x``."""
-        x_t = roles.process.add_noise(x, noise, t)
-        f_real = roles.teacher.guided(x_t, t, cond, self.p.guidance_scale)
-        f_fake = roles.fake(x_t, t, cond)
-        return x_t, f_real, f_fake
+    def sid_loss(self, x, t, noise, cond, roles: Roles, step: int = 0, teacher_cond=None):
+        """Per-sample SiD loss ``(B,)`` (mean over elements), ``x_t``, ``omega`` and both predictions."""
+        x_t, f_real, f_fake = self.terms(x, t, noise, cond, roles, teacher_cond)
+        om = self.omega(x, f_real)
+        loss = per_sample_mean(sid_elementwise(x, f_real, f_fake, self.alpha_at(step), om)).reshape(-1)
+        return loss, x_t, om, f_real, f_fake
 
     def per_sample_loss(self, x, t, noise, cond, roles: Roles, step: int = 0) -> tuple[torch.Tensor, dict]:
         """Per-sample SiD loss ``(B,)`` at the given ``t`` and ``noise`` (mean over elements)."""
-        _, f_real, f_fake = self.terms(x, t, noise, cond, roles)
-        om = self.omega(x, f_real)
-        loss = per_sample_mean(sid_elementwise(x, f_real, f_fake, self.alpha_at(step), om)).reshape(-1)
+        loss, _, om, f_real, f_fake = self.sid_loss(x, t, noise, cond, roles, step)
         gap = (f_real - f_fake).detach().flatten(1).norm(dim=1).mean()
         diag = {"omega": om.mean().detach(), "score_gap": gap}
         return loss, diag
@@ -154,10 +136,6 @@ class SiDAParams(SiDParams):
             raise ConfigError("objective.gan_start_step", "must be >= 0")
 
 
-def _logits(roles: Roles, x_t, t, cond) -> torch.Tensor:
-    return roles.discriminator(roles.fake.features(x_t, t, cond)).reshape(x_t.shape[0])
-
-
 @register
 class SiDA(SiD):
     name = "sida"
@@ -166,14 +144,15 @@ class SiDA(SiD):
     def requirements(self):
         return {"fake_score", "discriminator", "real_data"}
 
+    def differentiates_through(self):
+        return {"teacher", "fake", "discriminator"}
+
     def generator_loss(self, batch: Batch, roles: Roles) -> dict:
         x = batch.x
         t = self.sample_t(batch, roles.process)
         noise = noise_like(x, batch.rng)
-        x_t, f_real, f_fake = self.terms(x, t, noise, batch.cond, roles)
-        om = self.omega(x, f_real)
-        l_sid = per_sample_mean(sid_elementwise(x, f_real, f_fake, self.alpha_at(batch.step), om)).reshape(-1)
-        logits = _logits(roles, x_t, t, batch.cond)
+        l_sid, x_t, om, _, _ = self.sid_loss(x, t, noise, batch.cond, roles, batch.step)
+        logits = head_logits(roles.fake, roles.discriminator, x_t, t, batch.cond)
         c = self.p.logit_clamp
         l_gan = F.softplus(-logits.clamp(-c, c)) / om.reshape(-1)  # BCE(clamp(D), 1) / omega
         l_sid, l_gan = drop_nonfinite(l_sid, l_gan)
@@ -198,8 +177,8 @@ class SiDA(SiD):
         lam = edm_weight(roles.process, t, getattr(roles.fake, "sigma_data", 0.5), x)
         dsm = (lam * (roles.fake(x_t, t, cond) - x) ** 2).mean()
         real_t = roles.process.add_noise(real, noise, t)  # same t and noise as the fake samples
-        lf = _logits(roles, x_t, t, cond)
-        lr = _logits(roles, real_t, t, batch.real_cond)
+        lf = head_logits(roles.fake, roles.discriminator, x_t, t, cond)
+        lr = head_logits(roles.fake, roles.discriminator, real_t, t, batch.real_cond)
         bce = 0.5 * (F.softplus(-lr) + F.softplus(lf))  # (BCE(D(real), 1) + BCE(D(fake), 0)) / 2
         disc = (lam.reshape(-1) * bce).mean()
         numel = x[0].numel()

@@ -1,9 +1,9 @@
-"""SIM: Score Implicit Matching (arXiv 2410.16794; no public training code, methods.md §3.7).
+"""SIM: Score Implicit Matching (arXiv 2410.16794; no public training code; docs/objectives/sim.md).
 
 Divergence ``D = int w(t) E_{x_t ~ pi_t}[ d(s_real(x_t) - s_fake(x_t)) ] dt`` with the pseudo-Huber
 distance ``d(y) = sqrt(||y||^2 + c^2) - c`` (norm over all non-batch dims of one sample), whose
 derivative ``u_t = d'(y_t) = y_t / sqrt(||y_t||^2 + c^2)`` is a self-normalised direction.
-Implementable surrogate (methods.md §3.7, derived and checked there and in tests/test_sid_sim.py):
+Implementable surrogate (derived in docs/objectives/sim.md, checked in tests/objectives/test_sid_sim.py):
 
     L = w(t) < u_t , s_fake(x_t) - grad log q_t(x_t | x) >,   y_t = s_real(x_t) - s_fake(x_t),
 
@@ -18,8 +18,8 @@ In x0 units (``s = (a D - x_t)/s_t^2``): ``y_t = a_t (f_phi - f_psi) / s_t^2`` a
 ``s_fake - grad log q_t(x_t|x) = a_t (f_psi - x) / s_t^2`` (the ``x_t`` terms cancel exactly, also
 under autograd), so ``c`` is measured in score units and the surrogate is computed in float64.
 
-Weighting (the paper's choice is not verifiable, methods.md §3.7 [U]; default follows the spec's
-advice to reuse SiD's normalisation). Per sample, with ``numel`` the elements per sample:
+Weighting (the paper's choice is not verifiable; the default reuses SiD's normalisation). Per sample,
+with ``numel`` the elements per sample:
 
 * ``sid`` (default): ``w = s_t^4 / (a_t^2 omega numel)``, ``omega = sg(clip(mean|x - f_phi|, 1e-5))``.
   For ``||y|| << c`` (``u ~ y/c``) the loss is exactly SiD's alpha = 1 loss divided by ``c``;
@@ -39,8 +39,8 @@ import torch
 
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
-from scoredistill.objectives.common import dm_normaliser, noise_like
-from scoredistill.objectives.sid import SiDFamily, drop_nonfinite
+from scoredistill.objectives.common import noise_like
+from scoredistill.objectives.core import SiDFamily, check_dropout, check_guidance, dm_normaliser, drop_nonfinite
 from scoredistill.process.time import Uniform
 
 SIM_WEIGHTINGS = ("sid", "fisher", "none")
@@ -54,15 +54,13 @@ class SIMParams(ObjectiveParams):
     fake_cond_dropout: float = 0.1
 
     def validate(self):
-        if self.guidance_scale < 0:
-            raise ConfigError("objective.guidance_scale", "must be >= 0 (canonical CFG, 1 = unguided)")
+        check_guidance(self.guidance_scale)
         if self.huber_c <= 0:
             raise ConfigError("objective.huber_c", "must be > 0")
         if self.weighting not in SIM_WEIGHTINGS:
             raise ConfigError("objective.weighting",
                               f"unknown value {self.weighting!r}; accepted: {', '.join(SIM_WEIGHTINGS)}")
-        if not 0 <= self.fake_cond_dropout < 1:
-            raise ConfigError("objective.fake_cond_dropout", "must be in [0, 1)")
+        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
 
 
 def pseudo_huber_direction(y: torch.Tensor, c: float) -> torch.Tensor:
@@ -101,9 +99,7 @@ class SIM(SiDFamily):
         return w.detach()
 
     def per_sample_loss(self, x, t, noise, cond, roles: Roles) -> tuple[torch.Tensor, dict]:
-        x_t = roles.process.add_noise(x, noise, t)
-        f_real = roles.teacher.guided(x_t, t, cond, self.p.guidance_scale)
-        f_fake = roles.fake(x_t, t, cond)
+        _, f_real, f_fake = self.terms(x, t, noise, cond, roles)
         w = self.weight(x, t, f_real, roles.process)
         loss = w * sim_surrogate(x, t, f_real, f_fake, roles.process, self.p.huber_c, self.p.pathwise)
         return loss.to(x.dtype), {"weight_mean": w.mean()}

@@ -1,18 +1,20 @@
-"""SwiftBrush (arXiv 2312.05239) and SNOOPI's PG-SB random guidance (arXiv 2412.02687); methods.md §3.2.
+"""SwiftBrush (arXiv 2312.05239) and SNOOPI's PG-SB random guidance (arXiv 2412.02687);
+docs/objectives/swiftbrush.md.
 
 SwiftBrush is VSD for a one-step generator (official ``train_swiftbrush.py``): field in epsilon space
 
     g = s_t^2 (eps^w_real(x_t) - eps^w_fake(x_t)),   i.e. in x0 space  g = a_t s_t (D^w_fake - D^w_real)
 
-(methods.md §1.2), with classifier-free guidance applied to **both** the teacher and the fake score
+(:class:`~.vsd.VSD`), with classifier-free guidance applied to **both** the teacher and the fake score
 ("LoRA teacher") with the **same** canonical scale ``w`` (unconditional branch = null label), fully
 detached, injected with the mean-reduced surrogate ``1/2 mean||x - sg(x - g)||^2``; t ~ U[0.02, 0.98].
 
 * **PG-SB** (SNOOPI): ``guidance_scale_range: [lo, hi]`` draws one ``w ~ U[lo, hi]`` per training step
-  and uses that same ``w`` for the teacher and the fake score. The range per backbone is not published
-  (methods.md §3.2 [U]); choose it per teacher.
+  and uses that same ``w`` for the teacher and the fake score. The range per backbone is not published;
+  choose it per teacher.
 * **Negative conditioning** (``negative_class``, class-conditional teachers): the prediction for that
-  class replaces the teacher's unconditional branch, ``D_neg + w (D_c - D_neg)``. Only the teacher is
+  class replaces the teacher's unconditional branch, ``D_neg + w (D_c - D_neg)`` (``Denoiser.guided``
+  with ``uncond``). Only the teacher is
   changed (as FastGen's ``neg_condition``); the fake score keeps its null-label branch, since it models
   the student's own distribution. (SNOOPI's NASA acts inside attention layers at inference and has no
   analogue for these networks.)
@@ -30,9 +32,9 @@ import torch
 
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
-from scoredistill.objectives.common import drop_condition, inject, noise_like
-from scoredistill.objectives.vsd import VSD, WEIGHTINGS, x0_weight
-from scoredistill.process.guidance import cfg_combine
+from scoredistill.objectives.common import drop_condition, noise_like
+from scoredistill.objectives.core import check_dropout, check_guidance, check_weighting
+from scoredistill.objectives.vsd import VSD
 from scoredistill.process.time import Uniform
 
 FAKE_WEIGHTINGS = ("edm", "eps")
@@ -43,13 +45,12 @@ class SwiftBrushParams(ObjectiveParams):
     guidance_scale: float = 4.5               # canonical w on teacher AND fake (SwiftBrush README, SD2.1)
     guidance_scale_range: list | None = field(default=None)  # PG-SB: [lo, hi], one w ~ U[lo, hi] per step
     negative_class: int | None = None         # label whose prediction replaces the teacher's uncond branch
-    weighting: str = "sds"                    # eps-space weight s_t^2 (official); see vsd.py for others
+    weighting: str = "sds"                    # eps-space weight s_t^2 (official); the core table
     fake_cond_dropout: float = 0.1
     fake_weighting: str = "edm"               # edm | eps (SwiftBrush's alpha-bar weighted eps-MSE)
 
     def validate(self):
-        if self.guidance_scale < 0:
-            raise ConfigError("objective.guidance_scale", "must be >= 0 (canonical CFG, 1 = unguided)")
+        check_guidance(self.guidance_scale)
         r = self.guidance_scale_range
         if r is not None:
             if (not isinstance(r, (list, tuple)) or len(r) != 2
@@ -60,26 +61,11 @@ class SwiftBrushParams(ObjectiveParams):
         n = self.negative_class
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
             raise ConfigError("objective.negative_class", f"must be a class label >= 0, got {n!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError("objective.weighting",
-                              f"unknown value {self.weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
+        check_weighting(self.weighting)
         if self.fake_weighting not in FAKE_WEIGHTINGS:
             raise ConfigError("objective.fake_weighting",
                               f"unknown value {self.fake_weighting!r}; accepted: {', '.join(FAKE_WEIGHTINGS)}")
-        if not 0 <= self.fake_cond_dropout < 1:
-            raise ConfigError("objective.fake_cond_dropout", "must be in [0, 1)")
-
-
-def negative_guided(net, x_t, t, cond, w: float, negative: int | None):
-    """``D_neg + w (D_c - D_neg)``; with ``negative=None`` the canonical ``D_u + w (D_c - D_u)``."""
-    if negative is None or cond is None:
-        return net.guided(x_t, t, cond, w)
-    if w == 1.0:
-        return net(x_t, t, cond)
-    neg = torch.full_like(cond, negative)
-    both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, neg]))
-    d_c, d_n = both.chunk(2)
-    return cfg_combine(d_n, d_c, w)
+        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
 
 
 @register
@@ -110,19 +96,19 @@ class SwiftBrush(VSD):
                               f"needs a class-conditional teacher with label {n}; teacher has "
                               f"{k or 'no'} classes")
 
+    def scales(self, batch: Batch):
+        w = self.draw_w(batch)
+        return w, w, {"w": w}  # the same w on the fake (SwiftBrush)
+
+    def teacher_x0(self, roles: Roles, x_t, t, cond, w: float) -> torch.Tensor:
+        n = self.p.negative_class
+        if n is None or cond is None:
+            return roles.teacher.guided(x_t, t, cond, w)
+        return roles.teacher.guided(x_t, t, cond, w, uncond=torch.full_like(cond, n))
+
     def generator_loss(self, batch: Batch, roles: Roles) -> dict:
         self._check_negative(roles)
-        x = batch.x
-        w = self.draw_w(batch)
-        t = self.sample_t(batch, roles.process)
-        with torch.no_grad():
-            x_t = roles.process.add_noise(x.detach(), noise_like(x, batch.rng), t)
-            d_real = negative_guided(roles.teacher, x_t, t, batch.cond, w, self.p.negative_class)
-            d_fake = roles.fake.guided(x_t, t, batch.cond, w)  # same w on the fake (SwiftBrush)
-            a, s = roles.process.coeffs(t, x)
-            g = x0_weight(self.p.weighting, a, s).double() * (d_fake.double() - d_real.double())
-        loss = inject(x, g.to(x.dtype))
-        return {"loss": loss, "w": w, "field_norm": g.flatten(1).norm(dim=1).mean(), "t_mean": t.mean()}
+        return super().generator_loss(batch, roles)
 
     def fake_loss(self, batch: Batch, roles: Roles) -> torch.Tensor:
         if self.p.fake_weighting == "edm":

@@ -1,7 +1,9 @@
-"""VSD for a one-step generator, as in SwiftBrush (arXiv 2312.05239; VSD from arXiv 2305.16213).
+"""VSD for a one-step generator, as in SwiftBrush (arXiv 2312.05239; VSD from arXiv 2305.16213;
+docs/objectives/vsd.md).
 
 Field in epsilon space ``g = w(t) (eps^w_real(x_t) - eps^{w_f}_fake(x_t))`` with ``w(t) = s_t^2``,
-which in x0 space is ``g = a_t s_t (D^{w_f}_fake - D^w_real)`` (methods.md §1.2), injected with the
+written in x0 units ``g = a_t s_t (D^{w_f}_fake - D^w_real)`` (:func:`~.core.score_field`; the
+optimizer's ``vsd_particles`` computes the same field in epsilon units), injected with the
 mean-reduced surrogate. Fully detached. ``fake_guidance_scale`` applies CFG to the fake score too
 (SwiftBrush uses the teacher's scale on both; ProlificDreamer uses 1). Fake score trained by DSM on
 detached samples with condition dropout so that its unconditional branch exists.
@@ -13,36 +15,21 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.errors import ConfigError
-from scoredistill.objectives.base import ObjectiveParams, register
-from scoredistill.objectives.common import inject, noise_like
-from scoredistill.objectives.dmd import FakeScoreObjective
+from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
+from scoredistill.objectives.common import noise_like
+from scoredistill.objectives.core import FakeScoreObjective, check_dropout, check_weighting, inject, score_field
 from scoredistill.process.time import Uniform
-
-WEIGHTINGS = ("sds", "uniform", "x0")
 
 
 @dataclass
 class VSDParams(ObjectiveParams):
     fake_guidance_scale: float = 1.0
-    weighting: str = "sds"         # sds: w_eps = s^2 | uniform: w_eps = 1 | x0: plain x0 difference
+    weighting: str = "sds"         # w(t) of the core table: sds (w_eps = s^2) | uniform | fantasia3d | x0
     fake_cond_dropout: float = 0.1
 
     def validate(self):
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError("objective.weighting",
-                              f"unknown value {self.weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
-        if not 0 <= self.fake_cond_dropout < 1:
-            raise ConfigError("objective.fake_cond_dropout", "must be in [0, 1)")
-
-
-def x0_weight(weighting: str, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x0-space weight equal to an epsilon-space weight: ``w_x0 = w_eps a / s`` (methods.md §1.2)."""
-    if weighting == "sds":
-        return a * s
-    if weighting == "uniform":
-        return a / s
-    return torch.ones_like(a)
+        check_weighting(self.weighting)
+        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
 
 
 @register
@@ -51,14 +38,22 @@ class VSD(FakeScoreObjective):
     Params = VSDParams
     default_time = Uniform(t_min=0.02, t_max=0.98)
 
+    def scales(self, batch: Batch) -> tuple[float, float, dict]:
+        """This step's CFG scales on the teacher and on the fake score, and their diagnostics."""
+        return self.p.guidance_scale, self.p.fake_guidance_scale, {}
+
+    def teacher_x0(self, roles: Roles, x_t, t, cond, w: float) -> torch.Tensor:
+        return roles.teacher.guided(x_t, t, cond, w)
+
     def generator_loss(self, batch, roles):
         x = batch.x
+        w, w_fake, diag = self.scales(batch)
         t = self.sample_t(batch, roles.process)
         with torch.no_grad():
             x_t = roles.process.add_noise(x.detach(), noise_like(x, batch.rng), t)
-            d_real = roles.teacher.guided(x_t, t, batch.cond, self.p.guidance_scale)
-            d_fake = roles.fake.guided(x_t, t, batch.cond, self.p.fake_guidance_scale)
+            d_real = self.teacher_x0(roles, x_t, t, batch.cond, w)
+            d_fake = roles.fake.guided(x_t, t, batch.cond, w_fake)
             a, s = roles.process.coeffs(t, x)
-            g = x0_weight(self.p.weighting, a, s) * (d_fake.double() - d_real.double())
+            g = score_field(self.p.weighting, a, s, d_real, d_fake, "x0")
         loss = inject(x, g.to(x.dtype))
-        return {"loss": loss, "field_norm": g.flatten(1).norm(dim=1).mean(), "t_mean": t.mean()}
+        return {"loss": loss, **diag, "field_norm": g.flatten(1).norm(dim=1).mean(), "t_mean": t.mean()}
