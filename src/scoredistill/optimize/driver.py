@@ -42,8 +42,6 @@ from scoredistill.optimize.params import (
 )
 from scoredistill.optimize.schedule import Schedule, extract_schedules, parse_schedule
 
-OptBatch = Batch  # kept for code written against the earlier name; Batch carries view/index/num_items
-
 
 # -- building ---------------------------------------------------------------------------------------
 def item_classes(spec, n: int, num_classes: int | None) -> torch.Tensor | None:
@@ -169,7 +167,7 @@ class PriorOptimizer(Loop):
         rng = torch.Generator().manual_seed(0)
         with torch.no_grad():
             r = self.param.render(index.to(self.device))
-        b = OptBatch(x=r.x, cond=r.cond, view=r.view, index=index, num_items=self.param.num_items, rng=rng,
+        b = Batch(x=r.x, cond=r.cond, view=r.view, index=index, num_items=self.param.num_items, rng=rng,
                      step=0)
         with torch.no_grad():
             if self.fake is not None:
@@ -196,8 +194,8 @@ class PriorOptimizer(Loop):
     def roles(self) -> Roles:
         return Roles(teacher=self.teacher, fake=self.fake)
 
-    def _batch(self, rendered, index) -> OptBatch:
-        return OptBatch(x=rendered.x, cond=rendered.cond, view=rendered.view, index=index,
+    def _batch(self, rendered, index) -> Batch:
+        return Batch(x=rendered.x, cond=rendered.cond, view=rendered.view, index=index,
                         num_items=self.param.num_items, rng=self.rng, step=self.step)
 
     def _apply(self, loss: torch.Tensor, role: str) -> bool:
