@@ -66,7 +66,7 @@ def table() -> GaussianSplats:
     top_pts = torch.stack([r * phi.cos(), r * phi.sin(), torch.full_like(r, 0.08)], 1)
     flat = torch.tensor([0.035, 0.035, 0.012]).expand(n, 3)
     parts = [GaussianSplats.from_points(top_pts, flat, brown, OPACITY)]
-    parts += [_segment((sx * 0.2, sy * 0.2, -0.32), (sx * 0.2, sy * 0.2, 0.06), 14, 0.022, dark)
+    parts += [_segment((sx * 0.18, sy * 0.18, -0.3), (sx * 0.18, sy * 0.18, 0.06), 14, 0.022, dark)
               for sx in (-1, 1) for sy in (-1, 1)]
     parts.append(_sphere((0.12, 0.08, 0.15), 0.05, 30, (0.1, 0.7, 0.2)))
     return GaussianSplats.concat(parts)
