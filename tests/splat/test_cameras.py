@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from scoredistill.errors import ConfigError
-from scoredistill.splat.cameras import CameraRanges, Cameras, sample_cameras, turntable, view_labels
+from scoredistill.splat.cameras import (
+    CameraRanges,
+    Cameras,
+    sample_cameras,
+    turntable,
+    view_labels,
+    view_prompts,
+)
 
 
 def cams(el, az, dist=1.2, fov=50.0):
@@ -77,6 +84,7 @@ def test_turntable_and_cond_round_trip():
 def test_view_labels_threestudio_thresholds():
     c = cams([0, 0, 0, 0, 61, 59, 0, 0], [0, 44, 46, 134, 0, 170, 136, -200])
     assert view_labels(c) == ["front", "front", "side", "side", "overhead", "back", "back", "back"]
+    assert view_prompts("a snowman", c[4:6]) == ["a snowman, overhead view", "a snowman, back view"]
 
 
 @pytest.mark.parametrize("kw,field", [

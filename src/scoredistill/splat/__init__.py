@@ -5,7 +5,7 @@ A layer of its own (a sibling of ``scoredistill.models``): it imports only ``sco
 See docs/3d.md.
 """
 
-from scoredistill.splat.cameras import CameraRanges, Cameras, sample_cameras, turntable, view_labels
+from scoredistill.splat.cameras import CameraRanges, Cameras, sample_cameras, turntable, view_labels, view_prompts
 from scoredistill.splat.gaussians import Densifier, DensifyConfig, GaussianSplats, remap_adam_state
 from scoredistill.splat.ply import PlyError, SplatData, read_ply, write_ply
 from scoredistill.splat.render import (
@@ -22,5 +22,5 @@ __all__ = [
     "Background", "CameraRanges", "Cameras", "DensifyConfig", "Densifier", "FixedBackground",
     "GaussianSplats", "LearnedBackground", "PlyError", "RandomBackground", "RenderResult", "SplatData",
     "make_background", "read_ply", "remap_adam_state", "render", "sample_cameras", "turntable",
-    "view_labels", "write_ply",
+    "view_labels", "view_prompts", "write_ply",
 ]

@@ -230,3 +230,9 @@ def view_labels(cameras: Cameras, overhead: float = 60.0, front: float = 45.0, b
         else:
             out.append("side")
     return out
+
+
+def view_prompts(prompt: str, cameras: Cameras, **thresholds) -> list[str]:
+    """threestudio's view-dependent prompts: ``"{prompt}, {label} view"`` per camera (DreamFusion's
+    view conditioning for text teachers)."""
+    return [f"{prompt}, {label} view" for label in view_labels(cameras, **thresholds)]

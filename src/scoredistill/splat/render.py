@@ -15,9 +15,9 @@ One interface, :func:`render`, two backends:
   at ``T < 1e-4`` (so colours may differ from them by up to about 1e-4).
   Work is bounded by tiles of pixels and chunks of Gaussians: a tile only visits the Gaussians
   whose ellipse ``d^T Sigma'^-1 d <= 2 ln(255 o)`` (where ``alpha >= 1/255`` is possible) meets it,
-  which leaves the result unchanged, and the transmittance is carried from chunk to chunk; with
-  gradients on, each chunk is recomputed in the backward pass (activation checkpointing), so memory
-  stays O(pixels x chunk) whatever the number of Gaussians.
+  which leaves the result unchanged, and the transmittance is carried from chunk to chunk; when a
+  view visits many pixel-Gaussian pairs, each chunk is recomputed in the backward pass (activation
+  checkpointing), so memory stays O(pixels x chunk) whatever the number of Gaussians.
 * ``"gsplat"``: gsplat's CUDA rasterizer (optional dependency ``pip install scoredistill[3d]``),
   called with the same cameras, colours, ``eps2d = 0.3`` and background.
 
@@ -42,6 +42,9 @@ ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.99
 EPS2D = 0.3
 FOV_CLAMP = 1.3
+# Above this many (pixel, Gaussian) pairs visited in one view, chunks are checkpointed by default:
+# autograd keeps about 70 bytes per pair, so the budget caps saved activations near 300 MB per view.
+PAIR_BUDGET = 4_000_000
 
 
 # -- backgrounds --------------------------------------------------------------------------------------
@@ -150,8 +153,9 @@ def render(splats: GaussianSplats, cameras: Cameras, height: int, width: int,
 
     ``background``: a :class:`Background`, a colour (``(3,)`` or ``(B, 3)``) or None (black).
     ``tile_size`` / ``chunk_size`` bound the work per step of the torch backend (pixels per tile
-    side, Gaussians per chunk); ``checkpoint`` (default: whenever gradients are recorded) trades a
-    second forward pass in backward for memory independent of the number of Gaussians.
+    side, Gaussians per chunk); ``checkpoint`` trades a second forward pass in backward for memory
+    independent of the number of Gaussians (default: when gradients are recorded and a view visits
+    more than :data:`PAIR_BUDGET` pixel-Gaussian pairs).
     """
     if backend not in BACKENDS:
         raise ConfigError("render.backend", f"unknown value {backend!r}; accepted: {', '.join(BACKENDS)}")
@@ -171,8 +175,6 @@ def render(splats: GaussianSplats, cameras: Cameras, height: int, width: int,
         bg = bg.expand(b, 3)
     if backend == "gsplat":
         return _render_gsplat(splats, cams, height, width, bg, near, track_means2d)
-    if checkpoint is None:
-        checkpoint = torch.is_grad_enabled()
     return _render_torch(splats, cams, height, width, bg, near, tile_size, chunk_size, checkpoint, track_means2d)
 
 
@@ -247,6 +249,15 @@ def _render_torch(splats, cams, height, width, bg, near, tile_size, chunk_size, 
         g_col, g_z = colors[v, idx], z[v, idx]
         g_x0, g_x1 = (m2[v, idx, 0] - hx[v, idx]), (m2[v, idx, 0] + hx[v, idx])
         g_y0, g_y1 = (m2[v, idx, 1] - hy[v, idx]), (m2[v, idx, 1] + hy[v, idx])
+        tiles = {}
+        for y0 in range(0, height, tile_size):
+            for x0 in range(0, width, tile_size):
+                y1, x1 = min(y0 + tile_size, height), min(x0 + tile_size, width)
+                tiles[y0, x0] = ((g_x1 > x0) & (g_x0 < x1) & (g_y1 > y0) & (g_y0 < y1)).nonzero()[:, 0]
+        ckpt = use_ckpt
+        if ckpt is None:
+            pairs = sum(len(sel) for sel in tiles.values()) * tile_size * tile_size
+            ckpt = torch.is_grad_enabled() and pairs > PAIR_BUDGET
         rows_rgb, rows_dep, rows_acc = [], [], []
         for y0 in range(0, height, tile_size):
             y1 = min(y0 + tile_size, height)
@@ -254,7 +265,7 @@ def _render_torch(splats, cams, height, width, bg, near, tile_size, chunk_size, 
             for x0 in range(0, width, tile_size):
                 x1 = min(x0 + tile_size, width)
                 px = torch.stack([xs[y0:y1, x0:x1].reshape(-1), ys[y0:y1, x0:x1].reshape(-1)], 1)
-                sel = ((g_x1 > x0) & (g_x0 < x1) & (g_y1 > y0) & (g_y0 < y1)).nonzero()[:, 0]
+                sel = tiles[y0, x0]
                 t_rgb = torch.zeros(px.shape[0], 3, device=device, dtype=dtype)
                 t_dep = torch.zeros(px.shape[0], device=device, dtype=dtype)
                 t_acc = torch.zeros(px.shape[0], device=device, dtype=dtype)
@@ -262,7 +273,7 @@ def _render_torch(splats, cams, height, width, bg, near, tile_size, chunk_size, 
                 for s in range(0, len(sel), chunk_size):
                     k = sel[s:s + chunk_size]
                     args = (px, g_mean[k], g_conic[k], g_o[k], g_col[k], g_z[k], log_t)
-                    if use_ckpt:
+                    if ckpt:
                         out = _checkpoint(_composite, *args, use_reentrant=False)
                     else:
                         out = _composite(*args)
