@@ -201,19 +201,21 @@ def project(splats: GaussianSplats, cams: Cameras, height: int, width: int, near
     return mean2, cov2, z, in_front
 
 
-def _composite(px, mean2, conic, opac, color, depth, log_t0):
+def _composite(px, feat, log_t0):
     """Front-to-back compositing of one chunk of depth-sorted Gaussians over pixels ``px (P,2)``,
-    starting from log-transmittance ``log_t0 (P,)``; returns colour, depth and alpha sums and the
+    starting from log-transmittance ``log_t0 (P,)``. ``feat (G,10)`` holds per Gaussian the projected
+    centre (2), conic (3), opacity, colour (3) and depth; returns colour, depth and alpha sums and the
     log-transmittance after the chunk."""
-    dx = px[:, None, 0] - mean2[None, :, 0]
-    dy = px[:, None, 1] - mean2[None, :, 1]
-    q = conic[None, :, 0] * dx * dx + 2 * conic[None, :, 1] * dx * dy + conic[None, :, 2] * dy * dy
-    alpha = (opac[None] * torch.exp(-0.5 * q)).clamp(max=ALPHA_MAX)
+    dx = px[:, None, 0] - feat[None, :, 0]
+    dy = px[:, None, 1] - feat[None, :, 1]
+    q = feat[None, :, 2] * dx * dx + 2 * feat[None, :, 3] * dx * dy + feat[None, :, 4] * dy * dy
+    alpha = (feat[None, :, 5] * torch.exp(-0.5 * q)).clamp(max=ALPHA_MAX)
     alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
     log1m = torch.log1p(-alpha)
     csum = torch.cumsum(log1m, 1)
     w = alpha * torch.exp(log_t0[:, None] + csum - log1m)
-    return w @ color, w @ depth, w.sum(1), log_t0 + csum[:, -1]
+    out = w @ feat[:, 6:10]  # colour sums and depth sum in one product
+    return out[:, :3], out[:, 3], w.sum(1), log_t0 + csum[:, -1]
 
 
 def _render_torch(splats, cams, height, width, bg, near, tile_size, chunk_size, use_ckpt, track_means2d):
@@ -245,8 +247,8 @@ def _render_torch(splats, cams, height, width, bg, near, tile_size, chunk_size, 
     for v in range(b):
         idx = visible[v].nonzero()[:, 0]
         idx = idx[torch.argsort(z[v, idx].detach(), stable=True)]
-        g_mean, g_conic, g_o = mean2[v, idx], conic[v, idx], opac[idx]
-        g_col, g_z = colors[v, idx], z[v, idx]
+        # one (G, 10) table per view, so each chunk costs one gather (and one scatter in backward)
+        feat = torch.cat([mean2[v], conic[v], opac[:, None], colors[v], z[v, :, None]], 1)[idx]
         g_x0, g_x1 = (m2[v, idx, 0] - hx[v, idx]), (m2[v, idx, 0] + hx[v, idx])
         g_y0, g_y1 = (m2[v, idx, 1] - hy[v, idx]), (m2[v, idx, 1] + hy[v, idx])
         tiles = {}
@@ -272,7 +274,7 @@ def _render_torch(splats, cams, height, width, bg, near, tile_size, chunk_size, 
                 log_t = torch.zeros(px.shape[0], device=device, dtype=dtype)
                 for s in range(0, len(sel), chunk_size):
                     k = sel[s:s + chunk_size]
-                    args = (px, g_mean[k], g_conic[k], g_o[k], g_col[k], g_z[k], log_t)
+                    args = (px, feat[k] if len(k) < len(idx) else feat, log_t)
                     if ckpt:
                         out = _checkpoint(_composite, *args, use_reentrant=False)
                     else:
