@@ -161,3 +161,14 @@ def test_densify_config_errors():
 def test_sh_dc_encoding():
     s = GaussianSplats.from_points(torch.zeros(2, 3), 0.1, torch.tensor([[0.0, 0.5, 1.0], [0.25, 0.75, 0.1]]))
     assert torch.allclose(s.sh_dc[0], torch.tensor([-0.5, 0.0, 0.5]) / SH_C0)
+
+
+def test_resume_after_densify_from_state_dict():
+    s, grads = scene_for_densify()
+    densify_and_prune(s, grads, DensifyConfig(), torch.Generator().manual_seed(0))
+    back = GaussianSplats.from_state_dict(s.state_dict())
+    assert back.num == s.num == 5
+    for (n, p), (_, q) in zip(s.named_groups().items(), back.named_groups().items()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ConfigError, match="state has no means"):
+        GaussianSplats.from_state_dict({})

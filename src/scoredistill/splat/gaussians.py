@@ -157,6 +157,15 @@ class GaussianSplats(nn.Module):
         return cls(t(data.means), t(data.log_scales), t(data.quats), t(data.opacity_logits), t(data.sh_dc), sh_rest)
 
     @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> GaussianSplats:
+        """Rebuild from ``state_dict()`` whatever the Gaussian count (densification changes it, so a
+        resumed run cannot load into a freshly initialised scene of the original size)."""
+        missing = [n for n in PARAM_NAMES[:5] if n not in state]
+        if missing:
+            raise ConfigError("splats", f"state has no {', '.join(missing)}")
+        return cls(*(state[n] for n in PARAM_NAMES[:5]), state.get("sh_rest"))
+
+    @classmethod
     def from_ply(cls, path, sh_degree: int | None = None) -> GaussianSplats:
         from scoredistill.splat.ply import read_ply
 
