@@ -10,6 +10,7 @@ from scoredistill.objectives import (  # noqa: F401
     dmd,
     esd,
     fdistill,
+    flash_dmd,
     ism,
     sds,
     sfd,
