@@ -143,7 +143,7 @@ def accepted(k: Key) -> str:
     elif base is int:
         text = "an integer" + _range_text(k)
     elif base is float:
-        text = "a number" + _range_text(k)
+        text = "a finite number" + _range_text(k)
     elif base is str:
         text = "a string"
     elif typing.get_origin(base) is list:
@@ -401,19 +401,22 @@ class TeacherConfig(Section):
                 ok = sorted(n for n, j in keys(type(self)).items() if j.kinds is None or self.kind in j.kinds)
                 raise ConfigError(f"{path}.{k.name}", f"unknown key for {path}.kind {self.kind}; accepted: "
                                   f"{', '.join(ok)}")
-        if self.kind == "gmm":
-            if self.std is not None and self.stds is not None:
-                raise ConfigError(f"{path}.std", "give either std (one value) or stds (one per mean), not both")
-            if self.preset is None and self.means is None:
+        if self.kind == "gmm" and self.std is not None and self.stds is not None:
+            raise ConfigError(f"{path}.std", "give either std (one value) or stds (one per mean), not both")
+
+    def require(self, path: str = "teacher") -> None:
+        """The values a builder needs for this kind (a config may leave them out until it builds a
+        teacher: ``resolve({})`` is the default config)."""
+        if self.kind == "gmm" and self.preset is None:
+            if self.means is None:
                 raise ConfigError(f"{path}.means", "missing; give teacher.preset or teacher.means")
-            if self.preset is None and self.std is None and self.stds is None:
+            if self.std is None and self.stds is None:
                 raise ConfigError(f"{path}.std", "missing; give teacher.std or teacher.stds")
-        elif self.kind == "learned" and not self.path:
-            raise ConfigError(f"{path}.path", "missing; give the folder written by `scoredistill train-teacher`")
-        elif self.kind == "bundled" and not self.name:
-            raise ConfigError(f"{path}.name", "missing; accepted: digits, mnist")
-        elif self.kind == "diffusers" and not self.path:
-            raise ConfigError(f"{path}.path", "missing; give a diffusers pipeline folder (save_pretrained)")
+        need = {"learned": ("path", "the folder written by `scoredistill train-teacher`"),
+                "bundled": ("name", "a bundled teacher name (digits, mnist)"),
+                "diffusers": ("path", "a diffusers pipeline folder (save_pretrained)")}.get(self.kind)
+        if need is not None and not getattr(self, need[0]):
+            raise ConfigError(f"{path}.{need[0]}", f"missing; give {need[1]}")
 
 
 @dataclass
@@ -497,10 +500,11 @@ class TrainConfig(Section):
     device: str = device_key()
     precision: str = key("fp32", "fp32 | bf16 (autocast for network passes; loss math in fp32/fp64)",
                          choices=PRECISIONS)
-    teacher_offload: bool = key(False, "keep teacher weights in CPU memory, stream them per forward")
-    deterministic: bool = key(False, "deterministic GPU kernels (bit-exact resume on CUDA; slower)")
-    compile: bool = key(False, "torch.compile the generator")
-    fsdp: bool = key(False, "FSDP2-shard the trained roles over the processes (docs/distributed.md)")
+    teacher_offload: bool = key(False, "keep teacher weights in CPU memory, stream them per forward", resume=True)
+    deterministic: bool = key(False, "deterministic GPU kernels (bit-exact resume on CUDA; slower)", resume=True)
+    compile: bool = key(False, "torch.compile the generator", resume=True)
+    fsdp: bool = key(False, "FSDP2-shard the trained roles over the processes (docs/distributed.md)",
+                     resume=True)
     threads: int | None = threads_key()
     progress: bool = key(True, "progress bar on stderr", resume=True)
     real_data: str | None = key("teacher", "teacher (teacher's sampler) | none | PATH.npy", check=real_data_check,
@@ -661,8 +665,11 @@ def resolve(user: dict, overrides: Iterable[str] = ()) -> dict:
 
 
 def teacher_config(tcfg: dict | TeacherConfig, only: Iterable[str] | None = None) -> TeacherConfig:
-    """The typed teacher section (a dict is validated first, e.g. from a library caller)."""
-    return tcfg if isinstance(tcfg, TeacherConfig) else parse(TeacherConfig, tcfg, "teacher", only)
+    """The typed teacher section a builder reads, with the values its kind needs (a dict, e.g. from a
+    library caller, is validated first)."""
+    t = tcfg if isinstance(tcfg, TeacherConfig) else parse(TeacherConfig, tcfg, "teacher", only)
+    t.require()
+    return t
 
 
 # -- --resume ------------------------------------------------------------------------------------------------
@@ -677,8 +684,9 @@ def check_resume_overrides(overrides: Iterable[str], saved: dict, steps_done: in
 
     A checkpoint carries the weights, optimizer state and RNG of the run as configured, so only the
     keys flagged ``resume`` (more ``train.steps``, evaluation, logging and checkpoint cadence, threads,
-    device) may change; ``train.steps`` may not fall below the ``steps_done`` already trained, nor move
-    while an lr schedule spans ``train.steps``."""
+    device, and where the same computation runs: fsdp, offload, deterministic kernels, compile) may
+    change; ``train.steps`` may not fall below the ``steps_done`` already trained, nor move while an
+    lr schedule spans ``train.steps``."""
     schema = DISTILL if schema is None else schema
     ok = resumable(schema)
     for item in overrides or ():

@@ -41,15 +41,26 @@ def _load_run_config(run_dir: str) -> dict:
     return load_yaml(path)
 
 
+def steps_done(run_dir: str) -> int:
+    """The step of the newest checkpoint of ``run_dir`` (0 without one): what ``--resume`` continues."""
+    from scoredistill.engine.io import list_checkpoints
+
+    steps = [int(name.rsplit("_", 1)[1]) for name in map(os.path.basename, list_checkpoints(run_dir))
+             if name.rsplit("_", 1)[-1].isdigit()]
+    return max(steps, default=0)
+
+
 def cmd_distill(args):
-    from scoredistill.config import ConfigError, load_yaml, resolve
+    from scoredistill.config import ConfigError, check_resume_overrides, load_yaml, resolve
     from scoredistill.engine.distiller import Distiller
     from scoredistill.engine.io import list_checkpoints
     from scoredistill.engine.report import write_report
 
     if args.resume:
         run_dir = args.resume
-        cfg = resolve(_load_run_config(run_dir), args.set)
+        saved = _load_run_config(run_dir)
+        check_resume_overrides(args.set, saved, steps_done(run_dir))
+        cfg = resolve(saved, args.set)
     else:
         if not args.config or not args.out:
             raise ConfigError("distill", "needs CONFIG.yaml --out RUN_DIR, or --resume RUN_DIR")

@@ -11,9 +11,10 @@ import os
 
 
 def cmd_optimize(args):
-    from scoredistill.config import ConfigError, load_yaml
+    from scoredistill.cli.main import steps_done
+    from scoredistill.config import ConfigError, check_resume_overrides, load_yaml
     from scoredistill.engine.io import atomic_write_text, list_checkpoints
-    from scoredistill.optimize.config import resolve
+    from scoredistill.optimize.config import OPTIMIZE, resolve
     from scoredistill.optimize.driver import PriorOptimizer
 
     if args.resume:
@@ -23,7 +24,9 @@ def cmd_optimize(args):
             raise ConfigError("--resume", f"folder not found: {run_dir}")
         if not os.path.exists(path):
             raise ConfigError("--resume", f"{run_dir} has no config.yaml (not a scoredistill optimize run)")
-        cfg = resolve(load_yaml(path), args.set)
+        saved = load_yaml(path)
+        check_resume_overrides(args.set, saved, steps_done(run_dir), OPTIMIZE)
+        cfg = resolve(saved, args.set)
     else:
         if not args.config or not args.out:
             raise ConfigError("optimize", "needs CONFIG.yaml --out RUN_DIR, or --resume RUN_DIR")
