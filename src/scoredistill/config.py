@@ -1,125 +1,560 @@
-"""Run configuration: YAML recipes + ``--set a.b=c`` overrides, validated against a schema.
+"""Run configuration: YAML recipes + ``--set a.b=c`` overrides, validated against one schema.
 
-Every problem is a :class:`ConfigError` naming the dotted field and what is accepted; the CLI turns
-it into one line on stderr and exit code 2.
+Every section of every command (``distill``, ``optimize``, ``train-teacher``) is a dataclass whose
+fields are its accepted keys, each declared once with :func:`key`: default, type (the annotation),
+accepted range or choices, whether ``--resume`` may change it, and a one-line doc string
+(docs/recipes.md is generated from them by ``scripts/gen_recipes_doc.py``). :func:`parse` turns a
+section into its typed object or raises :class:`ConfigError` naming the dotted field and the
+accepted values; the CLI turns that into one line on stderr and exit code 2. Numbers must be finite
+(NaN and inf are refused everywhere a number is expected).
+
+:func:`resolve` returns the merged config as a nested plain dict (what the engine reads and what
+``RUN_DIR/config.yaml`` records), after every section has been validated.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import math
 import os
-from collections.abc import Iterable
-from typing import Any
+import re
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import yaml
 from omegaconf import OmegaConf
 
 from scoredistill.errors import ConfigError, check_keys  # noqa: F401 (re-exported)
 
-# The schema: every accepted key with its default. ``None`` means "not set / derived".
-DEFAULTS: dict[str, Any] = {
-    "teacher": {
-        "kind": "gmm",            # gmm | learned | bundled
-        "preset": None,           # ring8 | grid25 | pair | asym | gmm10d (kind: gmm)
-        "means": None, "std": None, "stds": None, "weights": None, "classes": None,
-        "dim": None,              # embed a 2-D preset in more dimensions (zero padding)
-        "path": None,             # kind: learned -> folder written by `scoredistill train-teacher`
-        "name": None,             # kind: bundled -> a teacher shipped in the package (digits, mnist)
-        "process": {"kind": "edm"},
-        "guidance_convention": "canonical",  # how guidance scales in this file are written
-        # kind: diffusers (path = pipeline folder; docs/diffusers.md): prompts (list | .txt), negative_prompt,
-        # null_class (class-conditional UNet2DModel), resolution (pixels), embedded_guidance (FLUX)
-        "prompts": None, "negative_prompt": None, "null_class": None, "resolution": None,
-        "embedded_guidance": None,
-    },
-    "generator": {
-        "kind": "mlp",            # mlp (fresh) | teacher (copy of a learned teacher) | multi (MSD)
-        "width": 256, "depth": 4,
-        "sigma_init": 2.5,        # kind: teacher -> G(z) = D(sigma_init z, sigma_init)
-        "students": 2,            # kind: multi -> number of students (MSD), classes split in blocks
-        "z_std": 1.0,
-        # diffusers teachers: native input timesteps ([999], [999, 749, 499, 249]), noise_input pure|scaled,
-        # kind: lora -> LoRA student on a frozen copy; gradient checkpointing of the student network
-        "timesteps": None, "noise_input": None,
-        "lora_rank": None, "lora_alpha": None, "lora_targets": None, "gradient_checkpointing": None,
-    },
-    "fake_score": {
-        "kind": "mlp",            # mlp (fresh) | teacher (copy of a learned teacher)
-        "width": 256, "depth": 4,
-        "sigma_data": None,       # EDM preconditioning scale; default: the teacher's data std
-        # diffusers teachers: kind full (= teacher) copy | lora (peft LoRA on the frozen teacher module)
-        "lora_rank": None, "lora_alpha": None, "lora_targets": None, "gradient_checkpointing": None,
-    },
-    "objective": {"name": "dmd2"},
-    "train": {
-        "steps": 1000,
-        "batch_size": 256,                # the global batch the objective sees (any number of processes)
-        "global_batch": None,             # alias of batch_size (the name used in docs/distributed.md)
-        "micro_batch": None,              # samples per forward pass and process; default batch_size / processes
-        "seed": 0,
-        "lr": 1e-4, "fake_lr": None, "disc_lr": None,
-        "lr_schedule": "constant",        # constant | cosine | linear: decay of every role's lr over train.steps
-        "warmup_steps": 0,                # linear warm-up from lr / warmup_steps (iterations)
-        "lr_min_ratio": 0.0,              # cosine / linear end at lr * lr_min_ratio
-        "betas": [0.0, 0.99], "fake_betas": None, "disc_betas": None,
-        "weight_decay": 0.0,
-        "optimizer": "adam",              # adam (L2 decay) | adamw (decoupled decay) | radam; engine/optim.py
-        "fake_optimizer": None, "disc_optimizer": None,  # null: as optimizer (disc: as fake_optimizer)
-        "generator_every": 1,             # generator updated when iteration % generator_every == 0
-        "fake_on_generator_steps": True,  # DMD2: fake also updated on generator iterations (5:1)
-        "grad_clip": 10.0,
-        "ema": 0.99,
-        "nan_guard_max": 20,              # abort after this many consecutive non-finite steps
-        "checkpoint_every": 500,
-        "keep_checkpoints": 2,
-        "log_every": 25,
-        "device": "cpu",
-        "precision": "fp32",              # fp32 | bf16 (autocast for network passes; loss math in fp32/fp64)
-        "teacher_offload": False,         # keep teacher weights in CPU memory, stream them per forward (accelerate)
-        "deterministic": False,           # deterministic GPU kernels (bit-exact resume on CUDA; slower)
-        "compile": False,                 # torch.compile the generator (opt-in; ~10 % on CPU after a long compile)
-        # FSDP2-shard generator, fake score, discriminator and EMA over the processes (no-op on one process;
-        # also on when ACCELERATE_USE_FSDP=true, set by `accelerate launch` with an FSDP config); docs/distributed.md
-        "fsdp": False,
-        "threads": None,
-        "progress": True,
-        "real_data": "teacher",           # teacher (draw from the teacher's sampler) | none | PATH.npy
-        "real_pool": 20000,               # how many real samples to draw from the teacher
-        "ode_pairs": 2000,                # (noise, teacher ODE output) pairs for regression losses
-        "ode_steps": 18,
-    },
-    "eval": {
-        "every": 250,
-        "n_samples": 2000,
-        "plots": True,
-        "teacher_steps": 18,              # Heun steps for the teacher baseline (2*18-1 = 35 NFE)
-        "fid_weights": None,              # local Inception file -> also report real FID (image teachers)
-    },
-}
+INT64_MAX = 2**63 - 1
+# sizes past these are typos, not experiments (a 2^24 batch of 2-D points is 128 MB per tensor)
+MAX_SIZE = 2**24
+MAX_WIDTH = 2**16
+MAX_DEPTH = 2**10
 
-SECTIONS = tuple(DEFAULTS)
-LR_SCHEDULES = ("constant", "cosine", "linear")
+
+# -- the schema mechanism ------------------------------------------------------------------------------
+def key(default, doc: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, choices=None,
+        length: int | None = None, check: Callable[[Any, str], None] | None = None, accepts: str | None = None,
+        resume: bool = False, kinds: tuple[str, ...] | None = None):
+    """Declare one accepted key of a section (a dataclass field).
+
+    ``lo``/``hi`` bound numbers (and the numbers of a list), ``choices`` enumerates strings, ``length``
+    fixes a list's length; ``check(value, field)`` replaces the type check for values no annotation
+    describes (then ``accepts`` says in words what it accepts). ``resume``: ``--resume --set`` may
+    change the key. ``kinds``: the teacher kinds that read the key (None: every kind)."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices,
+            "length": length, "check": check, "accepts": accepts, "resume": resume, "kinds": kinds}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One accepted key as the validator and the documentation see it."""
+
+    name: str
+    type: Any
+    default: Any
+    doc: str
+    lo: Any = None
+    hi: Any = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple | None = None
+    length: int | None = None
+    check: Callable | None = None
+    accepts: str | None = None
+    resume: bool = False
+    kinds: tuple[str, ...] | None = None
+
+    @property
+    def nullable(self) -> bool:
+        return type(None) in typing.get_args(self.type)
+
+    @property
+    def base(self):
+        args = [a for a in typing.get_args(self.type) if a is not type(None)]
+        if self.nullable:
+            return args[0] if len(args) == 1 else typing.Union[tuple(args)]
+        return self.type
+
+
+class Section:
+    """Base of a config section. Subclasses are dataclasses; ``validate`` holds the rules that tie
+    several keys together. ``OPEN``: keys beyond the declared ones are accepted here and checked by
+    the section's builder (the objective's own Params)."""
+
+    OPEN: ClassVar[bool] = False
+    DOC: ClassVar[str] = ""
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@functools.cache
+def keys(cls: type) -> dict[str, Key]:
+    """The accepted keys of a section class, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f.name] = Key(f.name, hints[f.name], default, **f.metadata)
+    return out
+
+
+def defaults(cls: type) -> dict:
+    """The section's defaults as a plain dict (fresh copies)."""
+    return {k.name: copy.deepcopy(k.default) for k in keys(cls).values()}
+
+
+def _fmt(x) -> str:
+    if x == INT64_MAX:
+        return "2^63-1"
+    if isinstance(x, int) and x >= 1024 and x & (x - 1) == 0:
+        return f"2^{x.bit_length() - 1}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_text(k: Key) -> str:
+    if k.lo is not None and k.hi is not None:
+        return f" in {'(' if k.lo_open else '['}{_fmt(k.lo)}, {_fmt(k.hi)}{')' if k.hi_open else ']'}"
+    if k.lo is not None:
+        return f" {'>' if k.lo_open else '>='} {_fmt(k.lo)}"
+    if k.hi is not None:
+        return f" {'<' if k.hi_open else '<='} {_fmt(k.hi)}"
+    return ""
+
+
+def accepted(k: Key) -> str:
+    """What ``k`` accepts, in words (error messages and docs/recipes.md)."""
+    base = k.base
+    if k.accepts:
+        text = k.accepts
+    elif k.choices is not None:
+        text = "one of " + ", ".join(map(str, k.choices))
+    elif base is bool:
+        text = "true or false"
+    elif base is int:
+        text = "an integer" + _range_text(k)
+    elif base is float:
+        text = "a finite number" + _range_text(k)
+    elif base is str:
+        text = "a string"
+    elif typing.get_origin(base) is list:
+        (elem,) = typing.get_args(base)
+        what = {int: "integers", float: "numbers", str: "strings"}.get(elem, "values")
+        n = f"{k.length} " if k.length else ""
+        text = f"a list of {n}{what}" + (_range_text(k) if elem in (int, float) else "")
+    elif base is dict:
+        text = "a mapping"
+    else:
+        text = "any value"
+    return text + (" or null" if k.nullable and "null" not in text else "")
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite int or float (never a bool, NaN or inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _in_range(v, k: Key) -> bool:
+    if k.lo is not None and (v <= k.lo if k.lo_open else v < k.lo):
+        return False
+    return not (k.hi is not None and (v >= k.hi if k.hi_open else v > k.hi))
+
+
+def _typed_ok(v, tp, k: Key) -> bool:
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return is_int(v) and _in_range(v, k)
+    if tp is float:
+        return is_number(v) and _in_range(v, k)
+    if tp is str:
+        return isinstance(v, str)
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        return (isinstance(v, (list, tuple)) and len(v) > 0 and (k.length is None or len(v) == k.length)
+                and all(_typed_ok(x, elem, k) for x in v))
+    if tp is dict:
+        return isinstance(v, dict)
+    return True
+
+
+def check_value(v, k: Key, field_name: str) -> None:
+    """Raise :class:`ConfigError` unless ``v`` is an accepted value of ``k``."""
+    if v is None:
+        if k.nullable:
+            return
+        raise ConfigError(field_name, f"must be {accepted(k)}, got null")
+    if k.check is not None:
+        k.check(v, field_name)
+        return
+    if k.choices is not None:
+        if isinstance(v, bool) or not isinstance(v, typing.Hashable) or v not in k.choices:
+            raise ConfigError(field_name, f"unknown value {v!r}; accepted: {', '.join(map(str, k.choices))}")
+        return
+    if not _typed_ok(v, k.base, k):
+        raise ConfigError(field_name, f"must be {accepted(k)}, got {v!r}")
+
+
+def parse(cls: type, data: dict | None, path: str, only: Iterable[str] | None = None):
+    """Validate the mapping ``data`` against the section ``cls`` and return the typed section.
+
+    Missing keys take their defaults. ``only`` narrows the accepted keys (a command that reads a
+    subset of a shared section)."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"must be a mapping, got {data!r}")
+    ks = keys(cls)
+    names = list(ks) if only is None else [n for n in ks if n in set(only)]
+    if not cls.OPEN:
+        for name in data:
+            if name not in names:
+                raise ConfigError(f"{path}.{name}", f"unknown key; accepted: {', '.join(sorted(names))}")
+    values = {}
+    for name, k in ks.items():
+        v = data[name] if name in data else copy.deepcopy(k.default)
+        if name in names:
+            check_value(v, k, f"{path}.{name}")
+        values[name] = v
+    obj = cls(**values)
+    obj.validate(path)
+    return obj
+
+
+# -- reusable key declarations (same meaning in several sections) -----------------------------------------
+def device_check(v, f):
+    if not isinstance(v, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+        raise ConfigError(f, f"unknown value {v!r}; accepted: cpu, cuda, cuda:N")
+
+
+DEVICE_TEXT = "cpu, cuda or cuda:N"
 OPTIMIZERS = ("adam", "adamw", "radam")
 
 
-def _merge(base: dict, new: dict, path: str) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in new.items():
-        field = f"{path}.{k}" if path else k
-        if path == "" and k not in DEFAULTS:
-            raise ConfigError(k, f"unknown section; accepted: {', '.join(SECTIONS)}")
-        if path == "objective" or path.startswith("objective."):
-            out[k] = copy.deepcopy(v)  # objective params are validated by the objective itself
-            continue
-        if path and k not in base:
-            raise ConfigError(field, f"unknown key; accepted: {', '.join(sorted(base))}")
-        if isinstance(base.get(k), dict) and k != "process":
-            if not isinstance(v, dict):
-                raise ConfigError(field, "must be a mapping")
-            out[k] = _merge(base[k], v, field)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+def steps_key(default, doc="iterations to train", resume=True):
+    return key(default, doc, lo=1, hi=INT64_MAX, resume=resume)
+
+
+def seed_key():
+    return key(0, "seed of every random draw", lo=0, hi=INT64_MAX)
+
+
+def device_key(resume=True):
+    return key("cpu", "where networks and batches live", check=device_check, accepts=DEVICE_TEXT, resume=resume)
+
+
+def threads_key(resume=True):
+    return key(None, "torch intra-op threads (null: torch's default)", lo=1, hi=4096, resume=resume)
+
+
+def every_key(default, doc, resume=True):
+    return key(default, doc, lo=1, hi=INT64_MAX, resume=resume)
+
+
+def width_key(default=256):
+    return key(default, "hidden width of the MLP", lo=1, hi=MAX_WIDTH)
+
+
+def depth_key(default=4):
+    return key(default, "residual blocks of the MLP", lo=1, hi=MAX_DEPTH)
+
+
+def betas_key(default, doc):
+    return key(default, doc, lo=0, hi=1, hi_open=True, length=2)
+
+
+def optimizer_key(default, doc):
+    return key(default, doc, choices=OPTIMIZERS)
+
+
+def lora_rank_key():
+    return key(None, "LoRA rank (kind: lora)", lo=1, hi=MAX_WIDTH)
+
+
+def lora_alpha_key():
+    return key(None, "LoRA alpha (default: the rank)", lo=0, lo_open=True)
+
+
+def lora_targets_key():
+    return key(None, "module names LoRA attaches to (default: attention and feed-forward projections)",
+               check=strings_check, accepts="a list of module names")
+
+
+def checkpointing_key():
+    return key(None, "recompute residual blocks in the backward pass (less memory, same gradients)")
+
+
+def process_check(v, f):
+    from scoredistill.process.processes import make_process
+
+    if not isinstance(v, dict):
+        raise ConfigError(f, f"must be a mapping {{kind: vp|vp_continuous|edm|flow, ...}}, got {v!r}")
+    make_process(v)
+
+
+def number_list_check(positive: bool, ints: bool = False):
+    def check(v, f):
+        ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
+            (is_int(x) if ints else is_number(x)) and (x > 0 if positive else x >= 0) for x in v)
+        if not ok:
+            what = "integers" if ints else "numbers"
+            raise ConfigError(f, f"must be a non-empty list of {what} {'> 0' if positive else '>= 0'}, got {v!r}")
+    return check
+
+
+def means_check(v, f):
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(m, (list, tuple)) and m for m in v):
+        raise ConfigError(f, "must be a non-empty list of vectors")
+    lens = {len(m) for m in v}
+    if len(lens) != 1:
+        raise ConfigError(f, f"vectors must have equal length, got lengths {sorted(lens)}")
+    if not all(is_number(x) for m in v for x in m):
+        raise ConfigError(f, "must contain finite numbers only")
+
+
+def real_data_check(v, f):
+    if not isinstance(v, str) or not (v in ("teacher", "none") or v.endswith(".npy")):
+        raise ConfigError(f, f"unknown value {v!r}; accepted: teacher, none, PATH.npy")
+
+
+def timesteps_check(v, f):
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    if not vals or not all(is_number(x) for x in vals):
+        raise ConfigError(f, f"must be a number or a list of numbers, got {v!r}")
+
+
+def strings_check(v, f):
+    if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
+        raise ConfigError(f, f"must be a list of strings, got {v!r}")
+
+
+def prompts_check(v, f):
+    if not (isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v))):
+        raise ConfigError(f, "must be a list of strings or the path of a .txt file")
+
+
+def resolution_check(v, f):
+    ok = (is_int(v) and 0 < v <= MAX_WIDTH) or (
+        isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(x) and 0 < x <= MAX_WIDTH for x in v))
+    if not ok:
+        raise ConfigError(f, f"must be a positive integer or [height, width], got {v!r}")
+
+
+# -- distill ---------------------------------------------------------------------------------------------
+TEACHER_KINDS = ("gmm", "learned", "bundled", "diffusers")
+GMM, LEARNED, BUNDLED, DIFFUSERS = ("gmm",), ("learned",), ("bundled",), ("diffusers",)
+
+
+@dataclass
+class TeacherConfig(Section):
+    DOC: ClassVar[str] = ("The frozen teacher. Each `kind` reads its own keys; a key another kind reads is an "
+                          "error (column *kinds*).")
+    kind: str = key("gmm", "gmm (exact mixture) | learned (train-teacher folder) | bundled (shipped) | "
+                    "diffusers (pipeline folder, docs/diffusers.md)", choices=TEACHER_KINDS)
+    preset: str | None = key(None, "named mixture: ring8, ring8_cond, grid25, pair, asym, gmm10d, gmm16d", kinds=GMM)
+    means: list | None = key(None, "component means (K vectors of one length)", check=means_check,
+                             accepts="a list of equal-length vectors of numbers", kinds=GMM)
+    std: float | None = key(None, "one standard deviation for every component", lo=0, lo_open=True, kinds=GMM)
+    stds: list[float] | None = key(None, "one standard deviation per component", check=number_list_check(True),
+                                   accepts="a list of numbers > 0", kinds=GMM)
+    weights: list[float] | None = key(None, "mixture weights (normalised; default: equal)",
+                                      check=number_list_check(True), accepts="a list of numbers > 0", kinds=GMM)
+    classes: list[int] | None = key(None, "class label of each component (class-conditional teacher)",
+                                    check=number_list_check(False, ints=True), accepts="a list of integers >= 0",
+                                    kinds=GMM)
+    dim: int | None = key(None, "embed the mixture in more dimensions (zero padding)", lo=1, hi=MAX_SIZE, kinds=GMM)
+    path: str | None = key(None, "learned: folder of `scoredistill train-teacher`; diffusers: pipeline folder",
+                           kinds=("learned", "diffusers"))
+    name: str | None = key(None, "bundled teacher: digits | mnist", kinds=BUNDLED)
+    process: dict = key({"kind": "edm"}, "forward process {kind: vp | vp_continuous | edm | flow, ...} "
+                        "(docs/processes.md; diffusers: read from the scheduler)", check=process_check,
+                        accepts="a process mapping (below)")
+    guidance_convention: str = key("canonical", "how guidance scales in this file are written: canonical "
+                                   "(uncond + w (cond - uncond)) | cond_plus (cond + s (cond - uncond), w = 1 + s)",
+                                   choices=("canonical", "cond_plus"))
+    prompts: list[str] | str | None = key(None, "text prompts (list, or a .txt file with one a line)",
+                                          check=prompts_check, accepts="a list of strings or PATH.txt",
+                                          kinds=DIFFUSERS)
+    negative_prompt: str | None = key(None, "negative prompt of the unconditional branch", kinds=DIFFUSERS)
+    null_class: int | None = key(None, "class-conditional UNet2DModel: the class id used as unconditional",
+                                 lo=0, hi=INT64_MAX, kinds=DIFFUSERS)
+    resolution: int | list[int] | None = key(None, "pixels (int or [height, width]; default: the pipeline's)",
+                                             check=resolution_check, accepts="an integer or [height, width]",
+                                             kinds=DIFFUSERS)
+    embedded_guidance: float | None = key(None, "FLUX guidance-embedding value (default 3.5)", lo=0, kinds=DIFFUSERS)
+
+    def validate(self, path):
+        for k in keys(type(self)).values():
+            if k.kinds is not None and getattr(self, k.name) is not None and self.kind not in k.kinds:
+                ok = sorted(n for n, j in keys(type(self)).items() if j.kinds is None or self.kind in j.kinds)
+                raise ConfigError(f"{path}.{k.name}", f"unknown key for {path}.kind {self.kind}; accepted: "
+                                  f"{', '.join(ok)}")
+        if self.kind == "gmm" and self.std is not None and self.stds is not None:
+            raise ConfigError(f"{path}.std", "give either std (one value) or stds (one per mean), not both")
+
+    def require(self, path: str = "teacher") -> None:
+        """The values a builder needs for this kind (a config may leave them out until it builds a
+        teacher: ``resolve({})`` is the default config)."""
+        if self.kind == "gmm" and self.preset is None:
+            if self.means is None:
+                raise ConfigError(f"{path}.means", "missing; give teacher.preset or teacher.means")
+            if self.std is None and self.stds is None:
+                raise ConfigError(f"{path}.std", "missing; give teacher.std or teacher.stds")
+        need = {"learned": ("path", "the folder written by `scoredistill train-teacher`"),
+                "bundled": ("name", "a bundled teacher name (digits, mnist)"),
+                "diffusers": ("path", "a diffusers pipeline folder (save_pretrained)")}.get(self.kind)
+        if need is not None and not getattr(self, need[0]):
+            raise ConfigError(f"{path}.{need[0]}", f"missing; give {need[1]}")
+
+
+@dataclass
+class GeneratorConfig(Section):
+    DOC: ClassVar[str] = "The one-step (or few-step) student."
+    kind: str = key("mlp", "mlp (fresh) | teacher (copy of a learned or diffusers teacher) | multi (MSD) | "
+                    "lora (LoRA on a frozen diffusers copy)", choices=("mlp", "teacher", "multi", "lora"))
+    width: int = width_key()
+    depth: int = depth_key()
+    sigma_init: float = key(2.5, "kind teacher: G(z) = D(sigma_init z, sigma_init)", lo=0)
+    students: int = key(2, "kind multi: number of students (classes split in blocks)", lo=1, hi=MAX_WIDTH)
+    z_std: float = key(1.0, "standard deviation of the generator's input noise", lo=0, lo_open=True)
+    timesteps: list[float] | float | None = key(None, "diffusers: native input timesteps ([999]; K values: "
+                                                "K-step student)", check=timesteps_check,
+                                                accepts="a number or a list of numbers")
+    noise_input: str | None = key(None, "diffusers: pure (z itself) | scaled (sigma_max z)",
+                                  choices=("pure", "scaled"))
+    lora_rank: int | None = lora_rank_key()
+    lora_alpha: float | None = lora_alpha_key()
+    lora_targets: list[str] | None = lora_targets_key()
+    gradient_checkpointing: bool | None = checkpointing_key()
+
+
+@dataclass
+class FakeScoreConfig(Section):
+    DOC: ClassVar[str] = "The learned score of the generator's samples (objectives that need one)."
+    kind: str = key("mlp", "mlp (fresh) | teacher = full (copy of the teacher) | lora (diffusers: LoRA on the "
+                    "frozen teacher)", choices=("mlp", "teacher", "full", "lora"))
+    width: int = width_key()
+    depth: int = depth_key()
+    sigma_data: float | None = key(None, "EDM preconditioning scale (default: the teacher's data std)",
+                                   lo=0, lo_open=True)
+    lora_rank: int | None = lora_rank_key()
+    lora_alpha: float | None = lora_alpha_key()
+    lora_targets: list[str] | None = lora_targets_key()
+    gradient_checkpointing: bool | None = checkpointing_key()
+
+
+@dataclass
+class ObjectiveConfig(Section):
+    OPEN: ClassVar[bool] = True
+    DOC: ClassVar[str] = ("The method and its parameters; every other key is a field of the objective's Params "
+                          "(listed per objective below), checked when the objective is built.")
+    name: str = key("dmd2", "registered objective name")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig(Section):
+    DOC: ClassVar[str] = "Optimization, cadences and the run's resources."
+    steps: int = steps_key(1000, "iterations (resume: may grow, never below the steps done)")
+    batch_size: int = key(256, "the global batch the objective sees (any number of processes)", lo=1, hi=MAX_SIZE)
+    global_batch: int | None = key(None, "alias of batch_size (the name in docs/distributed.md)", lo=1, hi=MAX_SIZE)
+    micro_batch: int | None = key(None, "samples per forward pass and process (default batch_size / processes); "
+                                  "batch_size must be a multiple", lo=1, hi=MAX_SIZE)
+    seed: int = seed_key()
+    lr: float = key(1e-4, "generator learning rate", lo=0)
+    fake_lr: float | None = key(None, "fake-score learning rate (default: lr)", lo=0)
+    disc_lr: float | None = key(None, "discriminator learning rate (default: fake_lr)", lo=0)
+    lr_schedule: str = key("constant", "decay of every role's lr over train.steps", choices=LR_SCHEDULES)
+    warmup_steps: int = key(0, "linear warm-up from lr / warmup_steps (iterations)", lo=0, hi=INT64_MAX)
+    lr_min_ratio: float = key(0.0, "cosine / linear end at lr * lr_min_ratio", lo=0, hi=1)
+    betas: list[float] = betas_key([0.0, 0.99], "Adam betas of the generator")
+    fake_betas: list[float] | None = betas_key(None, "Adam betas of the fake score (default: betas)")
+    disc_betas: list[float] | None = betas_key(None, "Adam betas of the discriminator (default: fake_betas)")
+    weight_decay: float = key(0.0, "weight decay (L2 for adam, decoupled for adamw)", lo=0)
+    optimizer: str = optimizer_key("adam", "generator optimizer")
+    fake_optimizer: str | None = optimizer_key(None, "fake-score optimizer (default: optimizer)")
+    disc_optimizer: str | None = optimizer_key(None, "discriminator optimizer (default: fake_optimizer)")
+    generator_every: int = key(1, "generator updated when iteration % generator_every == 0", lo=1, hi=INT64_MAX)
+    fake_on_generator_steps: bool = key(True, "DMD2: fake score also updated on generator iterations")
+    grad_clip: float | None = key(10.0, "gradient-norm clip of every role (null: off)", lo=0)
+    ema: float = key(0.99, "EMA decay of the generator (0: off)", lo=0, hi=1, hi_open=True)
+    nan_guard_max: int = key(20, "abort after this many consecutive non-finite steps", lo=1, hi=INT64_MAX)
+    checkpoint_every: int = every_key(500, "iterations between checkpoints")
+    keep_checkpoints: int = every_key(2, "newest checkpoints kept")
+    log_every: int = every_key(25, "iterations between progress lines")
+    device: str = device_key()
+    precision: str = key("fp32", "fp32 | bf16 (autocast for network passes; loss math in fp32/fp64)",
+                         choices=PRECISIONS)
+    teacher_offload: bool = key(False, "keep teacher weights in CPU memory, stream them per forward", resume=True)
+    deterministic: bool = key(False, "deterministic GPU kernels (bit-exact resume on CUDA; slower)", resume=True)
+    compile: bool = key(False, "torch.compile the generator", resume=True)
+    fsdp: bool = key(False, "FSDP2-shard the trained roles over the processes (docs/distributed.md)",
+                     resume=True)
+    threads: int | None = threads_key()
+    progress: bool = key(True, "progress bar on stderr", resume=True)
+    real_data: str | None = key("teacher", "teacher (teacher's sampler) | none | PATH.npy", check=real_data_check,
+                                accepts="teacher, none or PATH.npy")
+    real_pool: int = key(20000, "real samples drawn from the teacher", lo=1, hi=MAX_SIZE)
+    ode_pairs: int = key(2000, "(noise, teacher ODE output) pairs for regression losses", lo=1, hi=MAX_SIZE)
+    ode_steps: int = key(18, "Heun levels of those teacher ODE solves", lo=1, hi=10000)
+
+    def validate(self, path):
+        if self.micro_batch is not None and self.batch_size % self.micro_batch:
+            raise ConfigError(f"{path}.micro_batch", f"{path}.batch_size ({self.batch_size}) must be a multiple "
+                              f"of micro_batch ({self.micro_batch})")
+
+
+@dataclass
+class EvalConfig(Section):
+    DOC: ClassVar[str] = "Evaluation cadence and size (all resumable)."
+    every: int = every_key(250, "iterations between evaluations")
+    n_samples: int = key(2000, "samples per evaluation", lo=16, hi=MAX_SIZE, resume=True)
+    plots: bool = key(True, "write sample plots", resume=True)
+    teacher_steps: int = key(18, "Heun steps of the teacher baseline (2*18-1 = 35 NFE)", lo=1, hi=10000,
+                             resume=True)
+    fid_weights: str | None = key(None, "local Inception file: also report real FID (image teachers)", resume=True)
+
+
+Schema = dict[str, type]
+
+DISTILL: Schema = {"teacher": TeacherConfig, "generator": GeneratorConfig, "fake_score": FakeScoreConfig,
+                   "objective": ObjectiveConfig, "train": TrainConfig, "eval": EvalConfig}
+DEFAULTS: dict[str, Any] = {name: defaults(cls) for name, cls in DISTILL.items()}
+SECTIONS = tuple(DEFAULTS)
+
+
+# -- loading, merging, overrides ---------------------------------------------------------------------------
+_RESOLVER = re.compile(r"\$\{\s*[\w.\-]+\s*:")  # ${oc.env:VAR}, ${oc.decode:...}: a resolver call
+
+
+def _refuse_resolvers(node, where: str, path: str = "") -> None:
+    """Resolver interpolations are refused: a resolved ``${oc.env:TOKEN}`` would be written in plain text
+    into ``RUN_DIR/config.yaml`` (docs/recipes.md)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_resolvers(v, where, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_resolvers(v, where, f"{path}[{i}]")
+    elif isinstance(node, str) and _RESOLVER.search(node):
+        raise ConfigError(path or where, f"{node!r}: resolver interpolations (${{oc.env:...}}) are not supported "
+                          f"in {where}, the resolved value would be stored in the run's config.yaml; write the "
+                          "value itself")
 
 
 def _parse_value(text: str) -> Any:
@@ -129,29 +564,56 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
-    """Apply ``a.b=c`` overrides (values parsed as YAML scalars/lists)."""
+parse_value = _parse_value  # the public name (``--set`` values are YAML scalars / lists)
+
+
+def _merge(schema: Schema, user: dict) -> dict:
+    """The defaults of ``schema`` updated with ``user``'s values, section by section (values inside a
+    section, mappings included, are replaced as a whole)."""
+    if not isinstance(user, dict):
+        raise ConfigError("config", "must hold a mapping of sections")
+    out = {name: defaults(cls) for name, cls in schema.items()}
+    for name, v in user.items():
+        if name not in schema:
+            raise ConfigError(str(name), f"unknown section; accepted: {', '.join(schema)}")
+        if not isinstance(v, dict):
+            raise ConfigError(str(name), "must be a mapping")
+        cls = schema[name]
+        for k, val in v.items():
+            if not cls.OPEN and k not in keys(cls):
+                raise ConfigError(f"{name}.{k}", f"unknown key; accepted: {', '.join(sorted(keys(cls)))}")
+            out[name][k] = copy.deepcopy(val)
+    return out
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str], schema: Schema | None = None) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML scalars/lists) to a merged config."""
+    schema = DISTILL if schema is None else schema
     cfg = copy.deepcopy(cfg)
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] not in DEFAULTS:
-            raise ConfigError(key, f"unknown section; accepted: {', '.join(SECTIONS)}")
-        node, schema = cfg, DEFAULTS
-        for i, p in enumerate(parts[:-1]):
-            if parts[0] != "objective" and isinstance(schema, dict) and p not in schema:
-                raise ConfigError(".".join(parts[: i + 1]), "unknown key")
-            node = node.setdefault(p, {})
-            schema = schema.get(p, {}) if isinstance(schema, dict) else {}
+        name, text = item.split("=", 1)
+        parts = name.strip().split(".")
+        if parts[0] not in schema:
+            raise ConfigError(name, f"unknown section; accepted: {', '.join(schema)}")
+        if len(parts) < 2:
+            raise ConfigError(name, "give SECTION.KEY=VALUE")
+        cls = schema[parts[0]]
+        ks = keys(cls)
+        if not cls.OPEN:
+            if parts[1] not in ks:
+                raise ConfigError(".".join(parts[:2]), f"unknown key; accepted: {', '.join(sorted(ks))}")
+            if len(parts) > 2 and ks[parts[1]].base is not dict:
+                raise ConfigError(".".join(parts[:2]), "is not a mapping")
+        node = cfg.setdefault(parts[0], {})
+        for i, p in enumerate(parts[1:-1], start=2):
+            node = node.setdefault(p, {}) if isinstance(node, dict) else None
             if not isinstance(node, dict):
-                raise ConfigError(".".join(parts[: i + 1]), "is not a mapping")
-        last = parts[-1]
-        if parts[0] != "objective" and isinstance(schema, dict) and schema and last not in schema \
-                and parts[-2:-1] != ["process"]:
-            raise ConfigError(key, f"unknown key; accepted: {', '.join(sorted(schema))}")
-        node[last] = _parse_value(text)
+                raise ConfigError(".".join(parts[:i]), "is not a mapping")
+        value = _parse_value(text)
+        _refuse_resolvers(value, "--set", name)
+        node[parts[-1]] = value
     return cfg
 
 
@@ -159,11 +621,15 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not os.path.exists(path):
         raise ConfigError("config", f"file not found: {path}")
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+        conf = OmegaConf.load(path)
+        _refuse_resolvers(OmegaConf.to_container(conf, resolve=False), str(path))
+        data = OmegaConf.to_container(conf, resolve=True) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError("config", f"{path} is not valid YAML{where}") from None
+    except ConfigError:
+        raise
     except Exception as e:  # omegaconf interpolation / structure errors
         raise ConfigError("config", f"{path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -171,105 +637,109 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def resolve_schema(schema: Schema, user: dict, overrides: Iterable[str] = ()) -> tuple[dict, dict]:
+    """Merge ``user`` over the defaults of ``schema``, apply ``overrides``, validate every section.
+
+    Returns ``(cfg, typed)``: the plain nested dict and the typed section objects."""
+    cfg = _merge(schema, user)
+    cfg = _merge(schema, apply_overrides(cfg, overrides, schema))
+    return cfg, {name: parse(cls, cfg[name], name) for name, cls in schema.items()}
+
+
 def resolve(user: dict, overrides: Iterable[str] = ()) -> dict:
-    """Merge a user config over :data:`DEFAULTS`, apply overrides and validate generic fields."""
-    cfg = _merge(DEFAULTS, user, "")
-    cfg = apply_overrides(cfg, overrides)
-    cfg = _merge(DEFAULTS, cfg, "")  # re-validate keys that came from overrides
+    """The ``distill`` config: defaults, ``user``, ``overrides``, validated (:data:`DISTILL`)."""
+    cfg = _merge(DISTILL, user)
+    cfg = _merge(DISTILL, apply_overrides(cfg, overrides, DISTILL))
     gb = cfg["train"].pop("global_batch", None)
     if gb is not None:
-        if not isinstance(gb, int) or isinstance(gb, bool) or gb < 1:
-            raise ConfigError("train.global_batch", f"must be an integer >= 1, got {gb!r}")
+        check_value(gb, keys(TrainConfig)["global_batch"], "train.global_batch")
         ut = user.get("train") or {}
         if "global_batch" in ut and "batch_size" in ut and ut["batch_size"] != gb:  # both in one file
             raise ConfigError("train.global_batch", f"conflicts with train.batch_size ({ut['batch_size']}); "
                               "set one of them (they name the same global batch)")
         cfg["train"]["batch_size"] = gb
     cfg["train"]["global_batch"] = None
-    validate_common(cfg)
+    for name, cls in DISTILL.items():
+        parse(cls, cfg[name], name)
     return cfg
 
 
-def _positive_int(cfg, section, key, minimum=1):
-    v = cfg[section][key]
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{section}.{key}", f"must be an integer >= {minimum}, got {v!r}")
+def teacher_config(tcfg: dict | TeacherConfig, only: Iterable[str] | None = None) -> TeacherConfig:
+    """The typed teacher section a builder reads, with the values its kind needs (a dict, e.g. from a
+    library caller, is validated first)."""
+    t = tcfg if isinstance(tcfg, TeacherConfig) else parse(TeacherConfig, tcfg, "teacher", only)
+    t.require()
+    return t
 
 
-def _number(cfg, section, key, lo=None, allow_none=False):
-    v = cfg[section][key]
-    if v is None and allow_none:
-        return
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise ConfigError(f"{section}.{key}", f"must be a number, got {v!r}")
-    if lo is not None and v < lo:
-        raise ConfigError(f"{section}.{key}", f"must be >= {lo}, got {v!r}")
+# -- --resume ------------------------------------------------------------------------------------------------
+def resumable(schema: Schema) -> list[str]:
+    """The dotted keys ``--resume --set`` may change."""
+    return [f"{s}.{k.name}" for s, cls in schema.items() for k in keys(cls).values() if k.resume]
 
 
-def check_optimizers(train: dict, keys) -> None:
-    """``train.optimizer`` is one of OPTIMIZERS; the per-role keys after it may also be null."""
-    for i, k in enumerate(keys):
-        if not (train[k] in OPTIMIZERS or (i and train[k] is None)):
-            raise ConfigError(f"train.{k}", f"unknown value {train[k]!r}; accepted: {', '.join(OPTIMIZERS)}"
-                              + (", null" if i else ""))
+def check_resume_overrides(overrides: Iterable[str], saved: dict, steps_done: int, schema: Schema | None = None,
+                           steps_span_keys: tuple[str, ...] = ("lr_schedule",)) -> None:
+    """Refuse ``--resume --set`` overrides that would not mean what they say.
 
-
-def validate_common(cfg: dict) -> None:
-    t = cfg["train"]
-    for k in ("steps", "batch_size", "generator_every", "checkpoint_every", "keep_checkpoints",
-              "log_every", "nan_guard_max", "real_pool", "ode_pairs", "ode_steps"):
-        _positive_int(cfg, "train", k)
-    _positive_int(cfg, "train", "seed", minimum=0)
-    _positive_int(cfg, "train", "warmup_steps", minimum=0)
-    if t["lr_schedule"] not in LR_SCHEDULES:
-        raise ConfigError("train.lr_schedule",
-                          f"unknown value {t['lr_schedule']!r}; accepted: {', '.join(LR_SCHEDULES)}")
-    check_optimizers(t, ("optimizer", "fake_optimizer", "disc_optimizer"))
-    _number(cfg, "train", "lr_min_ratio", lo=0)
-    if t["lr_min_ratio"] > 1:
-        raise ConfigError("train.lr_min_ratio", f"must be in [0, 1], got {t['lr_min_ratio']!r}")
-    if not isinstance(t["deterministic"], bool):
-        raise ConfigError("train.deterministic", f"must be true or false, got {t['deterministic']!r}")
-    if not isinstance(t["teacher_offload"], bool):
-        raise ConfigError("train.teacher_offload", f"must be true or false, got {t['teacher_offload']!r}")
-    for k in ("lr",):
-        _number(cfg, "train", k, lo=0)
-    for k in ("fake_lr", "disc_lr"):
-        _number(cfg, "train", k, lo=0, allow_none=True)
-    _number(cfg, "train", "grad_clip", lo=0, allow_none=True)
-    _number(cfg, "train", "ema", lo=0)
-    if t["ema"] >= 1:
-        raise ConfigError("train.ema", f"must be in [0, 1), got {t['ema']!r}")
-    for k in ("betas", "fake_betas", "disc_betas"):
-        b = t[k]
-        if b is None and k != "betas":
-            continue
-        if (not isinstance(b, (list, tuple)) or len(b) != 2
-                or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)):
-            raise ConfigError(f"train.{k}", f"must be two numbers in [0, 1), got {b!r}")
-    if not isinstance(t["fsdp"], bool):
-        raise ConfigError("train.fsdp", f"must be true or false, got {t['fsdp']!r}")
-    _positive_int(cfg, "eval", "every")
-    _positive_int(cfg, "eval", "n_samples", minimum=16)
-    _positive_int(cfg, "eval", "teacher_steps")
-    for sec in ("generator", "fake_score"):
-        _positive_int(cfg, sec, "width")
-        _positive_int(cfg, sec, "depth")
-    if cfg["generator"]["kind"] not in ("mlp", "teacher", "multi", "lora"):
-        raise ConfigError("generator.kind",
-                          f"unknown value {cfg['generator']['kind']!r}; accepted: mlp, teacher, multi, lora")
-    _positive_int(cfg, "generator", "students")
-    if cfg["fake_score"]["kind"] not in ("mlp", "teacher", "full", "lora"):
-        raise ConfigError("fake_score.kind",
-                          f"unknown value {cfg['fake_score']['kind']!r}; accepted: mlp, teacher (= full), lora")
-    _number(cfg, "generator", "sigma_init", lo=0)
-    if not isinstance(cfg["objective"], dict) or "name" not in cfg["objective"]:
-        raise ConfigError("objective.name", "missing")
-    if t["device"] not in ("cpu", "cuda") and not str(t["device"]).startswith("cuda:"):
-        raise ConfigError("train.device", f"unknown value {t['device']!r}; accepted: cpu, cuda, cuda:N")
+    A checkpoint carries the weights, optimizer state and RNG of the run as configured, so only the
+    keys flagged ``resume`` (more ``train.steps``, evaluation, logging and checkpoint cadence, threads,
+    device, and where the same computation runs: fsdp, offload, deterministic kernels, compile) may
+    change; ``train.steps`` may not fall below the ``steps_done`` already trained, nor move while an
+    lr schedule spans ``train.steps``."""
+    schema = DISTILL if schema is None else schema
+    ok = resumable(schema)
+    for item in overrides or ():
+        name = item.split("=", 1)[0].strip()
+        if name not in ok:
+            raise ConfigError(name, f"cannot be changed on --resume (the checkpoint was trained with the saved "
+                              f"value); resumable: {', '.join(ok)}")
+        if name == "train.steps" and "=" in item:
+            v = _parse_value(item.split("=", 1)[1])
+            if is_int(v) and v < steps_done:
+                raise ConfigError(name, f"must be >= the {steps_done} steps already done, got {v}")
+            tr = saved.get("train") or {}
+            sched = next((tr.get(k) for k in steps_span_keys if tr.get(k) not in (None, "constant")), None)
+            if sched is not None and v != tr.get("steps"):
+                raise ConfigError(name, f"cannot change on --resume while train.lr_schedule is {sched!r} (the "
+                                  "decay spans train.steps); start a new run")
 
 
 def dump(cfg: dict, path: str | os.PathLike) -> None:
     from scoredistill.fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+
+
+# -- docs/recipes.md -----------------------------------------------------------------------------------------
+def _default_text(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (dict, list)):
+        return yaml.safe_dump(v, default_flow_style=True).strip()
+    return str(v)
+
+
+def markdown_table(schema: Schema, command: str, only: dict[str, Iterable[str]] | None = None) -> str:
+    """The key reference of one command's schema as Markdown (``scripts/gen_recipes_doc.py``)."""
+    lines = []
+    for name, cls in schema.items():
+        names = set(only[name]) if only and name in only else None
+        lines += [f"#### `{command}`: `{name}`", ""]
+        if cls.DOC:
+            lines += [cls.DOC, ""]
+        kinds_col = any(k.kinds for k in keys(cls).values())
+        head = "| key | default | accepted | resume |" + (" kinds |" if kinds_col else "") + " meaning |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for k in keys(cls).values():
+            if names is not None and k.name not in names:
+                continue
+            row = (f"| `{name}.{k.name}` | `{_default_text(k.default)}` | {accepted(k)} | "
+                   f"{'yes' if k.resume else ''} |")
+            if kinds_col:
+                row += f" {', '.join(k.kinds) if k.kinds else 'all'} |"
+            lines.append(row + f" {k.doc.replace('|', '&#124;')} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -110,3 +110,48 @@ def test_make_process_errors():
     with pytest.raises(ConfigError, match="teacher.process.bogus"):
         make_process({"kind": "edm", "bogus": 1})
     assert isinstance(make_process({"kind": "flow", "shift": 3}), RectifiedFlow)
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"kind": "edm", "sigma_max": float("inf")}, "teacher.process.sigma_max"),
+    ({"kind": "edm", "sigma_min": float("nan")}, "teacher.process.sigma_min"),
+    ({"kind": "edm", "sigma_min": 90.0}, "teacher.process.sigma_min"),
+    ({"kind": "edm", "rho": -7}, "teacher.process.rho_karras"),
+    ({"kind": "vp", "num_steps": 1}, "teacher.process.num_steps"),
+    ({"kind": "vp", "num_steps": 10.5}, "teacher.process.num_steps"),
+    ({"kind": "vp", "beta_start": 0.1, "beta_end": 0.01}, "teacher.process.beta_start"),
+    ({"kind": "flow", "shift": 0}, "teacher.process.shift"),
+    ({"kind": "vp_continuous", "eps": "small"}, "teacher.process.eps"),
+])
+def test_make_process_refuses_non_finite_and_inconsistent_values(spec, field):
+    with pytest.raises(ConfigError) as e:
+        make_process(spec)
+    assert e.value.field == field and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"kind": "uniform", "t_min": 0.9, "t_max": 0.1}, "objective.time.t_min"),
+    ({"kind": "uniform", "t_max": 1.5}, "objective.time.t_max"),
+    ({"kind": "uniform", "t_min": float("nan")}, "objective.time.t_min"),
+    ({"kind": "uniform", "discrete": 0}, "objective.time.discrete"),
+    ({"kind": "uniform", "per_batch": "yes"}, "objective.time.per_batch"),
+    ({"kind": "lognormal", "p_std": 0}, "objective.time.p_std"),
+    ({"kind": "logit_normal", "m": float("inf")}, "objective.time.m"),
+    ({"kind": "shifted", "t_min": 0.5, "t_max": 0.2}, "objective.time.t_min"),
+    ({"kind": "gaussian"}, "objective.time.kind"),
+    ("uniform", "objective.time"),
+])
+def test_make_time_sampler_refuses_bad_specs(spec, field):
+    from scoredistill.process.time import make_time_sampler
+
+    with pytest.raises(ConfigError) as e:
+        make_time_sampler(spec, "objective.time", Uniform())
+    assert e.value.field == field and "\n" not in str(e.value)
+
+
+def test_make_time_sampler_accepts_edges():
+    from scoredistill.process.time import make_time_sampler
+
+    s = make_time_sampler({"kind": "uniform", "t_min": 0, "t_max": 1, "discrete": 1000}, "objective.time", Uniform())
+    assert (s.t_min, s.t_max, s.discrete) == (0, 1, 1000)
+    assert make_time_sampler(None, "objective.time", Uniform(0.1, 0.2)) == Uniform(0.1, 0.2)

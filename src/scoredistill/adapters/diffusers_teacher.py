@@ -316,10 +316,6 @@ def _resolution(spec, default: int) -> tuple[int, int]:
 
 def build_diffusers_teacher(tcfg: dict) -> DiffusersDenoiser:
     """The teacher role for ``teacher.kind: diffusers`` (frozen, eval mode)."""
-    from scoredistill.errors import check_keys
-
-    set_keys = [k for k, v in tcfg.items() if v is not None and k != "process"]
-    check_keys({k: 1 for k in set_keys}, TEACHER_KEYS, "teacher")
     path = tcfg.get("path")
     if not path:
         raise ConfigError("teacher.path", "missing; give a diffusers pipeline folder (save_pretrained)")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 def cmd_optimize(args):
     from scoredistill.cli.runs import run_in_folder
-    from scoredistill.optimize.config import resolve
+    from scoredistill.optimize.config import OPTIMIZE, resolve
     from scoredistill.optimize.driver import PriorOptimizer
 
-    return run_in_folder(args, command="optimize", resolve=resolve, build=PriorOptimizer)
+    return run_in_folder(args, command="optimize", resolve=resolve, build=PriorOptimizer, schema=OPTIMIZE)
 
 
 def add_optimize_parser(sub):

@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 
-from scoredistill.config import load_yaml
+from scoredistill.config import check_resume_overrides, load_yaml
 from scoredistill.engine.rundir import RunLock, check_new, clear_own, has_checkpoint
 from scoredistill.errors import CheckpointError, ConfigError
 
@@ -34,21 +34,29 @@ def load_saved_config(run_dir: str, field: str = "--resume") -> dict:
     return load_yaml(path)
 
 
-def run_in_folder(args, *, command: str, resolve: Callable, build: Callable, check_resume=None) -> dict | None:
+def steps_done(run_dir: str) -> int:
+    """The step of the newest checkpoint of ``run_dir`` (0 without one): what ``--resume`` continues."""
+    from scoredistill.engine.io import list_checkpoints
+
+    steps = [int(name.rsplit("_", 1)[1]) for name in map(os.path.basename, list_checkpoints(run_dir))
+             if name.rsplit("_", 1)[-1].isdigit()]
+    return max(steps, default=0)
+
+
+def run_in_folder(args, *, command: str, resolve: Callable, build: Callable, schema=None) -> dict | None:
     """``scoredistill COMMAND CONFIG --out RUN_DIR [--force]`` or ``--resume RUN_DIR`` with ``--set`` overrides.
 
     ``resolve(user, overrides) -> cfg``; ``build(cfg, run_dir) -> driver`` (a :class:`~scoredistill.engine.loop.Loop`,
-    constructed without writing anything); ``check_resume(saved, cfg, overrides, run_dir)`` may refuse resume
-    overrides."""
+    constructed without writing anything); ``schema`` says which keys ``--resume --set`` may change
+    (:func:`~scoredistill.config.check_resume_overrides`)."""
     resume = bool(args.resume)
     if resume:
         if args.config or args.out:
             raise ConfigError("--resume", "takes the run folder alone: CONFIG and --out come from the run itself")
         run_dir = args.resume
         saved = load_saved_config(run_dir)
+        check_resume_overrides(args.set, saved, steps_done(run_dir), schema)
         cfg = resolve(saved, args.set)
-        if check_resume is not None:
-            check_resume(saved, cfg, args.set, run_dir)
     else:
         if not args.config or not args.out:
             raise ConfigError(command, "needs CONFIG.yaml --out RUN_DIR, or --resume RUN_DIR")

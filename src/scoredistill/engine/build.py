@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import numpy as np
 import torch
 
-from scoredistill.errors import ConfigError, check_keys
+from scoredistill.config import TeacherConfig, teacher_config
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.models.generators import DenoiserGenerator, DiscriminatorHead
 from scoredistill.models.mlp import MLPBackbone, MLPDenoiser, MLPGenerator
@@ -17,28 +19,21 @@ from scoredistill.models.unet import UNetBackbone, UNetDenoiser
 from scoredistill.process.processes import make_process
 from scoredistill.teachers.gmm import GMMTeacher, build_gmm
 
-GMM_KEYS = ("kind", "preset", "means", "std", "stds", "weights", "classes", "dim", "process", "guidance_convention")
-LEARNED_KEYS = ("kind", "path", "process", "guidance_convention")
-BUNDLED_KEYS = ("kind", "name", "process", "guidance_convention")
 
+def build_teacher(tcfg: dict | TeacherConfig) -> tuple[Denoiser, GMMTeacher | None]:
+    """Return ``(teacher, reference)``; ``reference`` is the GMM the metrics compare against.
 
-def build_teacher(tcfg: dict) -> tuple[Denoiser, GMMTeacher | None]:
-    """Return ``(teacher, reference)``; ``reference`` is the GMM the metrics compare against."""
-    kind = tcfg.get("kind")
-    set_keys = [k for k, v in tcfg.items() if v is not None and k != "process"]
-    if kind == "gmm":
-        check_keys({k: 1 for k in set_keys}, GMM_KEYS, "teacher")
-        g = build_gmm(tcfg, make_process(tcfg.get("process")))
+    ``tcfg`` is the typed teacher section or its dict (then validated by the schema; each kind's keys
+    are :class:`~scoredistill.config.TeacherConfig`'s)."""
+    t = teacher_config(tcfg)
+    if t.kind == "gmm":
+        g = build_gmm(t, make_process(t.process))
         return g, g
-    if kind == "learned":
-        check_keys({k: 1 for k in set_keys}, LEARNED_KEYS, "teacher")
-        path = tcfg.get("path")
-        if not path:
-            raise ConfigError("teacher.path", "missing; give the folder written by `scoredistill train-teacher`")
-        if not os.path.isdir(path):
-            raise ConfigError("teacher.path", f"folder not found: {path}")
+    if t.kind == "learned":
+        if not os.path.isdir(t.path):
+            raise ConfigError("teacher.path", f"folder not found: {t.path}")
         try:
-            model, cfg = load_model(path)
+            model, cfg = load_model(t.path)
         except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
             raise ConfigError("teacher.path", f"not a teacher folder ({e})") from None
         model.requires_grad_(False).eval()
@@ -52,18 +47,15 @@ def build_teacher(tcfg: dict) -> tuple[Denoiser, GMMTeacher | None]:
 
             attach_evaluator(model, cfg["dataset"], field="teacher.path")
         return model, ref
-    if kind == "bundled":  # teachers shipped in the package (teachers/bundled.py): name digits | mnist
-        from scoredistill.teachers.bundled import BUNDLED, load_bundled
+    if t.kind == "bundled":  # teachers shipped in the package (teachers/bundled.py): name digits | mnist
+        from scoredistill.teachers.bundled import load_bundled
 
-        check_keys({k: 1 for k in set_keys}, BUNDLED_KEYS, "teacher")
-        if not tcfg.get("name"):
-            raise ConfigError("teacher.name", f"missing; accepted: {', '.join(BUNDLED)}")
-        return load_bundled(tcfg["name"])[0], None
-    if kind == "diffusers":  # a diffusers pipeline folder (scoredistill.adapters, docs/diffusers.md)
-        from scoredistill.adapters.diffusers_teacher import build_diffusers_teacher
+        return load_bundled(t.name)[0], None
+    # a diffusers pipeline folder (scoredistill.adapters, docs/diffusers.md); the adapter records the
+    # scheduler's process in the dict it is given (the run's config.yaml)
+    from scoredistill.adapters.diffusers_teacher import build_diffusers_teacher
 
-        return build_diffusers_teacher(tcfg), None
-    raise ConfigError("teacher.kind", f"unknown value {kind!r}; accepted: gmm, learned, bundled, diffusers")
+    return build_diffusers_teacher(tcfg if isinstance(tcfg, dict) else dataclasses.asdict(t)), None
 
 
 def build_evaluator(teacher: Denoiser, reference, seed: int = 0, eval_cfg: dict | None = None):

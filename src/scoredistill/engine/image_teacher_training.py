@@ -20,11 +20,27 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from scoredistill.config import (
+    INT64_MAX,
+    MAX_SIZE,
+    MAX_WIDTH,
+    Section,
+    device_key,
+    every_key,
+    key,
+    process_check,
+    resolve_schema,
+    seed_key,
+    steps_key,
+    threads_key,
+)
 from scoredistill.data import DATASETS, load_split
-from scoredistill.errors import ConfigError, check_keys
+from scoredistill.errors import ConfigError
 from scoredistill.models.generators import EMA
 from scoredistill.models.registry import save_model
 from scoredistill.models.unet import UNetDenoiser
@@ -32,14 +48,46 @@ from scoredistill.objectives.common import denoising_loss, drop_condition
 from scoredistill.process.processes import make_process
 from scoredistill.process.time import LogNormal
 
-DEFAULTS = {
-    "teacher": {"kind": "image", "dataset": "digits", "process": {"kind": "edm"}},
-    "network": {"channels": [32, 64], "emb_dim": 128, "dropout": 0.0, "sigma_data": None},
-    "train": {"steps": 5000, "batch_size": 128, "lr": 2e-3, "lr_schedule": "constant", "seed": 0,
-              "ema": 0.999, "cond_drop": 0.1, "grad_clip": 1.0, "p_mean": -1.2, "p_std": 1.2,
-              "threads": None, "log_every": 250, "snapshot_every": None, "sample_every": None,
-              "device": "cpu"},
-}
+
+@dataclass
+class ImageTeacherConfig(Section):
+    DOC: ClassVar[str] = "The bundled dataset the image teacher is fitted to."
+    kind: str = key("image", "image (dispatches `train-teacher` to the image trainer)", choices=("image",))
+    dataset: str = key("digits", "bundled dataset (scoredistill.data)", choices=tuple(DATASETS))
+    process: dict = key({"kind": "edm"}, "forward process (docs/processes.md)", check=process_check,
+                        accepts="a process mapping (below)")
+
+
+@dataclass
+class UNetConfig(Section):
+    DOC: ClassVar[str] = "The class-conditional EDM-preconditioned UNet."
+    channels: list[int] = key([32, 64], "channels per resolution level", lo=1, hi=MAX_WIDTH)
+    emb_dim: int = key(128, "time / class embedding width", lo=1, hi=MAX_WIDTH)
+    dropout: float = key(0.0, "dropout in the residual blocks", lo=0, hi=1, hi_open=True)
+    sigma_data: float | None = key(None, "EDM preconditioning scale (default: the dataset's std)", lo=0, lo_open=True)
+
+
+@dataclass
+class ImageTrainConfig(Section):
+    DOC: ClassVar[str] = "Denoising score matching on the dataset's training split."
+    steps: int = steps_key(5000, resume=False)
+    batch_size: int = key(128, "images per step", lo=1, hi=MAX_SIZE)
+    lr: float = key(2e-3, "Adam learning rate", lo=0)
+    lr_schedule: str = key("constant", "constant | cosine (to 5 % of lr)", choices=("constant", "cosine"))
+    seed: int = seed_key()
+    ema: float = key(0.999, "EMA decay of the saved weights", lo=0, hi=1, hi_open=True)
+    cond_drop: float = key(0.1, "share of labels replaced by the null class (for CFG)", lo=0, hi=1)
+    grad_clip: float | None = key(1.0, "gradient-norm clip (null or 0: off)", lo=0)
+    p_mean: float = key(-1.2, "log-normal noise levels: mean of ln sigma")
+    p_std: float = key(1.2, "log-normal noise levels: std of ln sigma", lo=0, lo_open=True)
+    threads: int | None = threads_key(resume=False)
+    log_every: int = every_key(250, "steps between loss lines", resume=False)
+    snapshot_every: int | None = key(None, "steps between EMA snapshots (DIR.snapshots/step_N)", lo=1, hi=INT64_MAX)
+    sample_every: int | None = key(None, "steps between sample grids (DIR.samples/)", lo=1, hi=INT64_MAX)
+    device: str = device_key(resume=False)
+
+
+IMAGE_TEACHER = {"teacher": ImageTeacherConfig, "network": UNetConfig, "train": ImageTrainConfig}
 GRID_PER_CLASS = 10  # sample grids: 10 samples of each class (one row per class), 35-NFE Heun
 
 
@@ -81,28 +129,7 @@ def write_sample_grid(model: UNetDenoiser, path: str, title: str, seed: int = 0)
 
 
 def resolve_image_recipe(user: dict, overrides=()) -> dict:
-    check_keys(user, DEFAULTS, "")
-    cfg = {}
-    for sec, base in DEFAULTS.items():
-        got = dict(user.get(sec) or {})
-        check_keys(got, base, sec)
-        cfg[sec] = {**base, **got}
-    if overrides:
-        for o in overrides:
-            key = o.split("=", 1)[0]
-            parts = key.split(".")
-            if len(parts) != 2 or parts[0] not in DEFAULTS or parts[1] not in DEFAULTS[parts[0]]:
-                raise ConfigError(key, "unknown key for an image teacher recipe")
-        from scoredistill.config import _parse_value
-
-        for o in overrides:
-            key, text = o.split("=", 1)
-            sec, k = key.split(".")
-            cfg[sec][k] = _parse_value(text)
-    if cfg["train"]["lr_schedule"] not in ("constant", "cosine"):
-        raise ConfigError("train.lr_schedule", f"unknown value {cfg['train']['lr_schedule']!r}; "
-                          "accepted: constant, cosine")
-    return cfg
+    return resolve_schema(IMAGE_TEACHER, user, overrides)[0]
 
 
 def train_image_teacher(user: dict, out: str, overrides=(), log=print, recipe: str | None = None) -> dict:
@@ -110,9 +137,6 @@ def train_image_teacher(user: dict, out: str, overrides=(), log=print, recipe: s
     the overrides in ``config.json`` so the exact command can be rebuilt (``scripts/ship_teacher.py``)."""
     cfg = resolve_image_recipe(user, overrides)
     tcfg, net, tr = cfg["teacher"], cfg["network"], cfg["train"]
-    for key in ("snapshot_every", "sample_every"):
-        if tr[key] is not None and (not isinstance(tr[key], int) or tr[key] < 1):
-            raise ConfigError(f"train.{key}", f"must be a positive integer or null, got {tr[key]!r}")
     device = resolve_device(tr["device"])
     if tr["threads"]:
         torch.set_num_threads(int(tr["threads"]))

@@ -7,10 +7,26 @@ apply. Loss: EDM denoising score matching (arXiv 2206.00364 §5) with log-normal
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from scoredistill.config import load_yaml
+from scoredistill.config import (
+    MAX_SIZE,
+    Section,
+    TeacherConfig,
+    apply_overrides,
+    depth_key,
+    every_key,
+    key,
+    load_yaml,
+    parse,
+    resolve_schema,
+    seed_key,
+    steps_key,
+    width_key,
+)
 from scoredistill.errors import ConfigError, check_keys
 from scoredistill.models.generators import EMA
 from scoredistill.models.mlp import MLPDenoiser
@@ -20,31 +36,56 @@ from scoredistill.process.processes import make_process
 from scoredistill.process.time import LogNormal
 from scoredistill.teachers.gmm import build_gmm
 
-DEFAULTS = {"network": {"width": 256, "depth": 4},
-            "train": {"steps": 3000, "batch_size": 512, "lr": 2e-3, "seed": 0, "ema": 0.995, "log_every": 500}}
+
+@dataclass
+class NetworkConfig(Section):
+    DOC: ClassVar[str] = "The EDM-preconditioned MLP fitted to the mixture."
+    width: int = width_key()
+    depth: int = depth_key()
+
+
+@dataclass
+class FitTrainConfig(Section):
+    DOC: ClassVar[str] = "Denoising score matching on exact mixture samples (cosine lr decay)."
+    steps: int = steps_key(3000, resume=False)
+    batch_size: int = key(512, "mixture samples per step", lo=1, hi=MAX_SIZE)
+    lr: float = key(2e-3, "Adam learning rate", lo=0)
+    seed: int = seed_key()
+    ema: float = key(0.995, "EMA decay of the saved weights", lo=0, hi=1, hi_open=True)
+    log_every: int = every_key(500, "steps between loss lines", resume=False)
+
+
+# the teacher keys a fitted mixture reads (teacher.kind gmm of `distill`, without guidance_convention)
+FIT_TEACHER_KEYS = ("kind", "preset", "means", "std", "stds", "weights", "classes", "dim", "process")
+TRAIN_TEACHER = {"teacher": TeacherConfig, "network": NetworkConfig, "train": FitTrainConfig}
+
+
+def resolve_gmm_recipe(user: dict, overrides=()) -> tuple[TeacherConfig, dict, dict]:
+    """``(teacher, network, train)`` of a GMM train-teacher recipe, validated."""
+    check_keys(user, TRAIN_TEACHER, "")
+    overrides = list(overrides or ())
+    tover = [o for o in overrides if o.split("=", 1)[0].startswith("teacher.")]
+    rest = {k: v for k, v in user.items() if k != "teacher"}
+    cfg, _ = resolve_schema({"network": NetworkConfig, "train": FitTrainConfig}, rest,
+                            [o for o in overrides if o not in tover])
+    tuser = user.get("teacher") or {}
+    if not isinstance(tuser, dict):
+        raise ConfigError("teacher", "must be a mapping")
+    tuser = apply_overrides({"teacher": dict(tuser)}, tover, {"teacher": TeacherConfig})["teacher"]
+    if tuser.get("kind", "gmm") != "gmm":
+        raise ConfigError("teacher.kind", f"unknown value {tuser['kind']!r}; train-teacher fits a GMM or an image "
+                          "dataset; accepted: gmm, image")
+    return parse(TeacherConfig, tuser, "teacher", only=FIT_TEACHER_KEYS), cfg["network"], cfg["train"]
 
 
 def train_teacher(path: str, out: str, overrides=(), log=print) -> dict:
-    from scoredistill.config import apply_overrides
-
     user = load_yaml(path)
     if (user.get("teacher") or {}).get("kind") == "image":
         from scoredistill.engine.image_teacher_training import train_image_teacher
 
         return train_image_teacher(user, out, overrides, log=log, recipe=path)
-    check_keys(user, ("teacher", "network", "train"), "")
-    tcfg = dict(user.get("teacher") or {})
-    if tcfg.pop("kind", "gmm") != "gmm":
-        raise ConfigError("teacher.kind", "train-teacher fits a GMM or an image dataset; accepted: gmm, image")
-    net = {**DEFAULTS["network"], **(user.get("network") or {})}
-    tr = {**DEFAULTS["train"], **(user.get("train") or {})}
-    check_keys(net, DEFAULTS["network"], "network")
-    check_keys(tr, DEFAULTS["train"], "train")
-    cfg = {"network": net, "train": tr}
-    cfg = apply_overrides(cfg, [o for o in overrides if not o.startswith("teacher.")]) if overrides else cfg
-    net, tr = cfg["network"], cfg["train"]
-    process = make_process(tcfg.pop("process", None))
-    check_keys(tcfg, ("preset", "means", "std", "stds", "weights", "classes", "dim"), "teacher")
+    tcfg, net, tr = resolve_gmm_recipe(user, overrides)
+    process = make_process(tcfg.process)
     gmm = build_gmm(tcfg, process)
     torch.manual_seed(tr["seed"])
     g = torch.Generator().manual_seed(tr["seed"])

@@ -21,6 +21,7 @@ against this contract by tests/objectives/test_contract.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -199,8 +200,8 @@ def build_objective(cfg: dict, guidance_convention: str = "canonical") -> Object
         if isinstance(default, bool) and not isinstance(v, bool):
             raise ConfigError(f"objective.{k}", f"must be true or false, got {v!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ConfigError(f"objective.{k}", f"must be a number, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(f"objective.{k}", f"must be a finite number, got {v!r}")
     cfg = {k: canonical_param(k, v, guidance_convention) for k, v in cfg.items()}
     params = cls.Params(**cfg)
     if hasattr(params, "validate"):

@@ -1,193 +1,149 @@
 """Config schema of ``scoredistill optimize``: the teacher section of ``distill`` plus the
-parameterization, an optional fake score, the objective and the optimizer settings.
+parameterization, an optional fake score, the objective and the optimizer settings, declared with the
+one schema mechanism of :mod:`scoredistill.config`.
 
 Objective scalars, ``objective.time.t_min/t_max`` and ``train.lr`` / ``train.fake_lr`` may be schedules
-(:mod:`scoredistill.optimize.schedule`). Every problem is a :class:`~scoredistill.config.ConfigError`.
+(:mod:`scoredistill.optimize.schedule`). Every problem is a :class:`~scoredistill.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from scoredistill.config import DEFAULTS as DISTILL_DEFAULTS
-from scoredistill.config import _parse_value, check_optimizers
+from scoredistill.config import (
+    INT64_MAX,
+    MAX_SIZE,
+    ObjectiveConfig,
+    Schema,
+    Section,
+    TeacherConfig,
+    betas_key,
+    defaults,
+    depth_key,
+    device_key,
+    every_key,
+    is_int,
+    is_number,
+    key,
+    optimizer_key,
+    resolve_schema,
+    seed_key,
+    steps_key,
+    threads_key,
+    width_key,
+)
 from scoredistill.errors import ConfigError
 from scoredistill.optimize.schedule import parse_schedule
 
-DEFAULTS: dict[str, Any] = {
-    "teacher": copy.deepcopy(DISTILL_DEFAULTS["teacher"]),
-    "params": {
-        "kind": "particles",      # particles | image | callable | latent
-        "n": 512,                 # particles: how many; image: how many images
-        "shape": None,            # default: the teacher's data shape
-        "init_mean": 0.0,
-        "init_std": 1.0,
-        "init": None,             # PATH.npy of initial values (particles / image); callable: init hook
-        "classes": None,          # null | k (every item targets class k) | uniform (round-robin over classes)
-        "views": None,            # null | index (item index) | V (index mod V, or the hook's view ids < V)
-        "batch_size": None,       # particles per step (null: all)
-        "repeat": 1,              # image: renders (noise draws) per step
-        "activation": "none",     # image: none | sigmoid | tanh
-        "render": None,           # callable: 'package.module:function'
-        "num_views": 8,           # callable: number of views to render from
-        "hook_args": {},          # callable: keyword arguments for the init and render hooks
-        "vae": None,              # latent: AutoencoderKL folder (optimize/latent.py)
-        "decode": True,           # latent: teacher sees the decoded image (true) or the latent (false)
-    },
-    "fake_score": {
-        "kind": "mlp",
-        "width": 256, "depth": 4,
-        "sigma_data": None,       # default: the teacher's data std
-    },
-    "objective": {"name": "sds"},
-    "train": {
-        "steps": 1000,
-        "seed": 0,
-        "lr": 1e-2,               # particle / parameter learning rate (schedulable)
-        "betas": [0.9, 0.99],
-        "eps": 1e-15,             # threestudio's Adam eps
-        "weight_decay": 0.0,
-        "optimizer": "adam",      # adam | adamw | radam (engine/optim.py)
-        "fake_optimizer": None,   # null: as optimizer
-        "fake_lr": 1e-3,          # schedulable
-        "fake_betas": [0.9, 0.999],
-        "fake_steps": 1,          # fake-score updates per parameter update (ProlificDreamer K = 1)
-        "fake_warmup": 0,         # fake-score updates on the initial samples before the first step
-        "grad_clip": None,        # clip the parameters' gradient norm (null: off)
-        "nan_guard_max": 20,
-        "checkpoint_every": 500,
-        "keep_checkpoints": 2,
-        "log_every": 50,
-        "device": "cpu",
-        "threads": None,
-        "progress": True,
-    },
-    "eval": {"every": 250, "plots": True},
-}
 
+def schedulable(lo: float):
+    """A number ``>= lo`` or a schedule (:func:`~scoredistill.optimize.schedule.parse_schedule`) of such."""
+    def check(v, f):
+        s = parse_schedule(v, f)
+        vals = (s.start, s.end) if s is not None else (v,)
+        if not all(is_number(x) and x >= lo for x in vals):
+            raise ConfigError(f, f"must be a number >= {lo:g} or a schedule [start_step, start, end, end_step], "
+                              f"got {v!r}")
+    return check
+
+
+def _classes_check(v, f):
+    if v != "uniform" and not (is_int(v) and v >= 0):
+        raise ConfigError(f, f"must be null, uniform or a class label >= 0, got {v!r}")
+
+
+def _views_check(v, f):
+    if v != "index" and not (is_int(v) and v >= 1):
+        raise ConfigError(f, f"must be null, index or an integer >= 1, got {v!r}")
+
+
+@dataclass
+class ParamsConfig(Section):
+    DOC: ClassVar[str] = "What is optimized: particles, an image tensor, a user renderer's parameters or latents."
+    kind: str = key("particles", "particles | image | callable (user renderer) | latent (VAE latents)",
+                    choices=("particles", "image", "callable", "latent"))
+    n: int = key(512, "particles: how many; image: how many images", lo=1, hi=MAX_SIZE)
+    shape: list[int] | None = key(None, "shape of one item (default: the teacher's data shape)", lo=1, hi=MAX_SIZE)
+    init_mean: float = key(0.0, "mean of the initial values")
+    init_std: float = key(1.0, "standard deviation of the initial values", lo=0)
+    init: str | None = key(None, "PATH.npy of initial values (particles / image); callable: init hook")
+    classes: int | str | None = key(None, "null | k (every item targets class k) | uniform (round-robin over classes)",
+                       check=_classes_check, accepts="null, uniform or an integer >= 0")
+    views: int | str | None = key(None, "null | index (item index) | V (index mod V, or the hook's view ids < V)",
+                     check=_views_check, accepts="null, index or an integer >= 1")
+    batch_size: int | None = key(None, "items per step (null: all)", lo=1, hi=MAX_SIZE)
+    repeat: int = key(1, "image: renders (noise draws) per step", lo=1, hi=MAX_SIZE)
+    activation: str = key("none", "image: output activation", choices=("none", "sigmoid", "tanh"))
+    render: str | None = key(None, "callable: 'package.module:function'")
+    num_views: int = key(8, "callable: number of views to render from", lo=1, hi=MAX_SIZE)
+    hook_args: dict = key({}, "callable: keyword arguments for the init and render hooks")
+    vae: str | None = key(None, "latent: AutoencoderKL folder")
+    decode: bool = key(True, "latent: the teacher sees the decoded image (true) or the latent (false)")
+
+    def validate(self, path):
+        if self.kind == "callable" and not self.render:
+            raise ConfigError(f"{path}.render", "missing; give 'package.module:function' for params.kind: callable")
+
+
+@dataclass
+class OptimizeFakeConfig(Section):
+    DOC: ClassVar[str] = "The learned score of the current samples (VSD-type objectives)."
+    kind: str = key("mlp", "mlp", choices=("mlp",))
+    width: int = width_key()
+    depth: int = depth_key()
+    sigma_data: float | None = key(None, "EDM preconditioning scale (default: the teacher's data std)",
+                                   lo=0, lo_open=True)
+
+
+@dataclass
+class OptimizeObjectiveConfig(ObjectiveConfig):
+    name: str = key("sds", "registered objective name")
+
+
+@dataclass
+class OptimizeTrainConfig(Section):
+    DOC: ClassVar[str] = "Optimization, cadences and resources of `optimize`."
+    steps: int = steps_key(1000, "parameter updates (resume: may grow, never below the steps done)")
+    seed: int = seed_key()
+    lr: Any = key(1e-2, "particle / parameter learning rate (schedulable)", check=schedulable(0),
+                  accepts="a number >= 0 or a schedule")
+    betas: list[float] = betas_key([0.9, 0.99], "Adam betas of the parameters")
+    eps: float = key(1e-15, "Adam eps (threestudio's)", lo=0)
+    weight_decay: float = key(0.0, "weight decay of the parameters", lo=0)
+    optimizer: str = optimizer_key("adam", "parameter optimizer")
+    fake_optimizer: str | None = optimizer_key(None, "fake-score optimizer (default: optimizer)")
+    disc_optimizer: str | None = optimizer_key(None, "discriminator optimizer (default: fake_optimizer)")
+    fake_lr: Any = key(1e-3, "fake-score learning rate (schedulable)", check=schedulable(0),
+                       accepts="a number >= 0 or a schedule")
+    fake_betas: list[float] = betas_key([0.9, 0.999], "Adam betas of the fake score")
+    fake_steps: int = key(1, "fake-score updates per parameter update (ProlificDreamer K = 1)", lo=1, hi=10000)
+    fake_warmup: int = key(0, "fake-score updates on the initial samples before the first step", lo=0,
+                           hi=INT64_MAX)
+    grad_clip: float | None = key(None, "clip the parameters' gradient norm (null: off)", lo=0)
+    nan_guard_max: int = key(20, "abort after this many consecutive non-finite steps", lo=1, hi=INT64_MAX)
+    checkpoint_every: int = every_key(500, "updates between checkpoints")
+    keep_checkpoints: int = every_key(2, "newest checkpoints kept")
+    log_every: int = every_key(50, "updates between progress lines")
+    device: str = device_key()
+    threads: int | None = threads_key()
+    progress: bool = key(True, "progress bar on stderr", resume=True)
+
+
+@dataclass
+class OptimizeEvalConfig(Section):
+    DOC: ClassVar[str] = "Evaluation cadence (resumable)."
+    every: int = every_key(250, "updates between evaluations")
+    plots: bool = key(True, "write sample plots", resume=True)
+
+
+OPTIMIZE: Schema = {"teacher": TeacherConfig, "params": ParamsConfig, "fake_score": OptimizeFakeConfig,
+                    "objective": OptimizeObjectiveConfig, "train": OptimizeTrainConfig, "eval": OptimizeEvalConfig}
+DEFAULTS: dict[str, Any] = {name: defaults(cls) for name, cls in OPTIMIZE.items()}
 SECTIONS = tuple(DEFAULTS)
-FREE = ("objective", "teacher.process", "params.hook_args")   # validated elsewhere
-
-
-def _free(path: str) -> bool:
-    return any(path == f or path.startswith(f + ".") for f in FREE)
-
-
-def _merge(base: dict, new: dict, path: str) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in new.items():
-        field = f"{path}.{k}" if path else k
-        if not path and k not in DEFAULTS:
-            raise ConfigError(k, f"unknown section; accepted: {', '.join(SECTIONS)}")
-        if _free(field):
-            out[k] = copy.deepcopy(v)
-            continue
-        if path and k not in base:
-            raise ConfigError(field, f"unknown key; accepted: {', '.join(sorted(base))}")
-        if isinstance(base.get(k), dict):
-            if not isinstance(v, dict):
-                raise ConfigError(field, "must be a mapping")
-            out[k] = _merge(base[k], v, field)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
-    cfg = copy.deepcopy(cfg)
-    for item in overrides or ():
-        if "=" not in item:
-            raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] not in DEFAULTS:
-            raise ConfigError(key, f"unknown section; accepted: {', '.join(SECTIONS)}")
-        node = cfg
-        for i, p in enumerate(parts[:-1]):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(".".join(parts[: i + 1]), "is not a mapping")
-        node[parts[-1]] = _parse_value(text)
-    return cfg
-
-
-def _int(cfg, sec, key, lo=1, allow_none=False):
-    v = cfg[sec][key]
-    if v is None and allow_none:
-        return
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ConfigError(f"{sec}.{key}", f"must be an integer >= {lo}, got {v!r}")
-
-
-def _number(cfg, sec, key, lo=None, allow_none=False, schedulable=False):
-    v = cfg[sec][key]
-    if v is None and allow_none:
-        return
-    if schedulable and parse_schedule(v, f"{sec}.{key}") is not None:
-        return
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise ConfigError(f"{sec}.{key}", f"must be a number, got {v!r}")
-    if lo is not None and v < lo:
-        raise ConfigError(f"{sec}.{key}", f"must be >= {lo}, got {v!r}")
-
-
-def validate(cfg: dict) -> None:
-    p, t = cfg["params"], cfg["train"]
-    kinds = ("particles", "image", "callable", "latent")
-    if p["kind"] not in kinds:
-        raise ConfigError("params.kind", f"unknown value {p['kind']!r}; accepted: {', '.join(kinds)}")
-    _int(cfg, "params", "n")
-    _int(cfg, "params", "batch_size", allow_none=True)
-    _int(cfg, "params", "repeat")
-    _int(cfg, "params", "num_views")
-    _number(cfg, "params", "init_mean")
-    _number(cfg, "params", "init_std", lo=0)
-    sh = p["shape"]
-    if sh is not None and (not isinstance(sh, (list, tuple)) or not sh
-                           or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sh)):
-        raise ConfigError("params.shape", f"must be a list of positive integers, got {sh!r}")
-    c = p["classes"]
-    if c is not None and c != "uniform" and (not isinstance(c, int) or isinstance(c, bool) or c < 0):
-        raise ConfigError("params.classes", f"must be null, uniform or a class label >= 0, got {c!r}")
-    v = p["views"]
-    if v is not None and v != "index" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-        raise ConfigError("params.views", f"must be null, index or an integer >= 1, got {v!r}")
-    if not isinstance(p["hook_args"], dict):
-        raise ConfigError("params.hook_args", "must be a mapping")
-    if p["kind"] == "callable" and not p["render"]:
-        raise ConfigError("params.render",
-                          "missing; give 'package.module:function' for params.kind: callable")
-    for k in ("steps", "fake_steps", "checkpoint_every", "keep_checkpoints", "log_every", "nan_guard_max"):
-        _int(cfg, "train", k)
-    _int(cfg, "train", "seed", lo=0)
-    _int(cfg, "train", "fake_warmup", lo=0)
-    _number(cfg, "train", "lr", lo=0, schedulable=True)
-    _number(cfg, "train", "fake_lr", lo=0, schedulable=True)
-    _number(cfg, "train", "eps", lo=0)
-    _number(cfg, "train", "weight_decay", lo=0)
-    check_optimizers(t, ("optimizer", "fake_optimizer"))
-    _number(cfg, "train", "grad_clip", lo=0, allow_none=True)
-    for k in ("betas", "fake_betas"):
-        b = t[k]
-        if (not isinstance(b, (list, tuple)) or len(b) != 2
-                or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)):
-            raise ConfigError(f"train.{k}", f"must be two numbers in [0, 1), got {b!r}")
-    if t["device"] not in ("cpu", "cuda") and not str(t["device"]).startswith("cuda:"):
-        raise ConfigError("train.device", f"unknown value {t['device']!r}; accepted: cpu, cuda, cuda:N")
-    _int(cfg, "eval", "every")
-    _int(cfg, "fake_score", "width")
-    _int(cfg, "fake_score", "depth")
-    if cfg["fake_score"]["kind"] != "mlp":
-        raise ConfigError("fake_score.kind", f"unknown value {cfg['fake_score']['kind']!r}; accepted: mlp")
-    if not isinstance(cfg["objective"], dict) or "name" not in cfg["objective"]:
-        raise ConfigError("objective.name", "missing")
 
 
 def resolve(user: dict, overrides: Iterable[str] = ()) -> dict:
-    cfg = _merge(DEFAULTS, user, "")
-    cfg = apply_overrides(cfg, overrides)
-    cfg = _merge(DEFAULTS, cfg, "")
-    validate(cfg)
-    return cfg
+    """The ``optimize`` config: defaults, ``user``, ``overrides``, validated (:data:`OPTIMIZE`)."""
+    return resolve_schema(OPTIMIZE, user, overrides)[0]

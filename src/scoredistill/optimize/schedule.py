@@ -44,7 +44,7 @@ class Schedule:
 
 
 def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def parse_schedule(value, field: str) -> Schedule | None:

@@ -307,9 +307,39 @@ class RectifiedFlow(Process):
 PROCESS_KINDS = {"vp": VPDiscrete, "vp_continuous": VPContinuous, "edm": EDM, "flow": RectifiedFlow}
 
 
+def check_fields(cls, cfg: dict, field: str, positive: tuple[str, ...] = ()) -> None:
+    """Every key of ``cfg`` a field of the dataclass ``cls`` and of its type: booleans, integers, and
+    finite numbers (NaN / inf refused), those named in ``positive`` > 0. One ConfigError naming the key.
+    (The process layer sits below the config schema, so its specs check themselves.)"""
+    import dataclasses
+
+    from scoredistill.errors import ConfigError, check_keys
+
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
+    check_keys(cfg, fields, field)
+    for k, v in cfg.items():
+        f = fields[k]
+        default, kind = f.default, str(f.type)
+        if v is None and "None" in kind:
+            continue
+        is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(default, bool):
+            ok, what = isinstance(v, bool), "true or false"
+        elif isinstance(default, str):
+            ok, what = isinstance(v, str), "a string"
+        elif kind.startswith("int"):
+            ok, what = is_num and isinstance(v, int) and (k not in positive or v > 0), "an integer" + (
+                " > 0" if k in positive else "")
+        else:
+            ok = is_num and math.isfinite(v) and (k not in positive or v > 0)
+            what = "a finite number" + (" > 0" if k in positive else "")
+        if not ok:
+            raise ConfigError(f"{field}.{k}", f"must be {what}, got {v!r}")
+
+
 def make_process(cfg: dict | None) -> Process:
     """Build a process from a config dict ``{kind: vp|vp_continuous|edm|flow, ...}``."""
-    from scoredistill.errors import ConfigError, check_keys
+    from scoredistill.errors import ConfigError
 
     cfg = dict(cfg or {"kind": "edm"})
     kind = cfg.pop("kind", "edm")
@@ -318,10 +348,16 @@ def make_process(cfg: dict | None) -> Process:
     cls = PROCESS_KINDS[kind]
     if kind == "edm" and "rho" in cfg:
         cfg["rho_karras"] = cfg.pop("rho")
-    import dataclasses
-
-    fields = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
-    check_keys(cfg, fields, "teacher.process")
+    # every number of a process is a positive scale, count or offset
+    check_fields(cls, cfg, "teacher.process", positive=tuple(k for k in cfg if k != "beta_schedule"))
+    if kind == "vp" and cfg.get("num_steps", 2) < 2:
+        raise ConfigError("teacher.process.num_steps", f"must be an integer >= 2, got {cfg['num_steps']}")
+    lo, hi = {"edm": ("sigma_min", "sigma_max"), "vp": ("beta_start", "beta_end"),
+              "vp_continuous": ("beta_min", "beta_max")}.get(kind, (None, None))
+    if lo is not None:
+        a, b = cfg.get(lo, getattr(cls, lo)), cfg.get(hi, getattr(cls, hi))
+        if a > b:
+            raise ConfigError(f"teacher.process.{lo}", f"must be <= {hi} ({b}), got {a}")
     try:
         return cls(**cfg)
     except ValueError as e:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.process.processes import Process
+from scoredistill.process.processes import Process, check_fields
 
 
 @dataclass
@@ -89,20 +89,32 @@ class Shifted(TimeSampler):
 TIME_SAMPLERS = {"uniform": Uniform, "lognormal": LogNormal, "logit_normal": LogitNormal, "shifted": Shifted}
 
 
+# keys of each sampler that must be > 0; every t bound lies in [0, 1]
+_POSITIVE = ("discrete", "p_std", "s", "shift")
+
+
 def make_time_sampler(cfg: dict | TimeSampler | None, field: str, default: TimeSampler) -> TimeSampler:
-    """Build a sampler from ``{kind: uniform|lognormal|logit_normal|shifted, ...params}``."""
-    from scoredistill.errors import ConfigError, check_keys
+    """Build a sampler from ``{kind: uniform|lognormal|logit_normal|shifted, ...params}``; each value is
+    checked (finite numbers, ``0 <= t_min <= t_max <= 1``) with one ConfigError naming ``field.key``."""
+    from scoredistill.errors import ConfigError
 
     if cfg is None:
         return default
     if isinstance(cfg, TimeSampler):
         return cfg
+    if not isinstance(cfg, dict):
+        raise ConfigError(field, f"must be a mapping {{kind: {'|'.join(TIME_SAMPLERS)}, ...}}, got {cfg!r}")
     cfg = dict(cfg)
     kind = cfg.pop("kind", None)
     if kind not in TIME_SAMPLERS:
         raise ConfigError(f"{field}.kind", f"unknown value {kind!r}; accepted: {', '.join(TIME_SAMPLERS)}")
-    import dataclasses
-
     cls = TIME_SAMPLERS[kind]
-    check_keys(cfg, [f.name for f in dataclasses.fields(cls)], field)
-    return cls(**cfg)
+    check_fields(cls, cfg, field, positive=_POSITIVE)
+    sampler = cls(**cfg)
+    for k in ("t_min", "t_max"):
+        v = getattr(sampler, k, None)
+        if v is not None and not 0 <= v <= 1:
+            raise ConfigError(f"{field}.{k}", f"must be in [0, 1], got {v}")
+    if getattr(sampler, "t_min", 0) > getattr(sampler, "t_max", 1):
+        raise ConfigError(f"{field}.t_min", f"must be <= t_max ({sampler.t_max}), got {sampler.t_min}")
+    return sampler

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from scoredistill.config import TeacherConfig, teacher_config
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
 from scoredistill.process.processes import EDM, Process
@@ -162,52 +163,25 @@ PRESETS = {
 }
 
 
-def build_gmm(cfg: dict, process: Process) -> GMMTeacher:
-    """Build a GMM teacher from the ``teacher`` config section (``preset`` or explicit values)."""
-    preset = cfg.get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError("teacher.preset", f"unknown value {preset!r}; accepted: {', '.join(PRESETS)}")
-        spec = PRESETS[preset]()
-    else:
-        spec = {}
-    for key in ("means", "weights", "classes"):
-        if cfg.get(key) is not None:
-            spec[key] = cfg[key]
-    if cfg.get("stds") is not None and cfg.get("std") is not None:
-        raise ConfigError("teacher.std", "give either std (one value) or stds (one per mean), not both")
-    if cfg.get("stds") is not None:
-        spec["stds"] = cfg["stds"]
-    if cfg.get("std") is not None:
-        spec["stds"] = cfg["std"]
-    if "means" not in spec:
-        raise ConfigError("teacher.means", f"missing; give teacher.preset ({', '.join(PRESETS)}) or teacher.means")
-    means = spec["means"]
-    if not torch.is_tensor(means):
-        if (not isinstance(means, (list, tuple)) or not means
-                or not all(isinstance(m, (list, tuple)) for m in means)):
-            raise ConfigError("teacher.means", "must be a non-empty list of vectors")
-        lens = {len(m) for m in means}
-        if len(lens) != 1:
-            raise ConfigError("teacher.means", f"vectors must have equal length, got lengths {sorted(lens)}")
-        try:
-            means = torch.tensor(means, dtype=torch.float64)
-        except (TypeError, ValueError):
-            raise ConfigError("teacher.means", "must contain numbers only") from None
-    if "stds" not in spec:
-        raise ConfigError("teacher.std", "missing; give teacher.std or teacher.stds")
-    stds = spec["stds"]
-    if isinstance(stds, (int, float)) and stds <= 0:
-        raise ConfigError("teacher.std", f"must be > 0, got {stds}")
-    if isinstance(stds, (list, tuple)):
-        if any(not isinstance(s, (int, float)) or s <= 0 for s in stds):
-            raise ConfigError("teacher.stds", "must all be numbers > 0")
-    w = spec.get("weights")
-    if isinstance(w, (list, tuple)) and any(not isinstance(x, (int, float)) or x <= 0 for x in w):
-        raise ConfigError("teacher.weights", "must all be numbers > 0")
-    dim = cfg.get("dim")
-    if dim is not None:
-        if not isinstance(dim, int) or dim < means.shape[1]:
-            raise ConfigError("teacher.dim", f"must be an integer >= {means.shape[1]}")
-        means = torch.cat([means, torch.zeros(means.shape[0], dim - means.shape[1], dtype=torch.float64)], 1)
+def build_gmm(cfg: dict | TeacherConfig, process: Process) -> GMMTeacher:
+    """Build a GMM teacher from the ``teacher`` section (``preset`` or explicit values); a dict is
+    validated by the schema first (:class:`~scoredistill.config.TeacherConfig`)."""
+    t = teacher_config(cfg)
+    spec = {}
+    if t.preset is not None:
+        if t.preset not in PRESETS:
+            raise ConfigError("teacher.preset", f"unknown value {t.preset!r}; accepted: {', '.join(PRESETS)}")
+        spec = PRESETS[t.preset]()
+    for k in ("means", "weights", "classes"):
+        if getattr(t, k) is not None:
+            spec[k] = getattr(t, k)
+    if t.stds is not None:
+        spec["stds"] = t.stds
+    if t.std is not None:
+        spec["stds"] = t.std
+    means = torch.as_tensor(spec["means"], dtype=torch.float64)
+    if t.dim is not None:
+        if t.dim < means.shape[1]:
+            raise ConfigError("teacher.dim", f"must be an integer >= {means.shape[1]}, got {t.dim}")
+        means = torch.cat([means, torch.zeros(means.shape[0], t.dim - means.shape[1], dtype=torch.float64)], 1)
     return GMMTeacher(means, spec["stds"], spec.get("weights"), spec.get("classes"), process)
