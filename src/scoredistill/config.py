@@ -335,6 +335,11 @@ def timesteps_check(v, f):
         raise ConfigError(f, f"must be a number or a list of numbers, got {v!r}")
 
 
+def weights_check(v, f):
+    if not isinstance(v, (list, tuple)) or not v or not all(is_number(x) and x >= 0 for x in v):
+        raise ConfigError(f, f"must be a list of non-negative numbers, got {v!r}")
+
+
 def strings_check(v, f):
     if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
         raise ConfigError(f, f"must be a list of strings, got {v!r}")
@@ -429,9 +434,18 @@ class GeneratorConfig(Section):
     sigma_init: float = key(2.5, "kind teacher: G(z) = D(sigma_init z, sigma_init)", lo=0)
     students: int = key(2, "kind multi: number of students (classes split in blocks)", lo=1, hi=MAX_WIDTH)
     z_std: float = key(1.0, "standard deviation of the generator's input noise", lo=0, lo_open=True)
-    timesteps: list[float] | float | None = key(None, "diffusers: native input timesteps ([999]; K values: "
-                                                "K-step student)", check=timesteps_check,
+    steps: int | None = key(None, "native generators: a K-step student with K evenly spaced canonical times "
+                            "(docs/fewstep.md); null: one step, or as many as timesteps", lo=1, hi=1000)
+    timesteps: list[float] | float | None = key(None, "K-step student's input times: canonical t in (0, 1] for "
+                                                "native generators, native timesteps for diffusers ([999]; "
+                                                "[999, 749, 499, 249])", check=timesteps_check,
                                                 accepts="a number or a list of numbers")
+    rollout: str = key("fresh", "re-noising between the steps of a K-step student: fresh (new noise, DMD2) | "
+                       "fixed (the input noise, SiD2) | ddim (the student's own eps, TDM)",
+                       choices=("fresh", "fixed", "ddim"))
+    step_weights: list[float] | None = key(None, "K-step student: probabilities of training each step "
+                                           "(null: uniform)", check=weights_check,
+                                           accepts="a list of K non-negative numbers")
     noise_input: str | None = key(None, "diffusers: pure (z itself) | scaled (sigma_max z)",
                                   choices=("pure", "scaled"))
     lora_rank: int | None = lora_rank_key()

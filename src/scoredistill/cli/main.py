@@ -70,6 +70,7 @@ def cmd_sample(args):
 
     import scoredistill.adapters  # noqa: F401  (registers diffusers student folders with the model registry)
     from scoredistill.config import ConfigError
+    from scoredistill.engine.report import student_steps
     from scoredistill.errors import CheckpointError
     from scoredistill.models.registry import load_model
 
@@ -102,13 +103,21 @@ def cmd_sample(args):
             cond = torch.randint(0, gen.num_classes, (args.n,), generator=g)
     elif args.cls is not None:
         raise ConfigError("--class", "this generator is unconditional")
+    k = student_steps(gen)
+    if args.steps is not None and not getattr(gen, "takes_noise_generator", False):
+        raise ConfigError("--steps", f"this student samples with all its {k} step(s) only; accepted: no --steps")
     try:
         with torch.no_grad():
-            x = gen(z, cond).float()
+            if getattr(gen, "takes_noise_generator", False):  # K-step: the re-noising is seeded too
+                noise = torch.Generator().manual_seed(hash((args.seed, 7)) & (2**62 - 1))
+                x = gen.sample(z, cond, steps=args.steps, generator=noise).float()
+                k = args.steps or k
+            else:
+                x = gen(z, cond).float()
     except RuntimeError as e:  # a config.json edited out of step with the weights
         raise CheckpointError(f"{folder} cannot sample {tuple(shape)}: {str(e).strip().splitlines()[0]}") from None
     what = f"class {args.cls}, " if args.cls is not None else ""
-    _write_samples(args.out, x, f"one-step generator ({what}seed {args.seed})")
+    _write_samples(args.out, x, f"{k}-step generator ({what}seed {args.seed})")
     print(f"wrote {args.out} {tuple(x.shape)}")
 
 
@@ -172,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class", dest="cls", type=int, default=None)
+    s.add_argument("--steps", type=int, default=None,
+                   help="K-step students: sample with K' <= K of their steps (evenly strided; docs/fewstep.md)")
     s.add_argument("--out", required=True, help="FILE.npy (float32 array) or FILE.png (image grid)")
     s.set_defaults(fn=cmd_sample)
 

@@ -110,6 +110,17 @@ def build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
 
 def _build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
     dim = int(np.prod(teacher.data_shape))
+    if _is_diffusers(teacher):
+        if gcfg.get("steps") is not None:
+            raise ConfigError("generator.steps", "diffusers students take generator.timesteps (native values, "
+                              "e.g. [999, 749, 499, 249]); accepted here: null")
+        if gcfg.get("rollout", "fresh") != "fresh" or gcfg.get("step_weights") is not None:
+            raise ConfigError("generator.rollout", "diffusers students re-noise with fresh noise and a uniform step "
+                              "choice; accepted here: fresh, step_weights null")
+    elif gcfg.get("steps") is not None or gcfg.get("timesteps") is not None:
+        return _native_few_step(gcfg, teacher, dim)
+    elif gcfg.get("rollout", "fresh") != "fresh" or gcfg.get("step_weights") is not None:
+        raise ConfigError("generator.rollout", "applies to K-step students; set generator.steps or timesteps")
     if gcfg["kind"] == "mlp":
         return MLPGenerator(dim, gcfg["width"], gcfg["depth"], teacher.num_classes)
     if gcfg["kind"] == "multi":  # MSD: one student per block of classes (models/multi.py)
@@ -133,6 +144,36 @@ def _build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
                           "accepted for exact-score teachers: mlp")
     t_init = float(teacher.process.t_from_rho(gcfg["sigma_init"]))
     return DenoiserGenerator(copy.deepcopy(teacher).requires_grad_(True).train(), t_init)
+
+
+def _native_few_step(gcfg: dict, teacher: Denoiser, dim: int) -> torch.nn.Module:
+    """A K-step student over a native step network (models/fewstep.py; docs/fewstep.md): a fresh MLP
+    (``kind: mlp``), MSD's class-routed MLPs (``multi``), or a copy of a learned teacher (``teacher``, first
+    time ``t(sigma_init)``), rolled out over ``generator.steps`` / ``timesteps`` with ``generator.rollout``."""
+    from scoredistill.models.fewstep import MultiStudentDenoiser, build_fewstep, fresh_mlp_denoiser
+
+    kind, t_first = gcfg["kind"], None
+    sd = float(teacher.data_std()) if hasattr(teacher, "data_std") else float(getattr(teacher, "sigma_data", 1.0))
+    if kind == "mlp":
+        net = fresh_mlp_denoiser(teacher.process, dim, gcfg["width"], gcfg["depth"], teacher.num_classes, sd)
+    elif kind == "multi":
+        k = teacher.num_classes or 0
+        if not k:
+            raise ConfigError("generator.kind", "'multi' routes samples by class and needs a class-conditional "
+                              "teacher (preset ring8_cond, or teacher.classes)")
+        if gcfg["students"] > k:
+            raise ConfigError("generator.students", f"must be <= the teacher's {k} classes, got {gcfg['students']}")
+        net = MultiStudentDenoiser(teacher.process, dim, gcfg["width"], gcfg["depth"], k, gcfg["students"], sd)
+    elif kind == "teacher":
+        if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
+            raise ConfigError("generator.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
+                              "accepted for exact-score teachers: mlp, multi")
+        net = copy.deepcopy(teacher).requires_grad_(True).train()
+        t_first = float(teacher.process.t_from_rho(gcfg["sigma_init"]))
+    else:
+        raise ConfigError("generator.kind", f"{kind!r} needs a diffusers teacher (teacher.kind: diffusers)")
+    return build_fewstep(net, gcfg.get("steps"), gcfg.get("timesteps"), gcfg.get("rollout", "fresh"), "scaled",
+                         gcfg.get("step_weights"), t_first)
 
 
 def build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:

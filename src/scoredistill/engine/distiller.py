@@ -327,6 +327,15 @@ class Distiller(Loop):
             self.optimizers[r].step()
         return True
 
+    def _generate(self, z, cond, rng):
+        """The generator's samples for one micro-batch. A K-step student re-noises between its steps from a
+        generator derived from the micro-batch's own (counter-based) one, so its rollout noise too is the
+        same whatever the number of processes, and the objective's draws from ``rng`` are unchanged."""
+        if getattr(self.generator, "takes_noise_generator", False):
+            g = torch.Generator().manual_seed(hash((rng.initial_seed(), 7)) & (2**62 - 1))
+            return self._gen(z, cond, generator=g)
+        return self._gen(z, cond)
+
     def train_step(self):
         tc = self.cfg["train"]
         obj = self.objective
@@ -338,7 +347,7 @@ class Distiller(Loop):
         if do_aux:
             def aux(rng, z, cond):
                 with torch.no_grad(), self.precision.autocast():
-                    x = self._gen(z, cond)
+                    x = self._generate(z, cond, rng)
                 with self.precision.autocast():
                     return obj.auxiliary_losses(self._batch(x.float(), z, cond, rng), roles)
 
@@ -347,7 +356,7 @@ class Distiller(Loop):
         if gen_step:
             def gen(rng, z, cond):
                 with self.precision.autocast():
-                    x = self._gen(z, cond)
+                    x = self._generate(z, cond, rng)
                     return obj.generator_loss(self._batch(x.float(), z, cond, rng), roles)
 
             with self._frozen(self.aux_roles):
@@ -369,7 +378,12 @@ class Distiller(Loop):
         if not use_ema and self.ema is not None and self.fsdp is not None:
             raise RuntimeError("under FSDP only the student (EMA) has an unsharded copy to sample from")
         g = self.student() if use_ema else self.generator
-        return g(z.to(self.device), cond.to(self.device) if cond is not None else None).cpu()
+        was = g.training
+        g.eval()  # a K-step student runs all its steps in eval mode (one backward-simulated step in training)
+        try:
+            return g(z.to(self.device), cond.to(self.device) if cond is not None else None).cpu()
+        finally:
+            g.train(was)
 
     def evaluate(self) -> dict:
         x = self.sample(self.eval_z, self.eval_cond)

@@ -40,6 +40,8 @@ class FewStepGenerator(nn.Module):
     """``G(z, c)``: the K-step rollout of ``denoiser`` (module docstring). State-dict keys are those of
     ``DenoiserGenerator`` (``denoiser.*``), so a one-step student's weights load into it."""
 
+    takes_noise_generator = True  # forward(z, cond, generator=...): the engine passes its rollout noise source
+
     def __init__(self, denoiser: Denoiser, rollout: Rollout):
         super().__init__()
         if rollout.process.describe() != denoiser.process.describe():

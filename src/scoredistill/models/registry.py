@@ -123,3 +123,8 @@ def load_model(folder: str) -> tuple[torch.nn.Module, dict]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+# K-step students live in their own module, which registers its folder classes (FewStepGenerator,
+# MultiStudentDenoiser) here; imported last because it imports this module's functions
+from scoredistill.models import fewstep as _fewstep  # noqa: E402,F401
