@@ -212,23 +212,38 @@ SLOW = ["generator.width=128", "fake_score.width=128", "train.progress=false", "
 
 @pytest.mark.slow
 def test_fdistill_js_distills_pair(tmp_path):
-    """JS f-distill on the 0.8/0.2 pair keeps both modes with the right weights.
+    """JS f-distill on the 0.8/0.2 pair keeps both modes and roughly the right weights.
 
-    Measured 2026-11-26 (this config, CPU, load ~10 on 2 cores, 77 s): precision 0.956, 2/2 modes, weight TV
-    0.0025, SW2 0.114, light-mode share 0.203, h in [0.71, 1.24], discriminator accuracy 0.52. Final
-    code, same config: 0.951 / TV 0.006 / light 0.194 (337 s at load ~8: the time follows the machine's load)."""
+    Seeded CPU training is bit-stable on one machine but not across CPU instruction sets or thread
+    counts, and after 1000 iterations the light mode's share still wanders with such tiny differences,
+    so the band comes from runs on more than one CPU setting (seed 0 unless said; config as below):
+
+    ===========================  =========  ===========  ====  ================
+    run                          precision  light share  TV    h range
+    ===========================  =========  ===========  ====  ================
+    2 threads, seed 0 (2 runs)   0.951-0.956  0.194-0.203  0.003-0.006  [0.71, 1.24]
+    1 thread, seeds 1 / 2 / 3    0.945 / 0.956 / 0.954  0.206 / 0.180 / 0.203  0.006 / 0.020 / 0.003  [0.71-0.82, 1.15-1.22]
+    another AVX-512 CPU, seed 0  --         0.265        --    --
+    ===========================  =========  ===========  ====  ================
+
+    So: both modes, precision > 0.90 (lowest seen 0.945), and a light share within 0.10 of 0.2 (largest
+    deviation seen 0.065). The discriminator stays near chance (accuracy 0.51-0.52), so h(r) is close to
+    1 and this run does not show the divergence's effect on the light mode (issue: toy fidelity)."""
     from scoredistill.engine.distiller import Distiller
     from scoredistill.metrics.gmm import assign
 
     cfg = resolve(load_yaml("recipes/toy/fdistill.yaml"),
                   SLOW + ["teacher.preset=pair", "objective.divergence=js", "train.steps=1000", "eval.every=1000"])
     d = Distiller(cfg, str(tmp_path))
-    res = d.train()
+    res = d.run()
     k, ok = assign(d.sample(d.eval_z), d.reference.means, d.reference.stds)
     light = float((k[ok] == 1).double().mean())
-    print("fdistill js pair:", {key: res[key] for key in ("precision", "modes_covered", "weight_tv", "sw2")},
-          "light share", light, "train", {key: res["train"].get(key) for key in ("h_min", "h_max", "disc_acc")})
-    assert res["non_finite"] == 0 and res["modes_covered"] == 2
-    assert res["precision"] > 0.90
-    assert abs(light - 0.2) < 0.05
-    assert res["train"]["h_max"] > res["train"]["h_min"]  # the ratio weights are not constant
+    seen = {key: res[key] for key in ("precision", "modes_covered", "weight_tv", "sw2")}
+    seen.update(light_share=light, threads=torch.get_num_threads(), seed=cfg["train"]["seed"],
+                **{key: res["train"].get(key) for key in ("h_min", "h_max", "disc_acc")})
+    msg = f"reproduce with train.seed={cfg['train']['seed']} on {torch.get_num_threads()} threads: {seen}"
+    print("fdistill js pair:", seen)
+    assert res["non_finite"] == 0 and res["modes_covered"] == 2, msg
+    assert res["precision"] > 0.90, msg
+    assert abs(light - 0.2) < 0.10, msg
+    assert res["train"]["h_max"] > res["train"]["h_min"], msg  # the ratio weights are not constant
