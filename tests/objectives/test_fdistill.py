@@ -218,13 +218,11 @@ def test_fdistill_js_distills_pair(tmp_path):
     counts, and after 1000 iterations the light mode's share still wanders with such tiny differences,
     so the band comes from runs on more than one CPU setting (seed 0 unless said; config as below):
 
-    ===========================  =========  ===========  ====  ================
-    run                          precision  light share  TV    h range
-    ===========================  =========  ===========  ====  ================
-    2 threads, seed 0 (2 runs)   0.951-0.956  0.194-0.203  0.003-0.006  [0.71, 1.24]
-    1 thread, seeds 1 / 2 / 3    0.945 / 0.956 / 0.954  0.206 / 0.180 / 0.203  0.006 / 0.020 / 0.003  [0.71-0.82, 1.15-1.22]
-    another AVX-512 CPU, seed 0  --         0.265        --    --
-    ===========================  =========  ===========  ====  ================
+    - 2 threads, seed 0 (two runs): precision 0.951-0.956, light share 0.194-0.203, TV 0.003-0.006,
+      h in [0.71, 1.24];
+    - 1 thread, seeds 1 / 2 / 3: precision 0.945 / 0.956 / 0.954, light share 0.206 / 0.180 / 0.203,
+      TV 0.006 / 0.020 / 0.003, h_min 0.71-0.82, h_max 1.15-1.22;
+    - another (AVX-512) CPU, seed 0: light share 0.265.
 
     So: both modes, precision > 0.90 (lowest seen 0.945), and a light share within 0.10 of 0.2 (largest
     deviation seen 0.065). The discriminator stays near chance (accuracy 0.51-0.52), so h(r) is close to
