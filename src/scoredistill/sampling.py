@@ -49,19 +49,18 @@ def _denoise_y(denoiser: Denoiser, y: torch.Tensor, level, cond, w: float) -> to
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, z: torch.Tensor, rhos: torch.Tensor, cond=None, w: float = 1.0) -> torch.Tensor:
     """Euler on the PF-ODE from ``y = rho_0 z``; returns ``x0`` (the ``y`` at ``rho = 0``)."""
-    rs = [float(r) for r in rhos]
-    y = z * rs[0]
-    lv = _levels(denoiser, y, rs)
-    for i in range(len(rs) - 1):
-        r, r_next = rs[i], rs[i + 1]
-        d = (y - _denoise_y(denoiser, y, lv[i], cond, w)) / r
-        y = y + (r_next - r) * d
-    return y
+    return _pf_ode(denoiser, z, rhos, cond, w, heun=False)
 
 
 @torch.no_grad()
 def sample_heun(denoiser: Denoiser, z: torch.Tensor, rhos: torch.Tensor, cond=None, w: float = 1.0) -> torch.Tensor:
     """EDM Heun (arXiv 2206.00364 Alg. 1, deterministic): ``2n - 1`` evaluations for ``n`` levels."""
+    return _pf_ode(denoiser, z, rhos, cond, w, heun=True)
+
+
+def _pf_ode(denoiser: Denoiser, z: torch.Tensor, rhos: torch.Tensor, cond, w: float, heun: bool) -> torch.Tensor:
+    """Euler steps ``y += (rho' - rho) (y - D(y)) / rho`` over the levels, each with Heun's second-order
+    correction (except onto ``rho = 0``) when ``heun``."""
     rs = [float(r) for r in rhos]
     y = z * rs[0]
     lv = _levels(denoiser, y, rs)
@@ -69,7 +68,7 @@ def sample_heun(denoiser: Denoiser, z: torch.Tensor, rhos: torch.Tensor, cond=No
         r, r_next = rs[i], rs[i + 1]
         d = (y - _denoise_y(denoiser, y, lv[i], cond, w)) / r
         y_next = y + (r_next - r) * d
-        if r_next > 0:
+        if heun and r_next > 0:
             d2 = (y_next - _denoise_y(denoiser, y_next, lv[i + 1], cond, w)) / r_next
             y_next = y + (r_next - r) * 0.5 * (d + d2)
         y = y_next

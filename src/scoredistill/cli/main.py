@@ -164,16 +164,13 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from scoredistill.cli.runs import add_run_arguments
+
     p = _Parser(prog="scoredistill", description="Score distillation of diffusion and flow models.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
-    d = sub.add_parser("distill", help="distill a teacher into a one-step generator")
-    d.add_argument("config", nargs="?", help="recipe YAML")
-    d.add_argument("--out", help="run folder to create")
-    d.add_argument("--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    d.add_argument("--force", action="store_true",
-                   help="start over in a run folder of ours that holds checkpoints (never touches other folders)")
+    d = sub.add_parser("distill", help="distill a teacher into a one- or few-step generator")
+    add_run_arguments(d, "recipes/toy, digits, mnist, sd15, sdxl, sd3")
     d.set_defaults(fn=cmd_distill)
 
     s = sub.add_parser("sample", help="sample a trained generator to .npy (array) or .png (image grid)")

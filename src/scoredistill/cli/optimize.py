@@ -17,13 +17,10 @@ def cmd_optimize(args):
 
 
 def add_optimize_parser(sub):
+    from scoredistill.cli.runs import add_run_arguments
+
     o = sub.add_parser("optimize", help="optimize particles / an image / a renderer under the teacher "
                                         "(SDS family, VSD/ESD)")
-    o.add_argument("config", nargs="?", help="recipe YAML (recipes/optimize/*.yaml)")
-    o.add_argument("--out", help="run folder to create")
-    o.add_argument("--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR")
-    o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    o.add_argument("--force", action="store_true",
-                   help="start over in a run folder of ours that holds checkpoints (never touches other folders)")
+    add_run_arguments(o, "recipes/optimize")
     o.set_defaults(fn=cmd_optimize)
     return o

@@ -92,3 +92,13 @@ def run_in_folder(args, *, command: str, resolve: Callable, build: Callable, sch
         if close is not None:
             close()
 
+
+
+def add_run_arguments(parser, what: str) -> None:
+    """The arguments ``distill`` and ``optimize`` share."""
+    parser.add_argument("config", nargs="?", help=f"recipe YAML ({what})")
+    parser.add_argument("--out", help="run folder to create")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the newest checkpoint of RUN_DIR")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--force", action="store_true", help="start over in a run folder of ours that holds "
+                        "checkpoints (never touches other folders)")

@@ -126,12 +126,7 @@ def _build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
     if gcfg["kind"] == "multi":  # MSD: one student per block of classes (models/multi.py)
         from scoredistill.models.multi import MultiStudentGenerator
 
-        k = teacher.num_classes or 0
-        if not k:
-            raise ConfigError("generator.kind", "'multi' routes samples by class and needs a class-conditional "
-                              "teacher (preset ring8_cond, or teacher.classes)")
-        if gcfg["students"] > k:
-            raise ConfigError("generator.students", f"must be <= the teacher's {k} classes, got {gcfg['students']}")
+        k = _msd_classes(gcfg, teacher)
         return MultiStudentGenerator(dim, gcfg["width"], gcfg["depth"], k, gcfg["students"])
     if _is_diffusers(teacher):  # generator.kind teacher (full copy) | lora (scoredistill.adapters.student)
         from scoredistill.adapters.student import build_diffusers_generator
@@ -146,6 +141,17 @@ def _build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
     return DenoiserGenerator(copy.deepcopy(teacher).requires_grad_(True).train(), t_init)
 
 
+def _msd_classes(gcfg: dict, teacher: Denoiser) -> int:
+    """The teacher's number of classes, which MSD (``generator.kind: multi``) splits among its students."""
+    k = teacher.num_classes or 0
+    if not k:
+        raise ConfigError("generator.kind", "'multi' routes samples by class and needs a class-conditional "
+                          "teacher (preset ring8_cond, or teacher.classes)")
+    if gcfg["students"] > k:
+        raise ConfigError("generator.students", f"must be <= the teacher's {k} classes, got {gcfg['students']}")
+    return k
+
+
 def _native_few_step(gcfg: dict, teacher: Denoiser, dim: int) -> torch.nn.Module:
     """A K-step student over a native step network (models/fewstep.py; docs/fewstep.md): a fresh MLP
     (``kind: mlp``), MSD's class-routed MLPs (``multi``), or a copy of a learned teacher (``teacher``, first
@@ -157,12 +163,7 @@ def _native_few_step(gcfg: dict, teacher: Denoiser, dim: int) -> torch.nn.Module
     if kind == "mlp":
         net = fresh_mlp_denoiser(teacher.process, dim, gcfg["width"], gcfg["depth"], teacher.num_classes, sd)
     elif kind == "multi":
-        k = teacher.num_classes or 0
-        if not k:
-            raise ConfigError("generator.kind", "'multi' routes samples by class and needs a class-conditional "
-                              "teacher (preset ring8_cond, or teacher.classes)")
-        if gcfg["students"] > k:
-            raise ConfigError("generator.students", f"must be <= the teacher's {k} classes, got {gcfg['students']}")
+        k = _msd_classes(gcfg, teacher)
         net = MultiStudentDenoiser(teacher.process, dim, gcfg["width"], gcfg["depth"], k, gcfg["students"], sd)
     elif kind == "teacher":
         if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):

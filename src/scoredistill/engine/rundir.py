@@ -67,6 +67,14 @@ def check_new(path: str, field: str = "--out", force: bool = False) -> None:
                           "start it over, or another folder")
 
 
+def _remove(p: str) -> None:
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
 def clear_own(path: str) -> None:
     """Remove what the library wrote in a folder of ours (for a restart in place or ``--force``); the
     user's own files stay. Refuses a folder that is not ours."""
@@ -75,12 +83,7 @@ def clear_own(path: str) -> None:
     for name in os.listdir(path):
         if name in (MARKER, LOCK) or (name not in OWN_ENTRIES and not name.startswith(_TEMP_PREFIXES)):
             continue
-        p = os.path.join(path, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+        _remove(os.path.join(path, name))
 
 
 def remove_stray_temporaries(path: str) -> list[str]:
@@ -93,11 +96,7 @@ def remove_stray_temporaries(path: str) -> list[str]:
         for name in os.listdir(d):
             if name.startswith(_TEMP_PREFIXES):
                 p = os.path.join(d, name)
-                if os.path.isdir(p) and not os.path.islink(p):
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(p)
+                _remove(p)
                 removed.append(p)
     return removed
 

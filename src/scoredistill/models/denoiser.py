@@ -75,3 +75,14 @@ def module_device(m: nn.Module) -> torch.device:
     for t in m.buffers():
         return t.device
     return torch.device("cpu")
+
+
+class PrecondDenoiser(Denoiser):
+    """EDM preconditioning around a backbone (arXiv 2206.00364 Table 1): ``D = c_skip y + c_out net(c_in y, e)``
+    in float64 around the network call, where a subclass's ``_precond(x_t, t, cond)`` returns
+    ``(y, c_in, c_skip, c_out, e)`` (``y`` the scaled input, ``e`` the time/class embedding)."""
+
+    def denoise(self, x_t, t, cond=None):
+        y, c_in, c_skip, c_out, e = self._precond(x_t, t, cond)
+        f = self.net((c_in * y).to(x_t.dtype), e)
+        return (c_skip * y + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)

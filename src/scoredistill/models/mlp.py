@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
+from scoredistill.models.denoiser import NULL_CLASS, PrecondDenoiser, expand_t
 from scoredistill.process.processes import Process
 
 
@@ -77,7 +77,7 @@ class MLPBackbone(nn.Module):
         return self.out(self.features(x, e))
 
 
-class MLPDenoiser(Denoiser):
+class MLPDenoiser(PrecondDenoiser):
     """EDM-preconditioned MLP denoiser for flat vector data, optionally class-conditional."""
 
     def __init__(self, process: Process, dim: int, width: int = 256, depth: int = 4,
@@ -112,11 +112,6 @@ class MLPDenoiser(Denoiser):
                 else torch.where(cond.long() == NULL_CLASS, self.num_classes, cond.long())
             e = e + self.class_emb(idx)
         return y, c_in, c_skip, c_out, e
-
-    def denoise(self, x_t, t, cond=None):
-        y, c_in, c_skip, c_out, e = self._precond(x_t, t, cond)
-        f = self.net((c_in * y).to(x_t.dtype), e)
-        return (c_skip * y + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)
 
     def features(self, x_t, t, cond=None):
         """Last hidden layer of the backbone at ``(x_t, t)`` (input to a discriminator head)."""

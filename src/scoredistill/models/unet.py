@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
+from scoredistill.models.denoiser import NULL_CLASS, PrecondDenoiser, expand_t
 from scoredistill.models.mlp import FourierTime, run_block
 from scoredistill.process.processes import Process
 
@@ -118,7 +118,7 @@ class UNetBackbone(nn.Module):
         return self.conv_out(F.silu(self.out_norm(h)))
 
 
-class UNetDenoiser(Denoiser):
+class UNetDenoiser(PrecondDenoiser):
     """EDM-preconditioned small UNet for ``(C, H, W)`` images, optionally class-conditional.
 
     ``cond`` is a LongTensor of labels in ``[0, num_classes)`` or ``-1`` (null), or ``None`` (all null).
@@ -165,11 +165,6 @@ class UNetDenoiser(Denoiser):
                 idx = torch.where(cond == NULL_CLASS, torch.full_like(cond, self.num_classes), cond)
             e = e + self.class_emb(idx)
         return y, c_in, c_skip, c_out, e
-
-    def denoise(self, x_t, t, cond=None):
-        y, c_in, c_skip, c_out, e = self._precond(x_t, t, cond)
-        f = self.net((c_in * y).to(x_t.dtype), e)
-        return (c_skip * y + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)
 
     def features(self, x_t, t, cond=None):
         """Bottleneck activations at ``(x_t, t)``, flattened to ``(B, channels[-1] * h * w)``
