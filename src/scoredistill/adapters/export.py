@@ -178,7 +178,7 @@ def verify_export(gen, out: str, n: int = 2, seed: int = 0, tol: float = 1e-3) -
     z = torch.randn(n, *d.data_shape, generator=g)
     cond = torch.arange(n) % d.num_classes if d.num_classes else None
     t0 = torch.full((n,), gen.t_steps[0], dtype=torch.float64)
-    want = d.family.reference(d(gen._input(z), t0, cond))  # the student's first step
+    want = d.family.reference(d(gen.rollout.first_input(z), t0, cond))  # the student's first step
     kw = dict(info["call"])
     first = {k: v for k, v in kw.items() if k not in ("num_inference_steps", "timesteps", "sigmas")}
     if "sigmas" in kw:

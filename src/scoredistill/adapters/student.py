@@ -32,9 +32,9 @@ from torch import nn
 from scoredistill.adapters.diffusers_teacher import DiffusersDenoiser, native_to_canonical
 from scoredistill.adapters.lora import DEFAULT_TARGETS, LoRACritic, LoRAHolder, attach_lora, enable_checkpointing
 from scoredistill.errors import ConfigError
-from scoredistill.models.denoiser import expand_t
 from scoredistill.models.generators import DenoiserGenerator
 from scoredistill.models.registry import register_folder_class
+from scoredistill.models.rollout import Rollout
 from scoredistill.process.processes import VPDiscrete
 
 NOISE_INPUTS = ("pure", "scaled")
@@ -88,6 +88,9 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
             raise ConfigError("generator.noise_input", f"unknown value {noise_input!r}; accepted: "
                               f"{', '.join(NOISE_INPUTS)}")
         self.noise_input = noise_input
+        # the one rollout of every K-step student (models/rollout.py); diffusers flow students start at t = 1
+        self.rollout = Rollout(denoiser.process, self.t_steps, "fresh", noise_input, t_range=(0.0, 1.0),
+                               field="generator")
         self.data_shape = denoiser.data_shape
         self.num_classes = denoiser.num_classes
         self.lora_config = lora
@@ -99,6 +102,7 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
             self._hold(denoiser, params)
 
     _rollout_seed: int | None = None
+    takes_noise_generator = True  # forward(z, cond, generator=...): the engine passes its rollout noise source
 
     def set_rollout_seed(self, seed: int) -> None:
         self._rollout_seed = int(seed)
@@ -112,32 +116,26 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
     def denoiser(self) -> DiffusersDenoiser:
         return self._modules["net"] if "net" in self._modules else self.__dict__["_lora_base"]
 
-    def _input(self, z: torch.Tensor) -> torch.Tensor:
-        if self.noise_input == "pure":
-            return z
-        t = expand_t(self.t_steps[0], z.shape[0], z.device)
-        return self.denoiser.process.sigma(t).view((-1,) + (1,) * (z.dim() - 1)).to(z.dtype) * z
+    def sample(self, z, cond=None, steps: int | None = None, generator: torch.Generator | None = None):
+        """All ``K`` steps, or ``K' = steps`` of them evenly strided (docs/fewstep.md); seeded re-noising."""
+        g = generator if generator is not None or len(self.t_steps) == 1 else _noise_generator(z)
+        return self.rollout.sample(self.denoiser, z, cond, steps, g)
 
-    def forward(self, z, cond=None):
-        d = self.denoiser
+    def forward(self, z, cond=None, generator: torch.Generator | None = None):
+        if not self.training:
+            return self.sample(z, cond, generator=generator)
         k_max = len(self.t_steps)
-        if self.training:
-            # one rollout length per iteration, the same on every rank and micro-batch: drawn from the
-            # seed the engine sets each iteration (set_rollout_seed), not from the global RNG
-            g = torch.Generator().manual_seed(self._rollout_seed) if self._rollout_seed is not None else None
-            k = int(torch.randint(0, k_max, (), generator=g)) if k_max > 1 else 0
+        # one rollout length per iteration, the same on every rank and micro-batch: drawn from the seed the
+        # engine sets each iteration (set_rollout_seed), not from the global RNG
+        if k_max == 1:
+            k = 0
+        elif self._rollout_seed is not None:
+            k = self.rollout.choose_step(self._rollout_seed)
         else:
-            k = k_max - 1
-        x = self._input(z)
-        b = z.shape[0]
-        g = None if self.training or k == 0 else _noise_generator(z)
-        for j in range(k):  # backward simulation: earlier steps without gradient
-            with torch.no_grad():
-                x0 = d(x, expand_t(self.t_steps[j], b, z.device), cond)
-                eps = torch.randn_like(x0) if g is None else torch.randn(x0.shape, generator=g, device=g.device,
-                                                                         dtype=x0.dtype).to(x0.device)
-                x = d.process.add_noise(x0, eps, expand_t(self.t_steps[j + 1], b, z.device))
-        return d(x, expand_t(self.t_steps[k], b, z.device), cond)
+            k = int(torch.randint(0, k_max, ()))
+        if generator is None and k > 0:  # a caller outside the engine: re-noise from the global RNG
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        return self.rollout.train_step(self.denoiser, z, cond, k, generator).x0
 
     def registry_config(self) -> dict:
         d = self.denoiser
