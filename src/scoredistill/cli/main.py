@@ -8,6 +8,7 @@ and without touching what is already in the run folder.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -133,6 +134,11 @@ def cmd_teacher_sample(args):
         raise ConfigError("--sampler", f"unknown value {args.sampler!r}; accepted: {', '.join(SAMPLERS)}")
     if args.steps < 1 or args.n < 1:
         raise ConfigError("--steps" if args.steps < 1 else "--n", "must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError("--seed", f"must be an integer in [0, 2^63), got {args.seed}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise ConfigError("--guidance", f"must be a finite number >= 0 (canonical CFG, 1 = unguided), "
+                          f"got {args.guidance}")
     teacher, _ = build_teacher(cfg["teacher"])
     g = torch.Generator().manual_seed(args.seed)
     cond = sample_classes(teacher.num_classes, args.n, g)
@@ -149,9 +155,18 @@ def cmd_teacher_sample(args):
 
 
 def cmd_train_teacher(args):
+    from scoredistill.engine.rundir import is_ours, write_marker
     from scoredistill.engine.teacher_training import train_teacher
+    from scoredistill.errors import ConfigError
 
-    res = train_teacher(args.config, args.out, args.set)
+    # the teacher folder is written whole (temporary folder + rename), which would replace what a folder
+    # already holds: only a new or empty one is accepted, never one with anything in it
+    out = args.out
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        what = "a teacher written earlier" if is_ours(out) else "files scoredistill did not write"
+        raise ConfigError("--out", f"{out} exists and is not an empty folder ({what}); choose a new folder")
+    res = train_teacher(args.config, out, args.set)
+    write_marker(out, "train-teacher")
     print(f"wrote teacher to {res['out']} (final loss {res['final_loss']:.4f}); use it with "
           f"teacher: {{kind: learned, path: {res['out']}}}")
 

@@ -108,10 +108,11 @@ def mark_ours(path: str, kind: str) -> None:
         raise ConfigError("--out", f"{path} is not empty and was not created by scoredistill")
     os.makedirs(path, exist_ok=True)
     if not os.path.exists(os.path.join(path, MARKER)):
-        _write_marker(path, kind)
+        write_marker(path, kind)
 
 
-def _write_marker(path: str, kind: str) -> None:
+def write_marker(path: str, kind: str) -> None:
+    """Mark ``path`` (a folder this process has just written) as ours."""
     from scoredistill.fileio import atomic_write_text
 
     atomic_write_text(os.path.join(path, MARKER),
@@ -139,7 +140,7 @@ class RunLock:
             legacy = os.path.isfile(os.path.join(self.path, "config.yaml")) and has_checkpoint(self.path)
             if not (self.adopt and legacy):
                 raise ConfigError(self.field, f"{self.path} is not empty and was not created by scoredistill")
-            _write_marker(self.path, self.kind)
+            write_marker(self.path, self.kind)
         mark_ours(self.path, self.kind)
         fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -112,4 +112,4 @@ def train_teacher(path: str, out: str, overrides=(), log=print) -> dict:
     os.makedirs(out, exist_ok=True)
     src = gmm.describe()
     save_model(ema.model, out, extra={"source": src, "train": tr, "network": net})
-    return {"out": out, "steps": tr["steps"], "final_loss": float(loss)}
+    return {"out": out, "steps": tr["steps"], "final_loss": float(loss.detach())}
