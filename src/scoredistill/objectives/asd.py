@@ -30,7 +30,6 @@ from scoredistill.objectives.core import (
     finish_field,
     score_field,
 )
-from scoredistill.process.time import Uniform
 
 
 @dataclass
@@ -52,7 +51,6 @@ class ASDParams(ObjectiveParams):
 class ASD(FieldObjective):
     name = "asd"
     Params = ASDParams
-    default_time = Uniform(t_min=0.02, t_max=0.98)
 
     def t_plus(self, t: torch.Tensor, process, rng) -> torch.Tensor:
         t_lo = float(getattr(self.time, "t_min", process.t_min))

@@ -31,7 +31,7 @@ from torch import nn
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.process.processes import Process
-from scoredistill.process.time import TimeSampler, make_time_sampler
+from scoredistill.process.time import TimeSampler, Uniform, make_time_sampler
 
 REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional")
 
@@ -84,7 +84,9 @@ class Objective:
 
     name: ClassVar[str] = "objective"
     Params: ClassVar[type] = ObjectiveParams
-    default_time: ClassVar[TimeSampler] = None  # per-method generator time sampler
+    # the generator-side time sampler when ``objective.time`` is not given: U[0.02, 0.98], the range of
+    # DreamFusion's SDS (arXiv 2209.14988) and DMD2's code (arXiv 2405.14867); methods override it
+    default_time: ClassVar[TimeSampler] = Uniform(t_min=0.02, t_max=0.98)
 
     def __init__(self, params: ObjectiveParams, time: TimeSampler | None = None,
                  fake_time: TimeSampler | None = None):
@@ -212,7 +214,6 @@ def build_objective(cfg: dict, guidance_convention: str = "canonical") -> Object
     return cls(params, time=time, fake_time=fake_time)
 
 
-from scoredistill.process.time import Uniform  # noqa: E402
 
 # DMD2 trains the fake score on the whole noise range the generator field visits (uniform index on
 # the Karras grid for EDM, arXiv 2405.14867 code); EDM weighting keeps small noise levels balanced.

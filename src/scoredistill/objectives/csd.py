@@ -33,7 +33,6 @@ from scoredistill.objectives.core import (
     finish_field,
     null_like,
 )
-from scoredistill.process.time import Uniform
 
 
 @dataclass
@@ -61,7 +60,6 @@ class CSDParams(ObjectiveParams):
 class CSD(FieldObjective):
     name = "csd"
     Params = CSDParams
-    default_time = Uniform(t_min=0.02, t_max=0.98)
 
     def requirements(self):
         return {"class_conditional"}

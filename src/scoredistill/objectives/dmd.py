@@ -33,7 +33,6 @@ from scoredistill.objectives.common import (
     noise_like,
 )
 from scoredistill.objectives.core import FakeScoreObjective, check_dropout, check_guidance, dm_field, inject
-from scoredistill.process.time import Uniform
 
 
 @dataclass
@@ -53,7 +52,6 @@ class DMDParams(ObjectiveParams):
 class DMD(FakeScoreObjective):
     name = "dmd"
     Params = DMDParams
-    default_time = Uniform(t_min=0.02, t_max=0.98)
     # whether the discriminator head is read at the field's own x_t and t (FastGen f-distill) rather
     # than at a separate diffusion-GAN re-noising
     logits_at_field_sample: ClassVar[bool] = False

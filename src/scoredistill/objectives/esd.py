@@ -49,7 +49,6 @@ from scoredistill.objectives.core import (
     score_field,
     to_eps,
 )
-from scoredistill.process.time import Uniform
 
 
 def fake_condition(fake, cond: torch.Tensor | None, view: torch.Tensor | None, n: int,
@@ -83,7 +82,6 @@ class VSDParticlesParams(ObjectiveParams):
 class VSDParticles(FieldObjective, FakeScoreObjective):
     name = "vsd_particles"
     Params = VSDParticlesParams
-    default_time = Uniform(t_min=0.02, t_max=0.98)
 
     @property
     def view_lambda(self) -> float:

@@ -33,7 +33,6 @@ from scoredistill.objectives.core import (
     finish_field,
     score_field,
 )
-from scoredistill.process.time import Uniform
 
 
 @dataclass
@@ -52,7 +51,6 @@ class SDSParams(ObjectiveParams):
 class SDS(FieldObjective):
     name = "sds"
     Params = SDSParams
-    default_time = Uniform(t_min=0.02, t_max=0.98)
 
     def field(self, batch, roles):
         p = roles.process

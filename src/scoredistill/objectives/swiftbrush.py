@@ -35,7 +35,6 @@ from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, noise_like
 from scoredistill.objectives.core import check_dropout, check_guidance, check_weighting
 from scoredistill.objectives.vsd import VSD
-from scoredistill.process.time import Uniform
 
 FAKE_WEIGHTINGS = ("edm", "eps")
 
@@ -72,7 +71,6 @@ class SwiftBrushParams(ObjectiveParams):
 class SwiftBrush(VSD):
     name = "swiftbrush"
     Params = SwiftBrushParams
-    default_time = Uniform(t_min=0.02, t_max=0.98)
 
     def requirements(self):
         req = {"fake_score"}

@@ -18,7 +18,6 @@ import torch
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import noise_like
 from scoredistill.objectives.core import FakeScoreObjective, check_dropout, check_weighting, inject, score_field
-from scoredistill.process.time import Uniform
 
 
 @dataclass
@@ -36,7 +35,6 @@ class VSDParams(ObjectiveParams):
 class VSD(FakeScoreObjective):
     name = "vsd"
     Params = VSDParams
-    default_time = Uniform(t_min=0.02, t_max=0.98)
 
     def scales(self, batch: Batch) -> tuple[float, float, dict]:
         """This step's CFG scales on the teacher and on the fake score, and their diagnostics."""

@@ -48,6 +48,13 @@ def scatter_panels(panels: list[tuple[str, torch.Tensor]], path: str, means: tor
         ax.set_title(name, fontsize=9)
         ax.set_aspect("equal", adjustable="box")
         ax.tick_params(labelsize=7)
+    save_figure(fig, path, title)
+
+
+def save_figure(fig, path: str, title: str | None = None) -> None:
+    """Title, lay out and write ``fig`` to ``path`` (PNG, through a temporary name and a rename), then close it."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

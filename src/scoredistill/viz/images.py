@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
+
+from scoredistill.viz import save_figure
 
 
 def tile(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
@@ -45,11 +46,4 @@ def image_grid_panels(panels: list[tuple[str, torch.Tensor]], path: str, title: 
         ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, title)
