@@ -16,7 +16,7 @@ install: $(BIN)/scoredistill
 demo: install
 	$(BIN)/scoredistill demo
 
-# everything, distribution tests included (~8 min on 2 idle cores: 476 s measured in a fresh clone, 2026-11-26)
+# everything, distribution tests included (~11 min on 2 cores; measured in a fresh clone, see the closing notes)
 test: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
