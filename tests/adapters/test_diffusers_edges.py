@@ -259,3 +259,19 @@ def test_pixel_student_exports_at_its_training_resolution(tiny, tmp_path):
     info = export_run(str(run), str(tmp_path / "pipe"))
     assert info["verify"]["first_step_matches"] and info["verify"]["full_sample_shape"] == [2, 16, 16, 3]
     assert json.load(open(tmp_path / "pipe" / "unet" / "config.json"))["sample_size"] == 16
+
+
+def test_real_data_is_never_sampled_from_a_diffusers_teacher(tiny):
+    """DMD2 with its GAN needs real samples; from a latent teacher they must be given, not drawn silently
+    (a 20 000-sample pool at 35 NFE each took 571 s on a tiny model before this check)."""
+    from scoredistill.config import resolve
+    from scoredistill.engine.distiller import Distiller
+    from scoredistill.errors import ConfigError
+
+    cfg = resolve({"teacher": {"kind": "diffusers", "path": tiny("sd15"), "prompts": ["a red cube"],
+                               "resolution": 16},
+                   "generator": {"kind": "teacher"}, "fake_score": {"kind": "teacher"},
+                   "objective": {"name": "dmd2", "gan_weight_gen": 1e-3}, "train": {"batch_size": 2}})
+    with pytest.raises(ConfigError) as e:
+        Distiller(cfg, None)
+    assert e.value.field == "train.real_data" and "adapters.latents" in str(e.value)

@@ -214,15 +214,27 @@ def build_discriminator(fake: Denoiser) -> DiscriminatorHead:
     return DiscriminatorHead(int(np.prod(h.shape[1:])))
 
 
-def load_real_data(spec, teacher: Denoiser, reference, n: int, seed: int):
-    """Real samples ``(x, cond)``: exact GMM samples, the teacher's ODE samples, or a ``.npy`` file."""
+def load_real_data(spec, teacher: Denoiser, reference, n: int, seed: int, log=None):
+    """Real samples ``(x, cond)``: exact GMM samples, the teacher's ODE samples, or a ``.npy`` file.
+
+    A diffusers teacher is never sampled for them: ``train.real_data`` must then name real latents (a
+    pool of teacher samples would cost ``real_pool`` x 35 network evaluations of a large model before the
+    first step). Sampling a learned teacher is announced with its size and cost."""
     from scoredistill.sampling import teacher_sample
 
     g = torch.Generator().manual_seed(seed + 1000003)
     if spec == "teacher":
+        if _is_diffusers(teacher):
+            raise ConfigError("train.real_data", "a diffusers teacher is not sampled for real data (hours on a "
+                              "large model); accepted: PATH.npy of real latents (python -m "
+                              "scoredistill.adapters.latents, docs/diffusers.md), or none")
         cond = sample_classes(teacher.num_classes, n, g)
         if isinstance(teacher, GMMTeacher):
             return teacher.sample(n, cond=cond, generator=g), cond
+        if log is not None:
+            log(f"train.real_data: teacher -> drawing {n} samples with the teacher's 18-step Heun sampler "
+                f"({35 * n} network evaluations) before the first step; train.real_pool sets how many, "
+                "train.real_data: PATH.npy uses real data instead")
         return teacher_sample(teacher, n, steps=18, cond=cond, generator=g), cond
     if isinstance(spec, str) and spec.endswith(".npy"):
         if not os.path.exists(spec):

@@ -119,7 +119,7 @@ class Distiller(Loop):
                 raise ConfigError("train.real_data", f"objective {self.objective.name} with these settings needs "
                                   "real samples; accepted: teacher, PATH.npy")
             self.real, self.real_cond = load_real_data(tc["real_data"], self.teacher, self.reference,
-                                                       tc["real_pool"], tc["seed"])
+                                                       tc["real_pool"], tc["seed"], self.log)
         self.ode = None
         if "ode_pairs" in req:
             self.ode = make_ode_pairs(self.teacher, tc["ode_pairs"], tc["ode_steps"], tc["seed"],
