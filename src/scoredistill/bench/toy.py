@@ -29,8 +29,10 @@ from scoredistill.errors import ConfigError, TrainingAborted
 TEACHERS = ("ring8", "grid25", "pair", "asym", "gmm16d")
 DEFAULT_BUDGET_S = 30.0
 COLUMNS = ["method", "objective", "teacher", "seed", "steps", "precision", "modes_covered", "num_modes", "weight_tv",
-           "sw2", "mmd", "spread_ratio", "non_finite", "skipped_steps", "wall_s", "status"]
-METRICS = ("precision", "modes_covered", "num_modes", "weight_tv", "sw2", "mmd", "spread_ratio", "non_finite")
+           "sw2", "mmd", "spread_ratio", "within_std", "within_std_min", "mass_ratio_min", "non_finite",
+           "skipped_steps", "wall_s", "status"]
+METRICS = ("precision", "modes_covered", "num_modes", "weight_tv", "sw2", "mmd", "spread_ratio", "within_std",
+           "within_std_min", "mass_ratio_min", "non_finite")
 
 
 def discover(recipe_dir: Path) -> dict[str, tuple[Path, str]]:
@@ -137,6 +139,9 @@ MARKDOWN = [
            is not None else "–"),
     Column("weight TV ↓", _metric("weight_tv", "{:.3f}".format)),
     Column("SW2 ↓", _metric("sw2", "{:.3f}".format)),
+    Column("within-mode std (narrowest)", lambda r: f"{r['within_std']:.2f} ({r['within_std_min']:.2f})"
+           if _ok(r) and r.get("within_std") is not None else "–"),
+    Column("lightest mass/weight", _metric("mass_ratio_min", "{:.2f}".format)),
     Column("non-finite (samples / skipped steps)",
            lambda r: f"{key('non_finite')(r)} / {r.get('skipped_steps', 0)}" if _ok(r) else "–"),
     Column("wall (s)", key("wall_s")),

@@ -48,7 +48,8 @@ class GMMEvaluator(Evaluator):
 
     columns = [("precision", "precision ↑", "{:.3f}"), ("modes_covered", "modes", "{}"),
                ("weight_tv", "weight TV ↓", "{:.3f}"), ("sw2", "SW2 ↓", "{:.3f}"), ("mmd", "MMD ↓", "{:.4f}"),
-               ("spread_ratio", "spread", "{:.2f}")]
+               ("spread_ratio", "spread", "{:.2f}"), ("within_std", "within-mode std", "{:.2f}"),
+               ("within_std_min", "narrowest mode", "{:.2f}"), ("mass_ratio_min", "lightest mass/weight", "{:.2f}")]
 
     def __init__(self, gmm, seed: int = 0):
         self.gmm = gmm

@@ -6,7 +6,14 @@
   precise samples;
 * weight TV: total variation between the precise samples' component frequencies and the weights;
 * sliced Wasserstein-2 against exact samples (with the exact-vs-exact floor available);
-* MMD with a mixture of RBF bandwidths; spread ratio (sample std / target std).
+* MMD with a mixture of RBF bandwidths; spread ratio (sample std / target std);
+* within-component std ratio: how wide each mode is compared with the target's component
+  (``within_std`` pooled over precise samples, ``within_std_min`` the narrowest covered mode);
+* per-component mass among precise samples (``component_mass``) and ``mass_ratio_min``, the smallest
+  mass / weight over components of weight >= 5 % (light modes under-represented -> well below 1).
+
+What each figure can and cannot see is in docs/results/reading-toy-results.md: precision, modes, TV
+and the global spread are all blind to modes that are too sharp, which ``within_std`` measures.
 """
 
 from __future__ import annotations
@@ -50,6 +57,42 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, scales=(0.1, 0.3, 1.0, 3.0), max_n
     return float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
 
 
+#: components with fewer precise samples than this get no per-component std ratio (too noisy)
+MIN_COMPONENT_SAMPLES = 20
+#: components lighter than this are left out of ``mass_ratio_min`` (a 1 % mode is noise at n = 2000)
+LIGHT_WEIGHT = 0.05
+
+
+def component_stats(x: torch.Tensor, k: torch.Tensor, ok: torch.Tensor, means: torch.Tensor, stds: torch.Tensor,
+                    weights: torch.Tensor) -> dict:
+    """Within-component std ratios and masses of the precise samples ``x[ok]`` assigned to ``k[ok]``.
+
+    The ratio of component ``c`` is ``sqrt(mean_{i: k(i)=c} ||x_i - mu_c||^2 / (D s_c^2))``: 1 for exact
+    samples up to the 99.9 % truncation of the precision radius (0.99-1.0 for D = 2..16, see
+    :func:`floor_metrics`), below 1 for a mode that is too sharp, above for one that is too wide or
+    off-centre. ``within_std`` pools every precise sample; ``within_std_min`` is the narrowest component
+    holding at least :data:`MIN_COMPONENT_SAMPLES` precise samples (``nan`` if none does).
+    """
+    xs, ks = x[ok], k[ok]
+    dim = x.shape[1]
+    counts = torch.bincount(ks, minlength=len(means)).double()
+    d2 = ((xs - means.double()[ks]) ** 2).sum(1)
+    var = dim * stds.double() ** 2
+    pooled = float((d2.sum() / var[ks].sum()).sqrt()) if len(xs) else float("nan")
+    per = torch.zeros(len(means), dtype=torch.float64).index_add_(0, ks, d2)
+    big = counts >= MIN_COMPONENT_SAMPLES
+    ratios = (per[big] / (counts[big] * var[big])).sqrt()
+    mass = counts / max(float(counts.sum()), 1.0)
+    # a mixture whose components are all lighter than 5 % (grid25) keeps every component
+    heavy = weights.double() >= min(LIGHT_WEIGHT, float(weights.max()))
+    return {
+        "within_std": pooled,
+        "within_std_min": float(ratios.min()) if len(ratios) else float("nan"),
+        "mass_ratio_min": float((mass[heavy] / weights.double()[heavy]).min()),
+        "component_mass": [round(float(m), 4) for m in mass],
+    }
+
+
 def gmm_metrics(x: torch.Tensor, teacher, reference: torch.Tensor | None = None, cover_frac: float = 0.1,
                 seed: int = 0) -> dict:
     """All metrics for samples ``x`` against a :class:`GMMTeacher`-like object (``means``,
@@ -65,7 +108,9 @@ def gmm_metrics(x: torch.Tensor, teacher, reference: torch.Tensor | None = None,
     reference = reference.reshape(reference.shape[0], -1).double().cpu()
     if len(x) == 0:
         return {"precision": 0.0, "modes_covered": 0, "num_modes": len(means), "weight_tv": 1.0,
-                "sw2": float("inf"), "mmd": float("inf"), "spread_ratio": 0.0, "non_finite": n_bad}
+                "sw2": float("inf"), "mmd": float("inf"), "spread_ratio": 0.0, "non_finite": n_bad,
+                "within_std": float("nan"), "within_std_min": float("nan"), "mass_ratio_min": 0.0,
+                "component_mass": [0.0] * len(means)}
     k, ok = assign(x, means, stds)
     counts = torch.bincount(k[ok], minlength=len(means)).double()
     n_ok = max(float(counts.sum()), 1.0)
@@ -81,6 +126,7 @@ def gmm_metrics(x: torch.Tensor, teacher, reference: torch.Tensor | None = None,
         "mmd": mmd_rbf(x, reference),
         "spread_ratio": spread,
         "non_finite": n_bad,
+        **component_stats(x, k, ok, means, stds, weights),
     }
 
 
