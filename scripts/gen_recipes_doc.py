@@ -50,6 +50,16 @@ def _fields_table(cls, skip=("name",)) -> list[str]:
     return lines
 
 
+def _params_table(cls) -> list[str]:
+    """An objective's keys as its ``Params`` declare them (:func:`scoredistill.config.key`)."""
+    from scoredistill.config import accepted, keys
+
+    lines = ["| key | default | accepted | meaning |", "|---|---|---|---|"]
+    for k in keys(cls).values():
+        lines.append(f"| `{k.name}` | `{_value(k.default)}` | {accepted(k)} | {k.doc.replace('|', '&#124;')} |")
+    return lines
+
+
 def reference() -> str:
     """The generated block (between the markers) of docs/recipes.md."""
     from scoredistill.config import DISTILL, markdown_table
@@ -73,7 +83,7 @@ def reference() -> str:
         out += [f"##### `objective.name: {name}`", ""]
         if doc:
             out += [doc[0], ""]
-        out += _fields_table(cls.Params, skip=()) + [""]
+        out += _params_table(cls.Params) + [""]
     out += ["### `optimize`", "", markdown_table(OPTIMIZE, "optimize"),
             "### `train-teacher` (a GMM: `teacher.kind: gmm`)", "",
             markdown_table(TRAIN_TEACHER, "train-teacher", only={"teacher": FIT_TEACHER_KEYS}),

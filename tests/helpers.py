@@ -31,3 +31,21 @@ def torchrun_cli(args, nproc=2, env=None):
 
 def gen_weights(run):
     return load_file(os.path.join(run, "generator", "model.safetensors"))
+
+
+def tiny_config(width: int = 32, **sections) -> dict:
+    """A minimal valid ``distill`` config: the ring8 GMM teacher, depth-2 MLPs of ``width`` for the generator
+    and the fake score, DMD2, 8 steps of batch 32 with a checkpoint and an evaluation every 4, no progress
+    bar, no plots. Each keyword names a section whose keys replace the ones here
+    (``tiny_config(train={"steps": 24})``)."""
+    cfg = {
+        "teacher": {"kind": "gmm", "preset": "ring8"},
+        "generator": {"width": width, "depth": 2},
+        "fake_score": {"width": width, "depth": 2},
+        "objective": {"name": "dmd2"},
+        "train": {"steps": 8, "batch_size": 32, "generator_every": 2, "checkpoint_every": 4, "progress": False},
+        "eval": {"every": 4, "n_samples": 64, "plots": False},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg

@@ -40,15 +40,16 @@ MAX_DEPTH = 2**10
 # -- the schema mechanism ------------------------------------------------------------------------------
 def key(default, doc: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, choices=None,
         length: int | None = None, check: Callable[[Any, str], None] | None = None, accepts: str | None = None,
-        resume: bool = False, kinds: tuple[str, ...] | None = None):
+        resume: bool = False, kinds: tuple[str, ...] | None = None, unit: str | None = None):
     """Declare one accepted key of a section (a dataclass field).
 
     ``lo``/``hi`` bound numbers (and the numbers of a list), ``choices`` enumerates strings, ``length``
     fixes a list's length; ``check(value, field)`` replaces the type check for values no annotation
     describes (then ``accepts`` says in words what it accepts). ``resume``: ``--resume --set`` may
-    change the key. ``kinds``: the teacher kinds that read the key (None: every kind)."""
+    change the key. ``kinds``: the teacher kinds that read the key (None: every kind). ``unit``:
+    ``"steps"`` marks a count of iterations (a benchmark that rescales a budget rescales it too)."""
     meta = {"doc": doc, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices,
-            "length": length, "check": check, "accepts": accepts, "resume": resume, "kinds": kinds}
+            "length": length, "check": check, "accepts": accepts, "resume": resume, "kinds": kinds, "unit": unit}
     if isinstance(default, (list, dict)):
         return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -72,6 +73,7 @@ class Key:
     accepts: str | None = None
     resume: bool = False
     kinds: tuple[str, ...] | None = None
+    unit: str | None = None
 
     @property
     def nullable(self) -> bool:
@@ -99,12 +101,21 @@ class Section:
 
 @functools.cache
 def keys(cls: type) -> dict[str, Key]:
-    """The accepted keys of a section class, in declaration order."""
+    """The accepted keys of a section class: its own in declaration order, then those it inherits
+    (a shared block such as :class:`AdapterKeys` reads last, as it would written out). A field
+    redeclared with a plain default keeps the declaration it inherits (a new default only); one
+    declared nowhere with :func:`key` is checked by its annotation alone."""
     hints = typing.get_type_hints(cls)
+    order = list(dict.fromkeys(n for c in cls.__mro__ for n in vars(c).get("__annotations__", {})))
+    inherited = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            inherited.update({f.name: f.metadata for f in dataclasses.fields(base) if f.metadata})
     out = {}
-    for f in dataclasses.fields(cls):
+    for f in sorted(dataclasses.fields(cls), key=lambda f: order.index(f.name)):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out[f.name] = Key(f.name, hints[f.name], default, **f.metadata)
+        meta = f.metadata or inherited.get(f.name, {})
+        out[f.name] = Key(f.name, hints[f.name], default, **{"doc": "", **meta})
     return out
 
 
@@ -279,23 +290,6 @@ def optimizer_key(default, doc):
     return key(default, doc, choices=OPTIMIZERS)
 
 
-def lora_rank_key():
-    return key(None, "LoRA rank (kind: lora)", lo=1, hi=MAX_WIDTH)
-
-
-def lora_alpha_key():
-    return key(None, "LoRA alpha (default: the rank)", lo=0, lo_open=True)
-
-
-def lora_targets_key():
-    return key(None, "module names LoRA attaches to (default: attention and feed-forward projections)",
-               check=strings_check, accepts="a list of module names")
-
-
-def checkpointing_key():
-    return key(None, "recompute residual blocks in the backward pass (less memory, same gradients)")
-
-
 def process_check(v, f):
     from scoredistill.process.processes import make_process
 
@@ -425,7 +419,20 @@ class TeacherConfig(Section):
 
 
 @dataclass
-class GeneratorConfig(Section):
+class AdapterKeys(Section):
+    """The keys of a trained network role beyond its kind: a LoRA adapter and activation checkpointing."""
+
+    lora_rank: int | None = key(None, "LoRA rank (kind: lora)", lo=1, hi=MAX_WIDTH)
+    lora_alpha: float | None = key(None, "LoRA alpha (default: the rank)", lo=0, lo_open=True)
+    lora_targets: list[str] | None = key(None, "module names LoRA attaches to (default: attention and "
+                                         "feed-forward projections)", check=strings_check,
+                                         accepts="a list of module names")
+    gradient_checkpointing: bool | None = key(None, "recompute residual blocks in the backward pass (less "
+                                              "memory, same gradients)")
+
+
+@dataclass
+class GeneratorConfig(AdapterKeys):
     DOC: ClassVar[str] = "The one-step (or few-step) student."
     kind: str = key("mlp", "mlp (fresh) | teacher (copy of a learned or diffusers teacher) | multi (MSD) | "
                     "lora (LoRA on a frozen diffusers copy)", choices=("mlp", "teacher", "multi", "lora"))
@@ -448,14 +455,10 @@ class GeneratorConfig(Section):
                                            accepts="a list of K non-negative numbers")
     noise_input: str | None = key(None, "diffusers: pure (z itself) | scaled (sigma_max z)",
                                   choices=("pure", "scaled"))
-    lora_rank: int | None = lora_rank_key()
-    lora_alpha: float | None = lora_alpha_key()
-    lora_targets: list[str] | None = lora_targets_key()
-    gradient_checkpointing: bool | None = checkpointing_key()
 
 
 @dataclass
-class FakeScoreConfig(Section):
+class FakeScoreConfig(AdapterKeys):
     DOC: ClassVar[str] = "The learned score of the generator's samples (objectives that need one)."
     kind: str = key("mlp", "mlp (fresh) | teacher = full (copy of the teacher) | lora (diffusers: LoRA on the "
                     "frozen teacher)", choices=("mlp", "teacher", "full", "lora"))
@@ -463,10 +466,6 @@ class FakeScoreConfig(Section):
     depth: int = depth_key()
     sigma_data: float | None = key(None, "EDM preconditioning scale (default: the teacher's data std)",
                                    lo=0, lo_open=True)
-    lora_rank: int | None = lora_rank_key()
-    lora_alpha: float | None = lora_alpha_key()
-    lora_targets: list[str] | None = lora_targets_key()
-    gradient_checkpointing: bool | None = checkpointing_key()
 
 
 @dataclass
@@ -678,10 +677,15 @@ def resolve(user: dict, overrides: Iterable[str] = ()) -> dict:
     return cfg
 
 
+def typed(cls: type, data, path: str, only: Iterable[str] | None = None):
+    """The typed section a builder reads: ``data`` itself when it already is one, else its mapping
+    (a run's resolved config, a library caller's dict) validated by :func:`parse`."""
+    return data if isinstance(data, cls) else parse(cls, data, path, only)
+
+
 def teacher_config(tcfg: dict | TeacherConfig, only: Iterable[str] | None = None) -> TeacherConfig:
-    """The typed teacher section a builder reads, with the values its kind needs (a dict, e.g. from a
-    library caller, is validated first)."""
-    t = tcfg if isinstance(tcfg, TeacherConfig) else parse(TeacherConfig, tcfg, "teacher", only)
+    """The typed teacher section a builder reads, with the values its kind needs."""
+    t = typed(TeacherConfig, tcfg, "teacher", only)
     t.require()
     return t
 

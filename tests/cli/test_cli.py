@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, tiny_config  # noqa: E402
 from scoredistill.cli.main import main
 
-BASE = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 32, "depth": 2},
-    "fake_score": {"width": 32, "depth": 2},
-    "objective": {"name": "dmd2"},
-    "train": {"steps": 6, "batch_size": 32, "generator_every": 2, "progress": False, "checkpoint_every": 3},
-    "eval": {"every": 3, "n_samples": 64, "plots": True},
-}
+BASE = tiny_config(train={"steps": 6, "checkpoint_every": 3}, eval={"every": 3, "plots": True})
 
 
 def write(tmp_path, cfg, name="c.yaml"):

@@ -5,19 +5,13 @@ import os
 import pytest
 import torch
 
+from helpers import tiny_config
 from scoredistill.config import resolve
 from scoredistill.engine.distiller import Distiller, TrainingAborted
 from scoredistill.engine.io import list_checkpoints
 
-SMALL = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 32, "depth": 2},
-    "fake_score": {"width": 32, "depth": 2},
-    "objective": {"name": "dmd2"},
-    "train": {"steps": 24, "batch_size": 32, "generator_every": 3, "checkpoint_every": 12, "progress": False,
-              "log_every": 4},
-    "eval": {"every": 12, "n_samples": 64, "plots": False},
-}
+SMALL = tiny_config(train={"steps": 24, "generator_every": 3, "checkpoint_every": 12, "log_every": 4},
+                    eval={"every": 12})
 
 
 def weights(mod):

@@ -12,20 +12,13 @@ import pytest
 import torch
 import yaml
 
-from helpers import RECIPES, cli, gen_weights, needs_torchrun, torchrun_cli
+from helpers import RECIPES, cli, gen_weights, needs_torchrun, tiny_config, torchrun_cli
 from scoredistill.config import load_yaml, resolve
 from scoredistill.engine.distiller import Distiller
 from scoredistill.errors import ConfigError
 
-CFG = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 32, "depth": 2, "steps": 4},
-    "fake_score": {"width": 32, "depth": 2},
-    "objective": {"name": "dmd2"},
-    "train": {"steps": 12, "batch_size": 32, "micro_batch": 16, "generator_every": 2, "checkpoint_every": 4,
-              "progress": False, "keep_checkpoints": 5, "threads": 1},
-    "eval": {"every": 6, "n_samples": 64, "plots": False},
-}
+CFG = tiny_config(generator={"steps": 4},
+                  train={"steps": 12, "micro_batch": 16, "keep_checkpoints": 5, "threads": 1}, eval={"every": 6})
 SMALL = ["generator.width=32", "generator.depth=2", "fake_score.width=32", "fake_score.depth=2", "train.steps=3",
          "train.batch_size=16", "eval.every=3", "eval.n_samples=32", "eval.plots=false", "train.progress=false",
          "train.real_pool=64", "train.ode_pairs=32", "train.checkpoint_every=1000"]

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import TORCHRUN, cli, gen_weights, needs_torchrun, torchrun_cli
+from helpers import TORCHRUN, cli, gen_weights, needs_torchrun, tiny_config, torchrun_cli
 from scoredistill.config import ConfigError, resolve
 from scoredistill.engine.fsdp import blocks, wanted
 from scoredistill.engine.io import list_checkpoints
@@ -19,18 +19,13 @@ from scoredistill.models.mlp import MLPDenoiser, MLPGenerator
 from scoredistill.models.multi import MultiStudentGenerator
 from scoredistill.process.processes import make_process
 
-CFG = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 32, "depth": 2},
-    "fake_score": {"width": 32, "depth": 2},
+CFG = tiny_config(
     # the GAN term adds the discriminator head (a third sharded role) and the fake network's features() path
-    "objective": {"name": "dmd2", "gan_weight_gen": 0.005},
+    objective={"gan_weight_gen": 0.005},
     # micro_batch 16: one micro-batch per rank on 2 ranks, two in sequence on one process (same global batch);
     # grad_clip 0.1 is below every measured gradient norm here, so clipping is active and must agree
-    "train": {"steps": 12, "batch_size": 32, "micro_batch": 16, "generator_every": 2, "checkpoint_every": 4,
-              "progress": False, "keep_checkpoints": 5, "threads": 1, "grad_clip": 0.1, "real_pool": 256},
-    "eval": {"every": 6, "n_samples": 64, "plots": False},
-}
+    train={"steps": 12, "micro_batch": 16, "keep_checkpoints": 5, "threads": 1, "grad_clip": 0.1, "real_pool": 256},
+    eval={"every": 6})
 
 
 def state(run, step=None):

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from helpers import tiny_config
 from scoredistill.config import resolve
 from scoredistill.engine.distiller import Distiller
 from scoredistill.engine.io import list_checkpoints, read_checkpoint
@@ -17,14 +18,7 @@ from scoredistill.optimize.driver import PriorOptimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 16, "depth": 2},
-    "fake_score": {"width": 16, "depth": 2},
-    "objective": {"name": "_test_state"},
-    "train": {"steps": 8, "batch_size": 16, "generator_every": 2, "checkpoint_every": 4, "progress": False},
-    "eval": {"every": 4, "n_samples": 16, "plots": False},
-}
+SMALL = tiny_config(16, objective={"name": "_test_state"}, train={"batch_size": 16}, eval={"n_samples": 16})
 
 
 class StatefulDMD2(DMD2):

@@ -6,20 +6,14 @@ import time
 import pytest
 import torch
 
+from helpers import tiny_config
 from scoredistill.config import ConfigError, resolve
 from scoredistill.engine.distiller import Distiller
 from scoredistill.engine.schedule import lr_factor
 
-SMALL = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 32, "depth": 2},
-    "fake_score": {"width": 32, "depth": 2},
-    "objective": {"name": "dmd2"},
-    "train": {"steps": 20, "batch_size": 32, "generator_every": 2, "checkpoint_every": 100, "progress": False,
-              "log_every": 5, "lr": 1e-3, "fake_lr": 2e-3, "lr_schedule": "cosine", "warmup_steps": 4,
-              "lr_min_ratio": 0.1},
-    "eval": {"every": 100, "n_samples": 64, "plots": False},
-}
+SMALL = tiny_config(train={"steps": 20, "checkpoint_every": 100, "log_every": 5, "lr": 1e-3, "fake_lr": 2e-3,
+                            "lr_schedule": "cosine", "warmup_steps": 4, "lr_min_ratio": 0.1},
+                    eval={"every": 100})
 
 
 def test_factor_curve():

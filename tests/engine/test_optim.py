@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import tiny_config
 from scoredistill.config import resolve
 from scoredistill.engine.distiller import Distiller
 from scoredistill.engine.optim import OPTIMIZERS, build_optimizer
@@ -15,15 +16,7 @@ from scoredistill.optimize.driver import PriorOptimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 16, "depth": 2},
-    "fake_score": {"width": 16, "depth": 2},
-    "objective": {"name": "dmd2"},
-    "train": {"steps": 8, "batch_size": 16, "generator_every": 2, "checkpoint_every": 4, "progress": False,
-              "weight_decay": 0.01},
-    "eval": {"every": 4, "n_samples": 16, "plots": False},
-}
+SMALL = tiny_config(16, train={"batch_size": 16, "weight_decay": 0.01}, eval={"n_samples": 16})
 PRIOR = {"teacher": {"kind": "gmm", "preset": "ring8", "process": {"kind": "vp"}},
          "params": {"kind": "particles", "n": 16}, "objective": {"name": "vsd_particles"},
          "train": {"steps": 8, "progress": False, "checkpoint_every": 4, "weight_decay": 0.01},

@@ -7,21 +7,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import cli, gen_weights, needs_torchrun, torchrun_cli
+from helpers import cli, gen_weights, needs_torchrun, tiny_config, torchrun_cli
 from scoredistill.engine.io import list_checkpoints
 
-CFG = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 32, "depth": 2},
-    "fake_score": {"width": 32, "depth": 2},
-    "objective": {"name": "dmd2"},
+CFG = tiny_config(
     # micro_batch 16: two micro-batches per iteration, computed in sequence by one process or one per rank
     # by two; their random draws are seeded by (seed, iteration, phase, micro-batch index), so both see
     # the same global batch
-    "train": {"steps": 12, "batch_size": 32, "micro_batch": 16, "generator_every": 2, "checkpoint_every": 4,
-              "progress": False, "keep_checkpoints": 5, "threads": 1},
-    "eval": {"every": 6, "n_samples": 64, "plots": False},
-}
+    train={"steps": 12, "micro_batch": 16, "keep_checkpoints": 5, "threads": 1},
+    eval={"every": 6})
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,10 @@ import time
 import pytest
 import yaml
 
-from helpers import cli, gen_weights
+from helpers import cli, gen_weights, tiny_config
 from scoredistill.engine.rundir import MARKER
 
-CFG = {
-    "teacher": {"kind": "gmm", "preset": "ring8"},
-    "generator": {"width": 32, "depth": 2},
-    "fake_score": {"width": 32, "depth": 2},
-    "objective": {"name": "dmd2"},
-    "train": {"steps": 8, "batch_size": 32, "generator_every": 2, "checkpoint_every": 4, "progress": False,
-              "keep_checkpoints": 5, "threads": 1},
-    "eval": {"every": 4, "n_samples": 64, "plots": False},
-}
+CFG = tiny_config(train={"keep_checkpoints": 5, "threads": 1})
 
 
 def _write_cfg(d, **train):

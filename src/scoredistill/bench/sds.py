@@ -9,7 +9,7 @@ conditional teacher only; every other method runs on all four.
 
 Budget: ``budget_steps`` optimizer steps per run. Every step-valued schedule of the recipe
 (``[start_step, start, end, end_step]`` or ``{start_step, end_step}``) and every objective parameter whose
-Params field is marked as a step count (``metadata={"unit": "steps"}``, e.g. ISM/TSM's ``warmup_iter``)
+Params key is declared as a step count (``key(..., unit="steps")``, e.g. ISM/TSM's ``warmup_iter``)
 is rescaled by ``budget_steps / recipe steps``, so the run follows the recipe's schedule shape compressed
 to the budget.
 
@@ -24,7 +24,6 @@ end minus at 90 % of the budget), non-finite particles + skipped steps, and wall
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from scoredistill.bench.tables import Column, markdown_table, write_tables
-from scoredistill.config import load_yaml
+from scoredistill.config import keys, load_yaml
 from scoredistill.optimize.schedule import extract_schedules, parse_schedule
 
 METHODS = ("sds", "asd", "csd", "ism", "tsm", "cds", "bsd", "vsd_particles", "esd")
@@ -42,7 +41,7 @@ CONDITIONAL = {"ring8_cond"}
 COLUMNS = ("method", "teacher", "steps", "n", "sw2", "sw2_floor", "spread_ratio", "cluster_spread_ratio",
            "modes_covered", "num_modes", "precision", "class_accuracy", "drift_per_step", "radius_growth",
            "radius_mean", "nonfinite", "wall_s")
-STEP_UNIT = "steps"  # Params field metadata {"unit": "steps"}: an integer number of optimizer steps
+STEP_UNIT = "steps"  # a Params key declared with unit="steps": an integer number of optimizer steps
 
 
 def recipes_dir() -> Path:
@@ -74,11 +73,11 @@ def _scale_schedules(node, factor: float, path: str = ""):
 
 
 def step_count_params(objective_name: str) -> list[str]:
-    """The objective's parameters that count optimizer steps (Params fields marked ``unit: steps``)."""
+    """The objective's parameters that count optimizer steps (Params keys declared ``unit="steps"``)."""
     from scoredistill.objectives import OBJECTIVES
 
     cls = OBJECTIVES[objective_name]
-    return [f.name for f in dataclasses.fields(cls.Params) if f.metadata.get("unit") == STEP_UNIT]
+    return [k.name for k in keys(cls.Params).values() if k.unit == STEP_UNIT]
 
 
 def _scale_step_params(obj: dict, factor: float) -> dict:

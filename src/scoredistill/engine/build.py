@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from scoredistill.config import TeacherConfig, teacher_config
+from scoredistill.config import FakeScoreConfig, GeneratorConfig, TeacherConfig, teacher_config, typed
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.models.generators import DenoiserGenerator, DiscriminatorHead
@@ -101,99 +101,101 @@ def native_checkpointing(module: torch.nn.Module, enabled, section: str) -> torc
     return module
 
 
-def build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
-    gen = _build_generator(gcfg, teacher)
+def build_generator(gcfg: dict | GeneratorConfig, teacher: Denoiser) -> torch.nn.Module:
+    """The generator of the ``generator`` section (typed, or its dict: validated by the schema first)."""
+    g = typed(GeneratorConfig, gcfg, "generator")
+    gen = _build_generator(g, teacher)
     if not _is_diffusers(teacher):  # diffusers roles: enabled in scoredistill.adapters.student
-        native_checkpointing(gen, gcfg.get("gradient_checkpointing"), "generator")
+        native_checkpointing(gen, g.gradient_checkpointing, "generator")
     return gen
 
 
-def _build_generator(gcfg: dict, teacher: Denoiser) -> torch.nn.Module:
+def _build_generator(g: GeneratorConfig, teacher: Denoiser) -> torch.nn.Module:
     dim = int(np.prod(teacher.data_shape))
     if _is_diffusers(teacher):
-        if gcfg.get("steps") is not None:
+        if g.steps is not None:
             raise ConfigError("generator.steps", "diffusers students take generator.timesteps (native values, "
                               "e.g. [999, 749, 499, 249]); accepted here: null")
-        if gcfg.get("rollout", "fresh") != "fresh" or gcfg.get("step_weights") is not None:
+        if g.rollout != "fresh" or g.step_weights is not None:
             raise ConfigError("generator.rollout", "diffusers students re-noise with fresh noise and a uniform step "
                               "choice; accepted here: fresh, step_weights null")
-    elif gcfg.get("steps") is not None or gcfg.get("timesteps") is not None:
-        return _native_few_step(gcfg, teacher, dim)
-    elif gcfg.get("rollout", "fresh") != "fresh" or gcfg.get("step_weights") is not None:
+    elif g.steps is not None or g.timesteps is not None:
+        return _native_few_step(g, teacher, dim)
+    elif g.rollout != "fresh" or g.step_weights is not None:
         raise ConfigError("generator.rollout", "applies to K-step students; set generator.steps or timesteps")
-    if gcfg["kind"] == "mlp":
-        return MLPGenerator(dim, gcfg["width"], gcfg["depth"], teacher.num_classes)
-    if gcfg["kind"] == "multi":  # MSD: one student per block of classes (models/multi.py)
+    if g.kind == "mlp":
+        return MLPGenerator(dim, g.width, g.depth, teacher.num_classes)
+    if g.kind == "multi":  # MSD: one student per block of classes (models/multi.py)
         from scoredistill.models.multi import MultiStudentGenerator
 
-        k = _msd_classes(gcfg, teacher)
-        return MultiStudentGenerator(dim, gcfg["width"], gcfg["depth"], k, gcfg["students"])
+        return MultiStudentGenerator(dim, g.width, g.depth, _msd_classes(g, teacher), g.students)
     if _is_diffusers(teacher):  # generator.kind teacher (full copy) | lora (scoredistill.adapters.student)
         from scoredistill.adapters.student import build_diffusers_generator
 
-        return build_diffusers_generator(gcfg, teacher)
-    if gcfg["kind"] == "lora":
+        return build_diffusers_generator(dataclasses.asdict(g), teacher)
+    if g.kind == "lora":
         raise ConfigError("generator.kind", "'lora' needs a diffusers teacher (teacher.kind: diffusers)")
     if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
         raise ConfigError("generator.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
                           "accepted for exact-score teachers: mlp")
-    t_init = float(teacher.process.t_from_rho(gcfg["sigma_init"]))
+    t_init = float(teacher.process.t_from_rho(g.sigma_init))
     return DenoiserGenerator(copy.deepcopy(teacher).requires_grad_(True).train(), t_init)
 
 
-def _msd_classes(gcfg: dict, teacher: Denoiser) -> int:
+def _msd_classes(g: GeneratorConfig, teacher: Denoiser) -> int:
     """The teacher's number of classes, which MSD (``generator.kind: multi``) splits among its students."""
     k = teacher.num_classes or 0
     if not k:
         raise ConfigError("generator.kind", "'multi' routes samples by class and needs a class-conditional "
                           "teacher (preset ring8_cond, or teacher.classes)")
-    if gcfg["students"] > k:
-        raise ConfigError("generator.students", f"must be <= the teacher's {k} classes, got {gcfg['students']}")
+    if g.students > k:
+        raise ConfigError("generator.students", f"must be <= the teacher's {k} classes, got {g.students}")
     return k
 
 
-def _native_few_step(gcfg: dict, teacher: Denoiser, dim: int) -> torch.nn.Module:
+def _native_few_step(g: GeneratorConfig, teacher: Denoiser, dim: int) -> torch.nn.Module:
     """A K-step student over a native step network (models/fewstep.py; docs/fewstep.md): a fresh MLP
     (``kind: mlp``), MSD's class-routed MLPs (``multi``), or a copy of a learned teacher (``teacher``, first
     time ``t(sigma_init)``), rolled out over ``generator.steps`` / ``timesteps`` with ``generator.rollout``."""
     from scoredistill.models.fewstep import MultiStudentDenoiser, build_fewstep, fresh_mlp_denoiser
 
-    kind, t_first = gcfg["kind"], None
+    t_first = None
     sd = float(teacher.data_std()) if hasattr(teacher, "data_std") else float(getattr(teacher, "sigma_data", 1.0))
-    if kind == "mlp":
-        net = fresh_mlp_denoiser(teacher.process, dim, gcfg["width"], gcfg["depth"], teacher.num_classes, sd)
-    elif kind == "multi":
-        k = _msd_classes(gcfg, teacher)
-        net = MultiStudentDenoiser(teacher.process, dim, gcfg["width"], gcfg["depth"], k, gcfg["students"], sd)
-    elif kind == "teacher":
+    if g.kind == "mlp":
+        net = fresh_mlp_denoiser(teacher.process, dim, g.width, g.depth, teacher.num_classes, sd)
+    elif g.kind == "multi":
+        net = MultiStudentDenoiser(teacher.process, dim, g.width, g.depth, _msd_classes(g, teacher), g.students, sd)
+    elif g.kind == "teacher":
         if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
             raise ConfigError("generator.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
                               "accepted for exact-score teachers: mlp, multi")
         net = copy.deepcopy(teacher).requires_grad_(True).train()
-        t_first = float(teacher.process.t_from_rho(gcfg["sigma_init"]))
+        t_first = float(teacher.process.t_from_rho(g.sigma_init))
     else:
-        raise ConfigError("generator.kind", f"{kind!r} needs a diffusers teacher (teacher.kind: diffusers)")
-    return build_fewstep(net, gcfg.get("steps"), gcfg.get("timesteps"), gcfg.get("rollout", "fresh"), "scaled",
-                         gcfg.get("step_weights"), t_first)
+        raise ConfigError("generator.kind", f"{g.kind!r} needs a diffusers teacher (teacher.kind: diffusers)")
+    return build_fewstep(net, g.steps, g.timesteps, g.rollout, "scaled", g.step_weights, t_first)
 
 
-def build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
-    fake = _build_fake(fcfg, teacher, sigma_data)
+def build_fake(fcfg: dict | FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Denoiser:
+    """The fake score of the ``fake_score`` section (typed, or its dict: validated by the schema first);
+    ``sigma_data`` is the EDM scale when the section leaves it null."""
+    f = typed(FakeScoreConfig, fcfg, "fake_score")
+    fake = _build_fake(f, teacher, sigma_data)
     if not _is_diffusers(teacher):
-        native_checkpointing(fake, fcfg.get("gradient_checkpointing"), "fake_score")
+        native_checkpointing(fake, f.gradient_checkpointing, "fake_score")
     return fake
 
 
-def _build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
+def _build_fake(f: FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Denoiser:
     dim = int(np.prod(teacher.data_shape))
-    if fcfg["kind"] == "mlp":
-        sd = fcfg["sigma_data"] if fcfg["sigma_data"] is not None else sigma_data
-        return MLPDenoiser(teacher.process, dim, fcfg["width"], fcfg["depth"], teacher.num_classes, sd)
+    if f.kind == "mlp":
+        sd = f.sigma_data if f.sigma_data is not None else sigma_data
+        return MLPDenoiser(teacher.process, dim, f.width, f.depth, teacher.num_classes, sd)
     if _is_diffusers(teacher):  # fake_score.kind teacher/full (copy) | lora (peft LoRA on the teacher)
         from scoredistill.adapters.student import build_diffusers_fake
 
-        return build_diffusers_fake(fcfg, teacher, sigma_data)
-    if fcfg["kind"] == "lora":
+        return build_diffusers_fake(dataclasses.asdict(f), teacher, sigma_data)
+    if f.kind == "lora":
         raise ConfigError("fake_score.kind", "'lora' needs a diffusers teacher (teacher.kind: diffusers)")
     if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
         raise ConfigError("fake_score.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "

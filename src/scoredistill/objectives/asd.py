@@ -18,33 +18,27 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.errors import ConfigError
+from scoredistill.config import key
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import noise_like
 from scoredistill.objectives.core import (
     FieldObjective,
-    check_clamp,
-    check_weighting,
+    clamp_key,
     eps_of,
     field_diag,
     finish_field,
     score_field,
+    weighting_key,
 )
 
 
 @dataclass
 class ASDParams(ObjectiveParams):
     guidance_scale: float = 7.5
-    weighting: str = "sds"
-    plus_ratio: float = 0.1
-    plus_random: bool = True
-    grad_clamp: float | None = None
-
-    def validate(self):
-        check_weighting(self.weighting)
-        check_clamp(self.grad_clamp)
-        if self.plus_ratio < 0:
-            raise ConfigError("objective.plus_ratio", "must be >= 0")
+    weighting: str = weighting_key()
+    plus_ratio: float = key(0.1, "the second time t+ = t + plus_ratio (t - t_min) (at most)", lo=0)
+    plus_random: bool = key(True, "draw t+ uniformly up to that bound")
+    grad_clamp: float | None = clamp_key()
 
 
 @register

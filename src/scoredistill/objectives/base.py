@@ -21,13 +21,13 @@ against this contract by tests/objectives/test_contract.py.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from scoredistill.config import check_value, key, keys
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.process.processes import Process
@@ -74,9 +74,16 @@ class Roles:
 
 @dataclass
 class ObjectiveParams:
-    """Base for each objective's parameters; fields are the accepted ``objective.*`` keys."""
+    """Base for each objective's parameters: the fields are the accepted ``objective.*`` keys, declared
+    like every config key with :func:`scoredistill.config.key` (range, choices, one-line doc; a plain
+    default is checked by its annotation alone). :func:`build_objective` checks each given value against
+    its declaration, so a bad value is one line naming ``objective.<key>`` and the accepted values;
+    ``validate`` holds only the rules that tie several keys together (and normalises values)."""
 
-    guidance_scale: float = 1.0  # canonical CFG scale on the teacher (w = 1: unguided)
+    guidance_scale: float = key(1.0, "canonical CFG scale on the teacher (w = 1: unguided)")
+
+    def validate(self) -> None:
+        pass
 
 
 class Objective:
@@ -190,24 +197,18 @@ def build_objective(cfg: dict, guidance_convention: str = "canonical") -> Object
     if name not in OBJECTIVES:
         raise ConfigError("objective.name", f"unknown value {name!r}; accepted: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]
-    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
-    accepted = sorted(list(fields) + list(_TIME_KEYS))
+    declared = keys(cls.Params)
     times = {k: cfg.pop(k) for k in _TIME_KEYS if k in cfg}
-    for k, v in cfg.items():
-        if k not in fields:
-            raise ConfigError(f"objective.{k}", f"unknown key for {name}; accepted: {', '.join(accepted)}")
-        default = fields[k].default
-        if v is None and "None" in str(fields[k].type):  # optional parameter explicitly unset
-            continue
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise ConfigError(f"objective.{k}", f"must be true or false, got {v!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise ConfigError(f"objective.{k}", f"must be a finite number, got {v!r}")
+    for k in cfg:
+        if k not in declared:
+            accepted = ", ".join(sorted(list(declared) + list(_TIME_KEYS)))
+            raise ConfigError(f"objective.{k}", f"unknown key for {name}; accepted: {accepted}")
+    # ranges hold for canonical guidance scales, so the values are checked after the conversion
     cfg = {k: canonical_param(k, v, guidance_convention) for k, v in cfg.items()}
+    for k, v in cfg.items():
+        check_value(v, declared[k], f"objective.{k}")
     params = cls.Params(**cfg)
-    if hasattr(params, "validate"):
-        params.validate()
+    params.validate()
     time = make_time_sampler(times.get("time"), "objective.time", cls.default_time)
     fake_time = make_time_sampler(times.get("fake_time"), "objective.fake_time",
                                   getattr(cls, "default_fake_time", None) or DEFAULT_FAKE_TIME)

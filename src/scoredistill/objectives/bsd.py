@@ -17,16 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.errors import ConfigError
+from scoredistill.config import key
 from scoredistill.objectives.base import ObjectiveParams, register
-from scoredistill.objectives.core import (
-    FieldObjective,
-    check_clamp,
-    eps_of,
-    field_diag,
-    finish_field,
-    null_like,
-)
+from scoredistill.objectives.core import ClassFieldObjective, clamp_key, eps_of, field_diag, finish_field, null_like
 from scoredistill.process.time import Uniform
 
 
@@ -41,28 +34,18 @@ def min_norm_alpha(g_c: torch.Tensor, g_d: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BSDParams(ObjectiveParams):
-    k_c: float = 15.0
-    k_d: float = 1.0
-    grad_clamp: float | None = None
-
-    def validate(self):
-        check_clamp(self.grad_clamp)
-        if self.k_c < 0 or self.k_d < 0:
-            raise ConfigError("objective.k_c", "k_c and k_d must be >= 0")
+    k_c: float = key(15.0, "weight of the class direction g_c = k_c (eps_c - eps_u)", lo=0)
+    k_d: float = key(1.0, "weight of the unconditional direction g_d = k_d eps_u", lo=0)
+    grad_clamp: float | None = clamp_key()
 
 
 @register
-class BSD(FieldObjective):
+class BSD(ClassFieldObjective):
     name = "bsd"
     Params = BSDParams
     default_time = Uniform(t_min=0.02, t_max=0.5)
 
-    def requirements(self):
-        return {"class_conditional"}
-
     def field(self, batch, roles):
-        if batch.cond is None:
-            raise ConfigError("params.classes", "bsd needs a conditional teacher and a class per sample")
         p = roles.process
         x, t, _, x_t = self.noised(batch, p)
         e_c = eps_of(roles.teacher, x_t, t, batch.cond)

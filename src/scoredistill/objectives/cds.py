@@ -29,17 +29,18 @@ from dataclasses import dataclass
 
 import torch
 
+from scoredistill.config import key
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.core import (
     FieldObjective,
-    check_clamp,
-    check_weighting,
+    clamp_key,
     eps_weight,
     field_diag,
     finish_field,
     null_like,
     to_eps,
+    weighting_key,
 )
 from scoredistill.process.guidance import cfg_combine
 
@@ -47,25 +48,20 @@ from scoredistill.process.guidance import cfg_combine
 @dataclass
 class CDSParams(ObjectiveParams):
     guidance_scale: float = 101.0   # official coarse start: 100 in the cond_plus convention
-    weighting: str = "uniform"
-    t_next: float = 0.7             # t' (schedulable; official: sqrt anneal 0.7 -> 0.1)
-    end_gap: float = 0.1
-    perturb: float = 0.2
-    t_clamp_min: float = 0.1
-    t_clamp_max: float = 0.98
-    recon_std_rescale: float = 0.0
-    noise_seed: int = 0
-    grad_clamp: float | None = None
+    weighting: str = weighting_key("uniform")
+    t_next: float = key(0.7, "t' (schedulable; official: sqrt anneal 0.7 -> 0.1)")
+    end_gap: float = key(0.1, "t = t' + U[end_gap, end_gap + perturb)", lo=0, lo_open=True)
+    perturb: float = key(0.2, "width of that range", lo=0)
+    t_clamp_min: float = key(0.1, "lower clamp of t and t'", lo=0, hi=1)
+    t_clamp_max: float = key(0.98, "upper clamp of t (t' <= t_clamp_max - end_gap)", lo=0, hi=1)
+    recon_std_rescale: float = key(0.0, "share of the std-rescaled x0 in eps'_t (0: plain CFG)", lo=0, hi=1)
+    noise_seed: int = key(0, "seed of the fixed per-item noise", lo=0)
+    grad_clamp: float | None = clamp_key()
 
     def validate(self):
-        check_weighting(self.weighting)
-        check_clamp(self.grad_clamp)
-        if not 0 <= self.t_clamp_min < self.t_clamp_max <= 1:
-            raise ConfigError("objective.t_clamp_max", "need 0 <= t_clamp_min < t_clamp_max <= 1")
-        if self.end_gap <= 0 or self.perturb < 0:
-            raise ConfigError("objective.end_gap", "need end_gap > 0 and perturb >= 0")
-        if not 0 <= self.recon_std_rescale <= 1:
-            raise ConfigError("objective.recon_std_rescale", "must be in [0, 1]")
+        if self.t_clamp_min >= self.t_clamp_max:
+            raise ConfigError("objective.t_clamp_max", f"must be > objective.t_clamp_min ({self.t_clamp_min}), "
+                              f"got {self.t_clamp_max}")
 
 
 def _std(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scoredistill.config import INT64_MAX, check_value, key, keys
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser
 from scoredistill.objectives.base import Batch, Objective, Roles
@@ -167,25 +168,52 @@ def field_diag(g: torch.Tensor, t: torch.Tensor, **extra) -> dict:
     return out
 
 
-# -- parameter checks shared by the Params classes -----------------------------------------------------
+# -- parameter declarations shared by the Params classes ----------------------------------------------
+def weighting_key(default: str = "sds"):
+    return key(default, "w(t) of the weighting table: " + " | ".join(WEIGHTINGS), choices=tuple(WEIGHTINGS))
+
+
+def clamp_key():
+    return key(None, "element-wise bound |g| <= grad_clamp on the field (null: off)", lo=0)
+
+
+def guidance_key(default: float = 1.0, doc: str = "canonical CFG scale on the teacher (w = 1: unguided)"):
+    return key(default, doc, lo=0)
+
+
+def dropout_key(default: float = 0.1, doc: str = "share of labels the fake score's training drops (its "
+                "unconditional branch)"):
+    return key(default, doc, lo=0, hi=1, hi_open=True)
+
+
+def class_key(default: int | None, doc: str):
+    return key(default, doc, lo=0, hi=INT64_MAX)
+
+
+@dataclass
+class _Shared:
+    weighting: str = weighting_key()
+    grad_clamp: float | None = clamp_key()
+    guidance_scale: float = guidance_key()
+    fake_cond_dropout: float = dropout_key()
+
+
+# Checks of a value that is not declared with the keys above (a Params class written before the
+# declarations); new Params classes declare their keys instead.
 def check_weighting(value: str) -> None:
-    if value not in WEIGHTINGS:
-        raise ConfigError("objective.weighting", f"unknown value {value!r}; accepted: {', '.join(WEIGHTINGS)}")
+    check_value(value, keys(_Shared)["weighting"], "objective.weighting")
 
 
 def check_clamp(value) -> None:
-    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-        raise ConfigError("objective.grad_clamp", f"must be a number >= 0 or null, got {value!r}")
+    check_value(value, keys(_Shared)["grad_clamp"], "objective.grad_clamp")
 
 
 def check_guidance(value: float) -> None:
-    if value < 0:
-        raise ConfigError("objective.guidance_scale", "must be >= 0 (canonical CFG, 1 = unguided)")
+    check_value(value, keys(_Shared)["guidance_scale"], "objective.guidance_scale")
 
 
-def check_dropout(key: str, value: float) -> None:
-    if not 0 <= value < 1:
-        raise ConfigError(f"objective.{key}", "must be in [0, 1)")
+def check_dropout(name: str, value: float) -> None:
+    check_value(value, keys(_Shared)["fake_cond_dropout"], f"objective.{name}")
 
 
 # -- base classes ---------------------------------------------------------------------------------------
@@ -211,6 +239,19 @@ class FieldObjective(Objective):
         x = batch.x
         loss = inject(x, g.to(x.dtype), self.reduction)
         return {"loss": loss, **diag}
+
+
+class ClassFieldObjective(FieldObjective):
+    """A field that contrasts the teacher's predictions under different labels (CSD, BSD): it needs a
+    class-conditional teacher and a class per sample."""
+
+    def requirements(self):
+        return {"class_conditional"}
+
+    def noised(self, batch: Batch, process: Process):
+        if batch.cond is None:
+            raise ConfigError("params.classes", f"{self.name} needs a conditional teacher and a class per sample")
+        return super().noised(batch, process)
 
 
 class FakeScoreObjective(Objective):

@@ -21,52 +21,40 @@ from dataclasses import dataclass
 
 import torch
 
+from scoredistill.config import key
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.core import (
-    FieldObjective,
-    check_clamp,
-    check_weighting,
+    ClassFieldObjective,
+    clamp_key,
+    class_key,
     eps_of,
     eps_weight,
     field_diag,
     finish_field,
     null_like,
+    weighting_key,
 )
 
 
 @dataclass
 class CSDParams(ObjectiveParams):
-    weighting: str = "uniform"
-    lambda_cond: float = 1.0
-    lambda_neg: float = 0.0
-    lambda_null: float = -1.0
-    lambda_noise: float = 0.0
-    negative_class: int | None = None   # label of the negative condition (needed if lambda_neg != 0)
-    grad_normalize: bool = True
-    grad_clamp: float | None = None
-
-    def validate(self):
-        check_weighting(self.weighting)
-        check_clamp(self.grad_clamp)
-        if self.negative_class is not None and (not isinstance(self.negative_class, int)
-                                                or isinstance(self.negative_class, bool)
-                                                or self.negative_class < 0):
-            raise ConfigError("objective.negative_class",
-                              f"must be a class label >= 0, got {self.negative_class!r}")
+    weighting: str = weighting_key("uniform")
+    lambda_cond: float = key(1.0, "coefficient of eps(x_t, c)")
+    lambda_neg: float = key(0.0, "coefficient of eps(x_t, negative_class)")
+    lambda_null: float = key(-1.0, "coefficient of eps(x_t, null)")
+    lambda_noise: float = key(0.0, "coefficient of the injected noise")
+    negative_class: int | None = class_key(None, "label of the negative condition (needed if lambda_neg != 0)")
+    grad_normalize: bool = key(True, "g / ||g|| over the whole batch tensor (official, load-bearing)")
+    grad_clamp: float | None = clamp_key()
 
 
 @register
-class CSD(FieldObjective):
+class CSD(ClassFieldObjective):
     name = "csd"
     Params = CSDParams
 
-    def requirements(self):
-        return {"class_conditional"}
-
     def field(self, batch, roles):
-        if batch.cond is None:
-            raise ConfigError("params.classes", "csd needs a conditional teacher and a class per sample")
         p = roles.process
         x, t, eps, x_t = self.noised(batch, p)
         q = self.p

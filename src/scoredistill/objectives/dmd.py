@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import torch
 
+from scoredistill.config import key
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import (
@@ -32,20 +33,15 @@ from scoredistill.objectives.common import (
     head_logits,
     noise_like,
 )
-from scoredistill.objectives.core import FakeScoreObjective, check_dropout, check_guidance, dm_field, inject
+from scoredistill.objectives.core import FakeScoreObjective, dm_field, dropout_key, guidance_key, inject
 
 
 @dataclass
 class DMDParams(ObjectiveParams):
-    alpha_factor: bool = False        # multiply the field by a_t (DMD paper eq. 7); False = DMD2 code
-    regression_weight: float = 0.25   # lambda_reg on teacher ODE pairs (0 disables)
-    fake_cond_dropout: float = 0.1
-
-    def validate(self):
-        check_guidance(self.guidance_scale)
-        if self.regression_weight < 0:
-            raise ConfigError("objective.regression_weight", "must be >= 0")
-        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
+    guidance_scale: float = guidance_key()
+    alpha_factor: bool = key(False, "multiply the field by a_t (DMD paper eq. 7); false: DMD2's code")
+    regression_weight: float = key(0.25, "lambda_reg of the regression loss on teacher ODE pairs (0: off)", lo=0)
+    fake_cond_dropout: float = dropout_key()
 
 
 @register
@@ -98,19 +94,18 @@ class DMD(FakeScoreObjective):
 
 @dataclass
 class DMD2Params(ObjectiveParams):
-    alpha_factor: bool = False
-    fake_cond_dropout: float = 0.1
-    gan_weight_gen: float = 0.0       # generator GAN weight (DMD2: 1e-3 .. 5e-3); 0 disables the GAN
-    gan_weight_disc: float = 1e-2     # discriminator loss weight inside the fake-network update
-    gan_t_min: float = 0.0            # diffusion-GAN re-noising range (canonical time)
-    gan_t_max: float = 0.5
+    guidance_scale: float = guidance_key()
+    alpha_factor: bool = key(False, "multiply the field by a_t (DMD paper eq. 7); false: DMD2's code")
+    fake_cond_dropout: float = dropout_key()
+    gan_weight_gen: float = key(0.0, "generator GAN weight (DMD2: 1e-3 .. 5e-3; 0: no GAN)", lo=0)
+    gan_weight_disc: float = key(1e-2, "discriminator loss weight inside the fake-network update", lo=0)
+    gan_t_min: float = key(0.0, "diffusion-GAN re-noising range: lower canonical time", lo=0, hi=1)
+    gan_t_max: float = key(0.5, "diffusion-GAN re-noising range: upper canonical time", lo=0, hi=1)
 
     def validate(self):
-        DMDParams.validate(self)
-        if self.gan_weight_gen < 0 or self.gan_weight_disc < 0:
-            raise ConfigError("objective.gan_weight_gen", "GAN weights must be >= 0")
-        if not 0 <= self.gan_t_min <= self.gan_t_max <= 1:
-            raise ConfigError("objective.gan_t_max", "need 0 <= gan_t_min <= gan_t_max <= 1")
+        if self.gan_t_min > self.gan_t_max:
+            raise ConfigError("objective.gan_t_max", f"must be >= objective.gan_t_min ({self.gan_t_min}), "
+                              f"got {self.gan_t_max}")
 
     regression_weight = 0.0
 

@@ -33,21 +33,21 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.errors import ConfigError
+from scoredistill.config import key
 from scoredistill.models.denoiser import NULL_CLASS
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import drop_condition
 from scoredistill.objectives.core import (
     FakeScoreObjective,
     FieldObjective,
-    check_clamp,
-    check_dropout,
-    check_weighting,
+    clamp_key,
+    dropout_key,
     eps_of,
     field_diag,
     finish_field,
     score_field,
     to_eps,
+    weighting_key,
 )
 
 
@@ -65,17 +65,12 @@ def fake_condition(fake, cond: torch.Tensor | None, view: torch.Tensor | None, n
 @dataclass
 class VSDParticlesParams(ObjectiveParams):
     guidance_scale: float = 7.5        # canonical (ProlificDreamer VSD stages)
-    fake_guidance_scale: float = 1.0
-    weighting: str = "sds"
-    fake_cond_dropout: float = 0.1
-    fake_view_dropout: float = 0.1
-    grad_clamp: float | None = None
-
-    def validate(self):
-        check_weighting(self.weighting)
-        check_clamp(self.grad_clamp)
-        for k in ("fake_cond_dropout", "fake_view_dropout"):
-            check_dropout(k, getattr(self, k))
+    fake_guidance_scale: float = key(1.0, "canonical CFG scale over the class on the fake, in each view branch")
+    weighting: str = weighting_key()
+    fake_cond_dropout: float = dropout_key()
+    fake_view_dropout: float = dropout_key(0.1, "share of views the fake score's training drops (its "
+                                           "view-marginal branch)")
+    grad_clamp: float | None = clamp_key()
 
 
 @register
@@ -123,12 +118,8 @@ class VSDParticles(FieldObjective, FakeScoreObjective):
 
 @dataclass
 class ESDParams(VSDParticlesParams):
-    view_lambda: float = 0.5   # 1 - threestudio guidance_scale_lora (official recommendation 0.5)
-
-    def validate(self):
-        VSDParticlesParams.validate(self)
-        if not 0 <= self.view_lambda <= 1:
-            raise ConfigError("objective.view_lambda", "must be in [0, 1]")
+    view_lambda: float = key(0.5, "weight of the view-marginal fake: 1 - threestudio's guidance_scale_lora "
+                             "(official recommendation 0.5)", lo=0, hi=1)
 
 
 @register

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scoredistill.config import key
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import register
 from scoredistill.objectives.dmd import DMD2, DMD2Params
@@ -53,32 +54,24 @@ ALIASES = {"rkl": "reverse_kl", "kl": "forward_kl", "sf": "softened_rkl", "neyma
 
 @dataclass
 class FDistillParams(DMD2Params):
-    divergence: str = "js"          # FastGen method default (its CIFAR-10 config uses forward KL)
-    gan_weight_gen: float = 1e-3    # FastGen default; required > 0
-    logit_clamp: float = 10.0       # r̂ = exp(clamp(logit, ±logit_clamp))
-    ratio_lower: float = 0.1
-    ratio_upper: float = 20.0
-    ratio_normalization: bool = True
-    ratio_bins: int = 10
-    ratio_ema_rate: float = 0.0     # 0 = current batch only (FastGen default); 0.5 for ImageNet-64
+    divergence: str = key("js", "the f-divergence h(r) (FastGen's method default; its CIFAR-10 config uses "
+                          "forward_kl); FastGen's short names are aliases", choices=(*WEIGHTS, *ALIASES))
+    gan_weight_gen: float = key(1e-3, "generator GAN weight (FastGen default): the ratio is read from the "
+                                "discriminator this term trains, so it must be > 0", lo=0, lo_open=True)
+    logit_clamp: float = key(10.0, "r = exp(clamp(logit, +-logit_clamp))", lo=0, lo_open=True)
+    ratio_lower: float = key(0.1, "lower clamp of r", lo=0, lo_open=True)
+    ratio_upper: float = key(20.0, "upper clamp of r", lo=0, lo_open=True)
+    ratio_normalization: bool = key(True, "divide r by its per-time-bin mean")
+    ratio_bins: int = key(10, "equal-width time bins of that mean", lo=1)
+    ratio_ema_rate: float = key(0.0, "EMA of the per-bin mean (0: current batch only, FastGen default; 0.5 "
+                                "for ImageNet-64)", lo=0, hi=1, hi_open=True)
 
     def validate(self):
         DMD2Params.validate(self)
         self.divergence = ALIASES.get(self.divergence, self.divergence)
-        if self.divergence not in WEIGHTS:
-            raise ConfigError("objective.divergence",
-                              f"unknown value {self.divergence!r}; accepted: {', '.join(WEIGHTS)}")
-        if not self.gan_weight_gen > 0:
-            raise ConfigError("objective.gan_weight_gen",
-                              f"f-distill needs the DMD2 GAN generator term: must be > 0, got {self.gan_weight_gen!r}")
-        if self.logit_clamp <= 0:
-            raise ConfigError("objective.logit_clamp", "must be > 0")
-        if not 0 < self.ratio_lower <= self.ratio_upper:
-            raise ConfigError("objective.ratio_lower", "need 0 < ratio_lower <= ratio_upper")
-        if int(self.ratio_bins) != self.ratio_bins or self.ratio_bins < 1:
-            raise ConfigError("objective.ratio_bins", "must be an integer >= 1")
-        if not 0 <= self.ratio_ema_rate < 1:
-            raise ConfigError("objective.ratio_ema_rate", "must be in [0, 1)")
+        if self.ratio_lower > self.ratio_upper:
+            raise ConfigError("objective.ratio_lower", f"must be <= objective.ratio_upper ({self.ratio_upper}), "
+                              f"got {self.ratio_lower}")
 
 
 def ratio_from_logits(logits: torch.Tensor, clamp: float = 10.0, lower: float = 0.1,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from scoredistill.config import key
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import register
 from scoredistill.objectives.dmd import DMD2, DMD2Params
@@ -23,20 +24,18 @@ from scoredistill.process.time import Uniform
 
 @dataclass
 class FlashDMDParams(DMD2Params):
-    boundary: float = 0.5         # canonical time: DM field above, GAN below
-    gan_weight_gen: float = 1e-3  # the low-noise GAN is half of the method, so it is on by default
-    gan_t_max: float | None = None  # default: the boundary
+    boundary: float = key(0.5, "canonical time: DM field above, GAN below", lo=0, hi=1, lo_open=True,
+                          hi_open=True)
+    gan_weight_gen: float = key(1e-3, "generator GAN weight: the low-noise GAN is half of the method (dmd2 is "
+                                "the method without it)", lo=0, lo_open=True)
+    gan_t_max: float | None = key(None, "upper re-noising time of the GAN (default: the boundary)", lo=0, hi=1)
 
     def validate(self):
-        if not isinstance(self.boundary, (int, float)) or not 0 < self.boundary < 1:
-            raise ConfigError("objective.boundary", f"must be in (0, 1), got {self.boundary!r}")
         if self.gan_t_max is None:
             self.gan_t_max = float(self.boundary)
         if self.gan_t_max > self.boundary:
             raise ConfigError("objective.gan_t_max", f"must be <= objective.boundary ({self.boundary}), "
                               f"got {self.gan_t_max}: the GAN acts only below the boundary")
-        if self.gan_weight_gen <= 0:
-            raise ConfigError("objective.gan_weight_gen", "must be > 0 for flash_dmd (use dmd2 without the GAN)")
         DMD2Params.validate(self)
 
 

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.errors import ConfigError
+from scoredistill.config import key
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.common import noise_like
 from scoredistill.objectives.core import (
     FieldObjective,
-    check_clamp,
+    clamp_key,
     eps_of,
     field_diag,
     finish_field,
@@ -92,27 +92,15 @@ def offset_noise(x: torch.Tensor, rng, scale: float) -> torch.Tensor:
 @dataclass
 class ISMParams(ObjectiveParams):
     guidance_scale: float = 7.5
-    delta_t: float = 0.08           # interval s = t - delta (official default 80 steps; configs use 25)
-    delta_t_start: float = 0.1      # interval at step 0, annealed to delta_t over warmup_iter
-    xs_delta_t: float = 0.2         # stride of the x_s inversion
-    xs_inv_steps: int = 5
-    warmup_iter: int = dataclasses.field(default=1500, metadata={"unit": "steps"})  # rescaled with a budget
-    max_t_range: float = 0.98       # upper time bound at step 0 (annealed to time.t_max)
-    noise_offset: float = 0.1
-    grad_clamp: float | None = None
-
-    def validate(self):
-        check_clamp(self.grad_clamp)
-        for k in ("delta_t", "delta_t_start", "xs_delta_t", "max_t_range"):
-            v = getattr(self, k)
-            if not 0 <= v <= 1:
-                raise ConfigError(f"objective.{k}", f"must be a canonical time in [0, 1], got {v!r}")
-        if self.xs_delta_t <= 0:
-            raise ConfigError("objective.xs_delta_t", "must be > 0")
-        if not isinstance(self.xs_inv_steps, int) or self.xs_inv_steps < 1:
-            raise ConfigError("objective.xs_inv_steps", "must be an integer >= 1")
-        if not isinstance(self.warmup_iter, int) or self.warmup_iter < 0:
-            raise ConfigError("objective.warmup_iter", "must be an integer >= 0")
+    delta_t: float = key(0.08, "interval s = t - delta_t in canonical time (official default 80 steps; "
+                         "configs use 25)", lo=0, hi=1)
+    delta_t_start: float = key(0.1, "interval at step 0, annealed to delta_t over warmup_iter", lo=0, hi=1)
+    xs_delta_t: float = key(0.2, "stride of the x_s inversion (canonical time)", lo=0, hi=1, lo_open=True)
+    xs_inv_steps: int = key(5, "DDIM inversion steps to x_s", lo=1)
+    warmup_iter: int = key(1500, "steps of the interval and time-bound annealing", lo=0, unit="steps")
+    max_t_range: float = key(0.98, "upper time bound at step 0 (annealed to time.t_max)", lo=0, hi=1)
+    noise_offset: float = key(0.1, "std of the per-channel noise offset (data with spatial dimensions)")
+    grad_clamp: float | None = clamp_key()
 
 
 @register
@@ -165,12 +153,7 @@ class ISM(FieldObjective):
 
 @dataclass
 class TSMParams(ISMParams):
-    gamma: float = 0.3
-
-    def validate(self):
-        ISMParams.validate(self)
-        if not 0 <= self.gamma <= 1:
-            raise ConfigError("objective.gamma", "must be in [0, 1]")
+    gamma: float = key(0.3, "TSM: the target's time mu = s + (t - s) sqrt(1 - gamma^2)", lo=0, hi=1)
 
 
 @register

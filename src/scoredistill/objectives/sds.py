@@ -25,26 +25,22 @@ from dataclasses import dataclass
 from scoredistill.objectives.base import ObjectiveParams, register
 from scoredistill.objectives.core import (
     FieldObjective,
-    check_clamp,
-    check_guidance,
-    check_weighting,
+    clamp_key,
     eps_of,
     field_diag,
     finish_field,
+    guidance_key,
     score_field,
+    weighting_key,
 )
 
 
 @dataclass
 class SDSParams(ObjectiveParams):
-    guidance_scale: float = 100.0     # canonical; DreamFusion's omega (threestudio: 100 cond_plus = 101)
-    weighting: str = "sds"
-    grad_clamp: float | None = None   # element-wise |g| bound (schedulable); null: off
-
-    def validate(self):
-        check_weighting(self.weighting)
-        check_clamp(self.grad_clamp)
-        check_guidance(self.guidance_scale)
+    guidance_scale: float = guidance_key(100.0, "canonical CFG scale: DreamFusion's omega (threestudio's "
+                                               "100 in cond_plus = 101)")
+    weighting: str = weighting_key()
+    grad_clamp: float | None = clamp_key()
 
 
 @register

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
+from scoredistill.config import key
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, register
 from scoredistill.objectives.common import denoising_loss, noise_like
-from scoredistill.objectives.core import drop_nonfinite
+from scoredistill.objectives.core import class_key, drop_nonfinite, dropout_key
 from scoredistill.objectives.sid import SiD, SiDParams
 from scoredistill.process.time import Uniform
 
@@ -40,26 +41,17 @@ WARMUP_TIME = Uniform(t_min=0.02, t_max=0.98)  # official: randint(20, 980) duri
 
 @dataclass
 class SFDParams(SiDParams):
-    forget_class: int = 0
-    override_class: int | None = 1        # official CIFAR-10 label_to_override; null = random other class
-    forget_weight: float = 0.01           # g_forget_coef
-    fake_forget_weight: float = 0.01      # sg_forget_coef
-    forget_warmup_steps: int = 0
-    fake_cond_dropout: float = 0.0        # official cond_drop_prob
+    forget_class: int = class_key(0, "the class to forget")
+    override_class: int | None = class_key(1, "the class its samples are steered to (official CIFAR-10 "
+                                           "label_to_override); null: a random other class per sample")
+    forget_weight: float = key(0.01, "weight of the forget term in the generator loss (g_forget_coef)", lo=0)
+    fake_forget_weight: float = key(0.01, "weight of the forget term in the fake step (sg_forget_coef)", lo=0)
+    forget_warmup_steps: int = key(0, "forget terms draw t from U[0.02, 0.98] during these steps", lo=0)
+    fake_cond_dropout: float = dropout_key(0.0, "official cond_drop_prob")
 
     def validate(self):
-        SiDParams.validate(self)
-        f, o = self.forget_class, self.override_class
-        if not isinstance(f, int) or isinstance(f, bool) or f < 0:
-            raise ConfigError("objective.forget_class", f"must be a class label >= 0, got {f!r}")
-        if o is not None and (not isinstance(o, int) or isinstance(o, bool) or o < 0):
-            raise ConfigError("objective.override_class", f"must be a class label >= 0 or null, got {o!r}")
-        if o == f:
+        if self.override_class == self.forget_class:
             raise ConfigError("objective.override_class", "must differ from objective.forget_class")
-        if self.forget_weight < 0 or self.fake_forget_weight < 0:
-            raise ConfigError("objective.forget_weight", "forget weights must be >= 0")
-        if self.forget_warmup_steps < 0 or int(self.forget_warmup_steps) != self.forget_warmup_steps:
-            raise ConfigError("objective.forget_warmup_steps", "must be an integer >= 0")
 
 
 @register
@@ -77,10 +69,10 @@ class SFD(SiD):
         k = getattr(roles.teacher, "num_classes", None) or 0
         if cond is None or k < 2:
             raise ConfigError("teacher", "objective sfd needs a class-conditional teacher with >= 2 classes")
-        for key in ("forget_class", "override_class"):
-            v = getattr(self.p, key)
+        for name in ("forget_class", "override_class"):
+            v = getattr(self.p, name)
             if v is not None and v >= k:
-                raise ConfigError(f"objective.{key}", f"must be a label of the teacher (0..{k - 1}), got {v}")
+                raise ConfigError(f"objective.{name}", f"must be a label of the teacher (0..{k - 1}), got {v}")
 
     def _forget_time(self, batch: Batch, process, sampler):
         s = WARMUP_TIME if batch.step < self.p.forget_warmup_steps else sampler

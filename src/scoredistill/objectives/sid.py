@@ -38,15 +38,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scoredistill.errors import ConfigError
+from scoredistill.config import key
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, edm_weight, head_logits, noise_like
 from scoredistill.objectives.core import (
     SiDFamily,
-    check_dropout,
-    check_guidance,
     dm_normaliser,
     drop_nonfinite,
+    dropout_key,
+    guidance_key,
     per_sample_mean,
 )
 from scoredistill.process.time import Uniform
@@ -56,19 +56,13 @@ SID_WEIGHTINGS = ("sid", "none")
 
 @dataclass
 class SiDParams(ObjectiveParams):
-    alpha: float = 1.2              # official default (CIFAR-10, ImageNet-64, FFHQ); 1.0 = fixed-pi gradient
-    alpha_warmup_steps: int = 0     # use alpha = 1 while batch.step < this (stable start from random init)
-    weighting: str = "sid"          # sid: divide by omega (official) | none: raw x0-space loss (analysis)
-    fake_cond_dropout: float = 0.1
-
-    def validate(self):
-        check_guidance(self.guidance_scale)
-        if self.weighting not in SID_WEIGHTINGS:
-            raise ConfigError("objective.weighting",
-                              f"unknown value {self.weighting!r}; accepted: {', '.join(SID_WEIGHTINGS)}")
-        if self.alpha_warmup_steps < 0 or int(self.alpha_warmup_steps) != self.alpha_warmup_steps:
-            raise ConfigError("objective.alpha_warmup_steps", "must be an integer >= 0")
-        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
+    guidance_scale: float = guidance_key()
+    alpha: float = key(1.2, "official default (CIFAR-10, ImageNet-64, FFHQ); 1.0: the fixed-pi gradient")
+    alpha_warmup_steps: int = key(0, "use alpha = 1 while batch.step < this (stable start from random init)",
+                                  lo=0)
+    weighting: str = key("sid", "sid: divide by omega (official) | none: raw x0-space loss (analysis)",
+                         choices=SID_WEIGHTINGS)
+    fake_cond_dropout: float = dropout_key()
 
 
 def sid_elementwise(x: torch.Tensor, f_real: torch.Tensor, f_fake: torch.Tensor, alpha: float,
@@ -120,20 +114,11 @@ class SiD(SiDFamily):
 @dataclass
 class SiDAParams(SiDParams):
     alpha: float = 1.0              # official SiDA default (CIFAR-10 run_sida.sh)
-    lsg_gan: float = 0.01           # official loss_scaling_G_gan (GAN weight in the generator loss)
-    lsd: float = 1.0                # official loss_scaling_D (discriminator weight in the fake step)
-    lsg: float = 100.0              # official loss_scaling_G; only sets the GAN / SiD balance here
-    logit_clamp: float = 10.0       # generator-side logit clamp (official)
-    gan_start_step: int = 0         # GAN term joins the generator loss from this engine iteration
-
-    def validate(self):
-        SiDParams.validate(self)
-        if self.lsg_gan < 0 or self.lsd < 0 or self.lsg <= 0:
-            raise ConfigError("objective.lsg_gan", "need lsg_gan >= 0, lsd >= 0 and lsg > 0")
-        if self.logit_clamp <= 0:
-            raise ConfigError("objective.logit_clamp", "must be > 0")
-        if self.gan_start_step < 0:
-            raise ConfigError("objective.gan_start_step", "must be >= 0")
+    lsg_gan: float = key(0.01, "official loss_scaling_G_gan (GAN weight in the generator loss)", lo=0)
+    lsd: float = key(1.0, "official loss_scaling_D (discriminator weight in the fake step)", lo=0)
+    lsg: float = key(100.0, "official loss_scaling_G; only sets the GAN / SiD balance here", lo=0, lo_open=True)
+    logit_clamp: float = key(10.0, "generator-side logit clamp (official)", lo=0, lo_open=True)
+    gan_start_step: int = key(0, "GAN term joins the generator loss from this engine iteration", lo=0)
 
 
 @register

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.errors import ConfigError
+from scoredistill.config import key
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.core import SiDFamily, check_dropout, check_guidance, dm_normaliser, drop_nonfinite
+from scoredistill.objectives.core import SiDFamily, dm_normaliser, drop_nonfinite, dropout_key, guidance_key
 from scoredistill.process.time import Uniform
 
 SIM_WEIGHTINGS = ("sid", "fisher", "none")
@@ -48,19 +48,11 @@ SIM_WEIGHTINGS = ("sid", "fisher", "none")
 
 @dataclass
 class SIMParams(ObjectiveParams):
-    huber_c: float = 1.0        # pseudo-Huber c, in score units (paper value not verifiable)
-    weighting: str = "sid"      # sid | fisher | none (see module docstring)
-    pathwise: bool = False      # add <sg(u), y(x_t)>: total derivative instead of fixed-pi gradient
-    fake_cond_dropout: float = 0.1
-
-    def validate(self):
-        check_guidance(self.guidance_scale)
-        if self.huber_c <= 0:
-            raise ConfigError("objective.huber_c", "must be > 0")
-        if self.weighting not in SIM_WEIGHTINGS:
-            raise ConfigError("objective.weighting",
-                              f"unknown value {self.weighting!r}; accepted: {', '.join(SIM_WEIGHTINGS)}")
-        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
+    guidance_scale: float = guidance_key()
+    huber_c: float = key(1.0, "pseudo-Huber c, in score units (paper value not verifiable)", lo=0, lo_open=True)
+    weighting: str = key("sid", "sid | fisher | none (docs/objectives/sim.md)", choices=SIM_WEIGHTINGS)
+    pathwise: bool = key(False, "add <sg(u), y(x_t)>: total derivative instead of the fixed-pi gradient")
+    fake_cond_dropout: float = dropout_key()
 
 
 def pseudo_huber_direction(y: torch.Tensor, c: float) -> torch.Tensor:

@@ -26,14 +26,15 @@ detached, injected with the mean-reduced surrogate ``1/2 mean||x - sg(x - g)||^2
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from scoredistill.config import key
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, noise_like
-from scoredistill.objectives.core import check_dropout, check_guidance, check_weighting
+from scoredistill.objectives.core import class_key, dropout_key, guidance_key, weighting_key
 from scoredistill.objectives.vsd import VSD
 
 FAKE_WEIGHTINGS = ("edm", "eps")
@@ -41,30 +42,20 @@ FAKE_WEIGHTINGS = ("edm", "eps")
 
 @dataclass
 class SwiftBrushParams(ObjectiveParams):
-    guidance_scale: float = 4.5               # canonical w on teacher AND fake (SwiftBrush README, SD2.1)
-    guidance_scale_range: list | None = field(default=None)  # PG-SB: [lo, hi], one w ~ U[lo, hi] per step
-    negative_class: int | None = None         # label whose prediction replaces the teacher's uncond branch
-    weighting: str = "sds"                    # eps-space weight s_t^2 (official); the core table
-    fake_cond_dropout: float = 0.1
-    fake_weighting: str = "edm"               # edm | eps (SwiftBrush's alpha-bar weighted eps-MSE)
+    guidance_scale: float = guidance_key(4.5, "canonical w on the teacher and the fake (SwiftBrush README, SD2.1)")
+    guidance_scale_range: list[float] | None = key(None, "PG-SB: [lo, hi], one w ~ U[lo, hi] per step", lo=0,
+                                                   length=2)
+    negative_class: int | None = class_key(None, "label whose prediction replaces the teacher's uncond branch")
+    weighting: str = weighting_key()
+    fake_cond_dropout: float = dropout_key()
+    fake_weighting: str = key("edm", "edm | eps (SwiftBrush's alpha-bar weighted eps-MSE)", choices=FAKE_WEIGHTINGS)
 
     def validate(self):
-        check_guidance(self.guidance_scale)
         r = self.guidance_scale_range
         if r is not None:
-            if (not isinstance(r, (list, tuple)) or len(r) != 2
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
-                    or not 0 <= r[0] <= r[1]):
-                raise ConfigError("objective.guidance_scale_range", f"must be [lo, hi] with 0 <= lo <= hi, got {r!r}")
+            if r[0] > r[1]:
+                raise ConfigError("objective.guidance_scale_range", f"must be [lo, hi] with lo <= hi, got {r!r}")
             self.guidance_scale_range = [float(r[0]), float(r[1])]
-        n = self.negative_class
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-            raise ConfigError("objective.negative_class", f"must be a class label >= 0, got {n!r}")
-        check_weighting(self.weighting)
-        if self.fake_weighting not in FAKE_WEIGHTINGS:
-            raise ConfigError("objective.fake_weighting",
-                              f"unknown value {self.fake_weighting!r}; accepted: {', '.join(FAKE_WEIGHTINGS)}")
-        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
 
 
 @register

@@ -15,20 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
+from scoredistill.config import key
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import noise_like
-from scoredistill.objectives.core import FakeScoreObjective, check_dropout, check_weighting, inject, score_field
+from scoredistill.objectives.core import FakeScoreObjective, dropout_key, inject, score_field, weighting_key
 
 
 @dataclass
 class VSDParams(ObjectiveParams):
-    fake_guidance_scale: float = 1.0
-    weighting: str = "sds"         # w(t) of the core table: sds (w_eps = s^2) | uniform | fantasia3d | x0
-    fake_cond_dropout: float = 0.1
-
-    def validate(self):
-        check_weighting(self.weighting)
-        check_dropout("fake_cond_dropout", self.fake_cond_dropout)
+    fake_guidance_scale: float = key(1.0, "canonical CFG scale on the fake score")
+    weighting: str = weighting_key()
+    fake_cond_dropout: float = dropout_key()
 
 
 @register

@@ -34,6 +34,16 @@ def _f64(t: Tensor | float) -> Tensor:
     return t.to(torch.float64)
 
 
+# each prediction kind as ``(to_x0, from_x0)``, both ``f(x_t, y, a_t, s_t)`` on float64 tensors (the
+# eps of ``x_t = a x0 + s eps`` links them: ``v = a eps - s x0``, flow velocity ``eps - x0``)
+PREDICTIONS = {
+    "x0": (lambda xt, p, a, s: p, lambda xt, d, a, s: d),
+    "eps": (lambda xt, p, a, s: (xt - s * p) / a, lambda xt, d, a, s: (xt - a * d) / s),
+    "v": (lambda xt, p, a, s: (a * xt - s * p) / (a * a + s * s), lambda xt, d, a, s: a * ((xt - a * d) / s) - s * d),
+    "flow": (lambda xt, p, a, s: (xt - s * p) / (a + s), lambda xt, d, a, s: (xt - a * d) / s - d),
+}
+
+
 class Process:
     """Base class: subclasses define ``_alpha``/``_sigma`` in float64 and ``t_min``/``t_max``."""
 
@@ -112,37 +122,17 @@ class Process:
         ``x0 = (a x_t - s v)/(a^2 + s^2)``; ``flow`` (velocity ``v = eps - x0``):
         ``x0 = (x_t - s v)/(a + s)``; ``x0``: identity.
         """
-        a, s = self.coeffs(t, x_t)
-        xt, p = x_t.double(), pred.double()
-        if kind == "x0":
-            out = p
-        elif kind == "eps":
-            out = (xt - s * p) / a
-        elif kind == "v":
-            out = (a * xt - s * p) / (a * a + s * s)
-        elif kind == "flow":
-            out = (xt - s * p) / (a + s)
-        else:
-            raise ValueError(f"prediction kind must be one of x0, eps, v, flow; got {kind!r}")
-        return out.to(x_t.dtype)
+        return self._convert(x_t, pred, t, kind, 0)
 
     def from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor, kind: str) -> Tensor:
         """Inverse of :meth:`to_x0`: express ``x0`` as a prediction of type ``kind``."""
+        return self._convert(x_t, x0, t, kind, 1)
+
+    def _convert(self, x_t: Tensor, y: Tensor, t: Tensor, kind: str, way: int) -> Tensor:
+        if kind not in PREDICTIONS:
+            raise ValueError(f"prediction kind must be one of {', '.join(PREDICTIONS)}; got {kind!r}")
         a, s = self.coeffs(t, x_t)
-        xt, d = x_t.double(), x0.double()
-        if kind == "x0":
-            out = d
-        elif kind == "eps":
-            out = (xt - a * d) / s
-        elif kind == "v":
-            eps = (xt - a * d) / s
-            out = a * eps - s * d
-        elif kind == "flow":
-            eps = (xt - a * d) / s
-            out = eps - d
-        else:
-            raise ValueError(f"prediction kind must be one of x0, eps, v, flow; got {kind!r}")
-        return out.to(x_t.dtype)
+        return PREDICTIONS[kind][way](x_t.double(), y.double(), a, s).to(x_t.dtype)
 
     def score(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
         """``grad log p_t(x_t) = (a_t x0_hat - x_t) / s_t^2`` from a denoiser output."""
