@@ -75,7 +75,10 @@ def best_ms(times, a) -> float:
 
 
 # -- configurations -----------------------------------------------------------------------------------
-def engine_config(model: str, objective: str, batch: int, device: str, tmp: str, width: int = 256) -> dict:
+def engine_config(model: str, objective: str, batch: int, device: str, tmp: str, width: int = 256,
+                  generator: dict | None = None) -> dict:
+    """The resolved config of one benchmark setting; ``generator`` adds keys to its generator section
+    (benchmarks/fewstep.py: ``steps``)."""
     train = {"steps": 10**9, "batch_size": batch, "generator_every": 1, "fake_on_generator_steps": True,
              "progress": False, "device": device, "checkpoint_every": 10**9}
     if model == "mlp":
@@ -83,12 +86,13 @@ def engine_config(model: str, objective: str, batch: int, device: str, tmp: str,
         teacher = MLPDenoiser(EDM(), 2, width, 4, None, 1.4).requires_grad_(False)
         save_model(teacher, f"{tmp}/teacher", extra={})
         return resolve({"teacher": {"kind": "learned", "path": f"{tmp}/teacher"},
-                        "generator": {"kind": "mlp", "width": width, "depth": 4},
+                        "generator": {"kind": "mlp", "width": width, "depth": 4, **(generator or {})},
                         "fake_score": {"kind": "mlp", "width": width, "depth": 4},
                         "objective": {"name": objective},
                         "train": {**train, "ema": 0.99}, "eval": {"plots": False, "n_samples": 16}})
     user = load_yaml(f"{REPO}/recipes/digits/{objective}.yaml")
     user["train"].update(train)
+    user["generator"].update(generator or {})
     user["eval"] = {"plots": False, "n_samples": 16}
     return resolve(user)
 

@@ -80,6 +80,7 @@ class Distiller(Loop):
         self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference)).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
         self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
+        self._check_rollout(req)
         # placed after the copies above: an offloaded teacher's weights live in its hooks, not its parameters
         self._place_teacher(tc["teacher_offload"])
         self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
@@ -147,6 +148,22 @@ class Distiller(Loop):
 
     def _on_start(self) -> None:
         self._spread_ref = None
+
+    def _check_rollout(self, req: set) -> None:
+        """An objective that requires ``rollout`` reads the trained step of a K-step student
+        (``Batch.rollout``), in one of its ``rollout_modes``."""
+        self._last_rollout = None
+        if "rollout" not in req:
+            return
+        name = self.objective.name
+        if not hasattr(self.generator, "train_output"):
+            raise ConfigError("generator.steps", f"objective {name} trains the steps of a K-step native student "
+                              "(docs/fewstep.md); accepted: generator.steps >= 1 or generator.timesteps with "
+                              "generator.kind mlp, multi or teacher")
+        modes = self.objective.rollout_modes
+        if modes and self.generator.rollout.mode not in modes:
+            raise ConfigError("generator.rollout", f"objective {name} needs re-noising by {' or '.join(modes)}, got "
+                              f"{self.generator.rollout.mode!r}; accepted: {', '.join(modes)}")
 
     def _place_teacher(self, offload: bool) -> None:
         """Move the frozen teacher to the device, or with ``train.teacher_offload`` keep its weights in
@@ -225,7 +242,7 @@ class Distiller(Loop):
                 p.requires_grad_(True)
 
     def _batch(self, x, z, cond, rng) -> Batch:
-        b = Batch(x=x, cond=cond, z=z, rng=rng, step=self.step)
+        b = Batch(x=x, cond=cond, z=z, rng=rng, step=self.step, rollout=self._last_rollout)
         bs = x.shape[0]
         if self.real is not None:
             idx = torch.randint(0, len(self.real), (bs,), generator=rng)
@@ -333,6 +350,9 @@ class Distiller(Loop):
         same whatever the number of processes, and the objective's draws from ``rng`` are unchanged."""
         if getattr(self.generator, "takes_noise_generator", False):
             g = torch.Generator().manual_seed(hash((rng.initial_seed(), 7)) & (2**62 - 1))
+            if "rollout" in self.requirements:  # the objective reads the trained step itself (Batch.rollout)
+                self._last_rollout = self.generator.train_output(z, cond, generator=g)
+                return self._last_rollout.x0
             return self._gen(z, cond, generator=g)
         return self._gen(z, cond)
 

@@ -17,6 +17,7 @@ from scoredistill.objectives import (  # noqa: F401
     sid,
     sim,
     swiftbrush,
+    tdm,
     vsd,
 )
 from scoredistill.objectives.base import OBJECTIVES, Batch, Objective, Roles, build_objective, register

@@ -10,7 +10,9 @@ are in :mod:`.core`.
 Requirements an objective can declare (the engine checks them before training):
 ``fake_score`` (a learned score of the sample distribution), ``discriminator`` (a head on the
 fake network's features), ``real_data`` (samples of the target), ``ode_pairs`` (noise / teacher-ODE
-output pairs), ``class_conditional`` (a teacher with class labels).
+output pairs), ``class_conditional`` (a teacher with class labels), ``rollout`` (a K-step student whose
+trained step, :class:`~scoredistill.models.rollout.StepOutput`, arrives as ``Batch.rollout``; an objective
+may restrict the student's re-noising with ``rollout_modes``).
 
 An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
 ``state_dict()`` / ``load_state_dict()`` (JSON-serialisable) and ``state_tensors()`` /
@@ -33,7 +35,7 @@ from scoredistill.models.denoiser import Denoiser
 from scoredistill.process.processes import Process
 from scoredistill.process.time import TimeSampler, Uniform, make_time_sampler
 
-REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional")
+REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional", "rollout")
 
 
 @dataclass
@@ -56,6 +58,9 @@ class Batch:
     view: torch.Tensor | None = None
     index: torch.Tensor | None = None
     num_items: int | None = None
+    # the trained step of a K-step student (models/rollout.py StepOutput: x0, its input x_t, t, t_next), set
+    # by the engine for objectives that require "rollout"; ``x`` is its ``x0``
+    rollout: Any = None
 
 
 @dataclass
@@ -91,6 +96,8 @@ class Objective:
 
     name: ClassVar[str] = "objective"
     Params: ClassVar[type] = ObjectiveParams
+    # with requirement "rollout": the K-step student's re-noising modes (generator.rollout) it can train; None: any
+    rollout_modes: ClassVar[tuple[str, ...] | None] = None
     # the generator-side time sampler when ``objective.time`` is not given: U[0.02, 0.98], the range of
     # DreamFusion's SDS (arXiv 2209.14988) and DMD2's code (arXiv 2405.14867); methods override it
     default_time: ClassVar[TimeSampler] = Uniform(t_min=0.02, t_max=0.98)

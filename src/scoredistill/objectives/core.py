@@ -304,5 +304,9 @@ class SiDFamily(FakeScoreObjective):
         on the autograd graph of ``x``: SiD-type losses differentiate through both networks."""
         x_t = roles.process.add_noise(x, noise, t)
         f_real = roles.teacher.guided(x_t, t, cond if teacher_cond is None else teacher_cond, self.p.guidance_scale)
-        f_fake = roles.fake(x_t, t, cond)
+        f_fake = self.fake_prediction(roles.fake, x_t, t, cond)
         return x_t, f_real, f_fake
+
+    def fake_prediction(self, fake: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The fake score's prediction inside the generator loss (SiD's Zero-/Anti-CFG override it)."""
+        return fake(x_t, t, cond)

@@ -21,6 +21,16 @@ Generator time: ``t ~ U[0, 0.8]`` in the EDM process's canonical (Karras-ramp) t
 exactly SiD's ``sigma(u)`` with ``u ~ U[0, t_max/1000]``, ``t_max = 800`` (sigma <= ~24.4). The fake
 score is trained by EDM-weighted DSM on detached samples (:class:`FakeScoreObjective`).
 
+Few-step SiD (SiD^2, arXiv 2505.12674) trains a K-step student's uniform step mixture through the library's
+backward simulation (docs/fewstep.md) and adds two guidance options for text-to-image teachers, here for any
+class-conditional teacher: **Zero-CFG** (``zero_cfg``) runs the teacher unguided and the fake score without
+its condition (trained and read with the null label), so ``f_phi - f_psi = D_c^teacher - D_u^fake`` carries
+the guidance signal itself; **Anti-CFG** (``fake_guidance_scale`` below 1, the paper's negative scale
+``kappa < 0`` in the canonical convention) reads the fake as ``D_u + kappa (D_c - D_u)``, so
+``f_phi - f_psi`` gains ``(1 - kappa)(D_c - D_u)^fake``: the fake is guided *away* from the condition and
+the generator toward it. ``fake_guidance_scale: 1`` is the plain conditional fake (SiD-LSG's
+``cfg_eval_fake`` = kappa_2 = kappa_3, arXiv 2406.01561).
+
 SiDA (arXiv 2410.14919, official branch ``sida``, ``sida_training/sida_loss.py``): the fake network
 doubles as discriminator (here its ``features`` feed the engine's discriminator head). Generator:
 ``0.5 L_SiD + 0.5 (lsg_gan / lsg) mean_b[BCE(clamp(D(x_t), +-10), 1) / omega]`` with the logits taken
@@ -39,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from scoredistill.config import key
+from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, edm_weight, head_logits, noise_like
 from scoredistill.objectives.core import (
@@ -47,6 +58,7 @@ from scoredistill.objectives.core import (
     drop_nonfinite,
     dropout_key,
     guidance_key,
+    null_like,
     per_sample_mean,
 )
 from scoredistill.process.time import Uniform
@@ -63,6 +75,14 @@ class SiDParams(ObjectiveParams):
     weighting: str = key("sid", "sid: divide by omega (official) | none: raw x0-space loss (analysis)",
                          choices=SID_WEIGHTINGS)
     fake_cond_dropout: float = dropout_key()
+    fake_guidance_scale: float = key(1.0, "canonical CFG on the fake in the generator loss; below 1 (e.g. -1): "
+                                     "SiD^2 Anti-CFG")
+    zero_cfg: bool = key(False, "SiD^2 Zero-CFG: teacher unguided, fake score unconditional (null label)")
+
+    def validate(self):
+        if self.zero_cfg and (self.guidance_scale != 1 or self.fake_guidance_scale != 1):
+            raise ConfigError("objective.zero_cfg", "Zero-CFG runs the teacher unguided and the fake unconditional; "
+                              "accepted with it: guidance_scale 1 and fake_guidance_scale 1")
 
 
 def sid_elementwise(x: torch.Tensor, f_real: torch.Tensor, f_fake: torch.Tensor, alpha: float,
@@ -77,6 +97,22 @@ class SiD(SiDFamily):
     name = "sid"
     Params = SiDParams
     default_time = Uniform(t_min=0.0, t_max=0.8)  # EDM: SiD's sigma(u), u ~ U[0, 800/1000]
+
+    def requirements(self):
+        req = super().requirements()
+        if self.p.zero_cfg or self.p.fake_guidance_scale != 1:
+            req = req | {"class_conditional"}  # the fake's conditional and unconditional branches
+        return req
+
+    def fake_prediction(self, fake, x_t, t, cond):
+        if self.p.zero_cfg:
+            return fake(x_t, t, null_like(cond))
+        if self.p.fake_guidance_scale == 1:
+            return fake(x_t, t, cond)
+        return fake.guided(x_t, t, cond, self.p.fake_guidance_scale)
+
+    def fake_condition(self, batch, roles, cond):
+        return null_like(cond) if self.p.zero_cfg else cond
 
     def alpha_at(self, step: int) -> float:
         return 1.0 if step < self.p.alpha_warmup_steps else float(self.p.alpha)
@@ -127,7 +163,7 @@ class SiDA(SiD):
     Params = SiDAParams
 
     def requirements(self):
-        return {"fake_score", "discriminator", "real_data"}
+        return SiD.requirements(self) | {"discriminator", "real_data"}
 
     def differentiates_through(self):
         return {"teacher", "fake", "discriminator"}
@@ -157,7 +193,7 @@ class SiDA(SiD):
         x, real = batch.x.detach(), batch.real
         t = self.sample_t(batch, roles.process, self.fake_time)
         noise = noise_like(x, batch.rng)
-        cond = drop_condition(batch.cond, self.p.fake_cond_dropout, batch.rng)
+        cond = self.fake_condition(batch, roles, drop_condition(batch.cond, self.p.fake_cond_dropout, batch.rng))
         x_t = roles.process.add_noise(x, noise, t)
         lam = edm_weight(roles.process, t, getattr(roles.fake, "sigma_data", 0.5), x)
         dsm = (lam * (roles.fake(x_t, t, cond) - x) ** 2).mean()
