@@ -177,6 +177,18 @@ def _native_few_step(gcfg: dict, teacher: Denoiser, dim: int) -> torch.nn.Module
                          gcfg.get("step_weights"), t_first)
 
 
+def student_denoiser(generator: torch.nn.Module, objective) -> Denoiser:
+    """The denoiser ``f_theta(x_t, t, cond)`` inside a generator (one-step ``DenoiserGenerator`` or K-step
+    ``FewStepGenerator``), which consistency objectives train directly; a one-line error for a generator
+    without one (the time-free ``MLPGenerator``)."""
+    den = getattr(generator, "denoiser", None)
+    if not isinstance(den, Denoiser):
+        raise ConfigError("generator.steps", f"objective {objective.name} trains the student as a denoiser "
+                          "f(x_t, t); accepted: generator.steps >= 1 (a time-conditioned step network) or "
+                          "generator.kind: teacher")
+    return den
+
+
 def build_fake(fcfg: dict, teacher: Denoiser, sigma_data: float) -> Denoiser:
     fake = _build_fake(fcfg, teacher, sigma_data)
     if not _is_diffusers(teacher):
