@@ -155,22 +155,17 @@ def test_teacher_without_trigflow_form_is_one_line():
 
 
 # -- the engine: target role, checkpoint, resume, sampling ------------------------------------------------------
-def _cfg(name, steps, out_extra=()):
-    return ["--set", f"train.steps={steps}", "--set", "train.batch_size=32", "--set", "generator.width=32",
-            "--set", "generator.depth=2", "--set", "eval.n_samples=64", "--set", "eval.every=1000",
-            "--set", "eval.teacher_steps=2",
-            "--set", "train.real_pool=256", "--set", "train.progress=false", "--set", "eval.plots=false",
-            "--set", "train.checkpoint_every=2", *(("--set", "objective.warmup_steps=3") if name == "scm" else ()),
-            *out_extra]
+SMALL = ["train.batch_size=32", "generator.width=32", "generator.depth=2", "eval.n_samples=64", "eval.every=1000",
+         "eval.plots=false", "train.real_pool=256", "train.progress=false", "train.checkpoint_every=2"]
 
 
 def _distill(name, run, steps, resume=False, extra=()):
-    from scoredistill.cli.main import main
+    """Train through the driver (the CLI's report plot would cost more than the training)."""
+    from scoredistill.config import load_yaml, resolve
+    from scoredistill.engine.distiller import Distiller
 
-    if resume:
-        main(["distill", "--resume", str(run), "--set", f"train.steps={steps}", "--set", "train.progress=false"])
-    else:
-        main(["distill", f"recipes/toy/{name}.yaml", "--out", str(run)] + _cfg(name, steps, extra))
+    cfg = resolve(load_yaml(f"recipes/toy/{name}.yaml"), SMALL + [f"train.steps={steps}", *extra])
+    Distiller(cfg, str(run), log=lambda *a: None).run(resume=resume)
 
 
 def _tensors(run):
@@ -193,9 +188,10 @@ def test_target_copy_is_checkpointed_and_resumed_bit_identically(tmp_path):
     1, 2 and 4 steps."""
     from scoredistill.cli.main import main
 
-    _distill("scm", tmp_path / "full", 4)
-    _distill("scm", tmp_path / "part", 2)
-    _distill("scm", tmp_path / "part", 4, resume=True)
+    warm = ["objective.warmup_steps=3"]
+    _distill("scm", tmp_path / "full", 4, extra=warm)
+    _distill("scm", tmp_path / "part", 2, extra=warm)
+    _distill("scm", tmp_path / "part", 4, resume=True, extra=warm)
     a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "part")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     gen, tgt = _split(a)
@@ -210,7 +206,7 @@ def test_target_copy_is_checkpointed_and_resumed_bit_identically(tmp_path):
 
 def test_target_ema_lags_the_student(tmp_path):
     """``cd`` with ``target_ema: 0.5``: the checkpointed target is an average, not a copy, of the student."""
-    _distill("cd", tmp_path / "r", 2, extra=("--set", "objective.target_ema=0.5"))
+    _distill("cd", tmp_path / "r", 2, extra=["objective.target_ema=0.5"])
     gen, tgt = _split(_tensors(tmp_path / "r"))
     assert not all(torch.equal(gen[k], tgt[k]) for k in gen)
     assert all(torch.isfinite(v).all() for v in tgt.values())
