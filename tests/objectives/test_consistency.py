@@ -237,3 +237,29 @@ def test_ict_curriculum_and_cd_levels_follow_the_step():
     assert seen == [11, 11, 21, 41, 41]
     assert not build_objective({"name": "cd"}).uses_generator_samples
     assert isinstance(student, Denoiser)
+
+
+def test_rcm_adds_the_dmd_term_after_its_pure_scm_phase():
+    """rCM = scm_weight * sCM + dmd_weight * DMD: before ``dmd_start`` the loss is exactly 100 x the sCM loss and
+    the samples get no gradient; afterwards the DMD field reaches them."""
+    from scoredistill.teachers.gmm import GMMTeacher
+
+    teacher = GMMTeacher([[1.0, 0.0], [-1.0, 0.0]], 0.2, process=EDM())
+    fake = GMMTeacher([[0.0, 0.5]], 0.5, process=EDM())
+    torch.manual_seed(0)
+    student = _perturbed(MLPDenoiser(EDM(), dim=2, width=16, depth=1, sigma_data=0.5, emb_dim=8))
+    roles = Roles(teacher=teacher, fake=fake, student=student, target=copy.deepcopy(student))
+    real = teacher.sample(16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    rcm = build_objective({"name": "rcm", "dmd_start": 5, "adaptive": False})
+    scm = build_objective({"name": "scm", "adaptive": False})
+
+    def call(obj, step):
+        return obj.generator_loss(Batch(x=x, real=real, rng=torch.Generator().manual_seed(3), step=step), roles)
+
+    early, ref = call(rcm, 4), call(scm, 4)
+    assert torch.equal(early["loss"], 100 * ref["loss"]) and "loss_dm" not in early
+    late = call(rcm, 5)
+    (gx,) = torch.autograd.grad(late["loss"], x)
+    assert "loss_dm" in late and gx.abs().max() > 0
+    assert rcm.requirements() == {"consistency_target", "real_data", "fake_score"} and rcm.uses_generator_samples

@@ -160,7 +160,8 @@ def _consistency_sign(obj, process):
     target = copy.deepcopy(student).requires_grad_(False)
     b = _batch(torch.zeros(256, 2), None, teacher)
     b.real_cond = None
-    out = obj.generator_loss(b, Roles(teacher=teacher, student=student, target=target))
+    fake = FeatureGMM([THETA], STD, process=process)  # rCM's DMD term: exact fake score at the (detached) samples
+    out = obj.generator_loss(b, Roles(teacher=teacher, fake=fake, student=student, target=target))
     (grad,) = torch.autograd.grad(out["loss"], student.theta)
     cos = float(-grad @ theta0 / (grad.norm() * theta0.norm()))
     assert cos > 0.8, (obj.name, grad, cos)
@@ -259,6 +260,8 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
     roles = Roles(teacher=teacher, fake=fake, discriminator=head, generator=gen)
     xx = x.clone().requires_grad_(True)
     extra = {"view": torch.arange(N) % 8, "index": torch.arange(N), "num_items": N}
+    if _consistency(obj):  # past every warm-up (rCM's pure-sCM phase)
+        extra["step"] = 10**6
     if _consistency(obj):  # the student's denoiser is trained; its target copy is never reached
         roles.student, roles.target = _student_roles(proc)
     out = obj.generator_loss(_batch(xx, cond, REF, **extra), roles)
@@ -267,12 +270,13 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
     for role, net in (("teacher", teacher), ("fake", fake), ("discriminator", head)):
         assert _reached(out["loss"], list(net.parameters())) == (role in declared), (name, role, declared)
     if _consistency(obj):
-        assert not obj.uses_generator_samples and out["loss"].grad_fn is not None
         assert _reached(out["loss"], list(roles.student.parameters())), name
-        assert not _reached(out["loss"], list(roles.target.parameters()) + [xx]), name
-        return
-    (gx,) = torch.autograd.grad(out["loss"], xx, retain_graph=True)
-    assert torch.isfinite(gx).all() and gx.abs().max() > 0, name
+        assert not _reached(out["loss"], list(roles.target.parameters())), name
+        # a term on the generator's samples (rCM's DMD) reaches x; pure consistency losses never read x
+        assert _reached(out["loss"], [xx]) == obj.uses_generator_samples, name
+    if not _consistency(obj) or obj.uses_generator_samples:
+        (gx,) = torch.autograd.grad(out["loss"], xx, retain_graph=True)
+        assert torch.isfinite(gx).all() and gx.abs().max() > 0, name
     # auxiliary phase: x is detached, the teacher is never trained, the declared auxiliary roles are
     xa = x.clone().requires_grad_(True)
     aux = obj.auxiliary_losses(_batch(xa, cond, REF, seed=5, **extra), roles)
@@ -285,6 +289,8 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
         assert not _reached(aux["loss"], list(teacher.parameters())), name
         assert _reached(aux["loss"], list(fake.parameters())) == ("fake_score" in req), name
         assert _reached(aux["loss"], list(head.parameters())) == ("discriminator" in req), name
+    if _consistency(obj) and not obj.uses_generator_samples:
+        return
     # with the networks frozen, as the engine runs the generator phase, x gets the same gradient
     for net in (teacher, fake, head):
         net.requires_grad_(False)
