@@ -55,7 +55,8 @@ def test_every_registered_objective_has_a_page():
     assert len(OBJECTIVES) >= 18
 
 
-METHOD_PAGES = [("objectives", n) for n in ("dmd", "dmd2", "vsd", "sid", "sim", "fdistill", "swiftbrush", "sfd", "msd")]
+METHOD_PAGES = [("objectives", n) for n in ("dmd", "dmd2", "vsd", "sid", "sim", "fdistill", "swiftbrush", "sfd", "msd",
+                                                        "scm", "rcm", "cd", "ict")]
 METHOD_PAGES += [("optimize", n) for n in ("sds", "vsd_particles", "esd", "asd", "csd", "ism", "tsm", "cds", "bsd")]
 
 

@@ -10,6 +10,11 @@ parameter optimizer). What each test fixes:
     (:meth:`Objective.differentiates_through`) and ``x``; auxiliary losses see a detached ``x``;
 (d) running state survives a save -> load (JSON and tensors) and gives the same next step;
 (e) declared requirements are enforced before training, with a one-line error naming the field.
+
+Consistency objectives (requirement ``consistency_target``) train the student's denoiser ``f_theta`` on their
+own noisy points instead of reading the generator's samples, so for them (a) starts ``f_theta`` at the wrong
+place and asks that its loss gradient move it toward the teacher ODE's target, and (b)-(d) take the gradient
+with respect to the student's parameters (it must reach them and never the target copy).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scoredistill.config import load_yaml
-from scoredistill.models.denoiser import Denoiser
+from scoredistill.models.denoiser import Denoiser, expand_t
 from scoredistill.models.generators import DiscriminatorHead
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.objectives import OBJECTIVES, Batch, Roles, build_objective
@@ -67,6 +72,36 @@ def _batch(x, cond, teacher, seed=0, step=0, **extra):
                  ode_cond=ode_cond, rng=_rng(seed), step=step, **extra)
 
 
+def _consistency(obj) -> bool:
+    return "consistency_target" in obj.requirements()
+
+
+class ConstRaw(Denoiser):
+    """EDM-preconditioned denoiser whose raw network output is a learned constant: in VE coordinates
+    ``y = x_t/a_t``, ``D = c_skip(rho) y + c_out(rho) theta`` (arXiv 2206.00364): ``D -> x_t`` as ``rho -> 0``
+    (the consistency boundary) and ``D -> sd theta`` at large noise."""
+
+    def __init__(self, process, theta, sd=0.5):
+        super().__init__()
+        self.process, self.data_shape, self.sigma_data = process, (len(theta),), sd
+        self.theta = torch.nn.Parameter(torch.as_tensor(theta, dtype=torch.float32).clone())
+
+    def denoise(self, x_t, t, cond=None):
+        t = expand_t(t, x_t.shape[0], x_t.device)
+        rho, a = self.process.rho(t)[:, None], self.process.alpha(t)[:, None]
+        sd = self.sigma_data
+        c_skip, c_out = sd * sd / (rho * rho + sd * sd), rho * sd / (rho * rho + sd * sd).sqrt()
+        return (c_skip * x_t.double() / a + c_out * self.theta.double()).to(x_t.dtype)
+
+
+def _student_roles(process, num_classes=4):
+    """A student denoiser with random outputs and its target copy (the engine's ``consistency_target``)."""
+    torch.manual_seed(1)
+    student = MLPDenoiser(process, 2, 32, 2, num_classes=num_classes, sigma_data=0.5)
+    torch.nn.init.normal_(student.net.out.weight, std=0.2)
+    return student, copy.deepcopy(student)  # requires grad here, so a gradient leaking into it is seen
+
+
 def test_every_objective_has_a_recipe_and_known_requirements():
     for name in NAMES:
         recipe_of(name)
@@ -93,6 +128,8 @@ def test_a_one_step_moves_samples_toward_a_narrow_target(name, process, request)
         request.applymarker(pytest.mark.xfail(reason=KNOWN_SIGN[(name, process.name)], strict=True))
     obj = build_objective({"name": name})
     theta0 = torch.tensor(THETA)
+    if _consistency(obj):
+        return _consistency_sign(obj, process)
     if "class_conditional" in obj.requirements():
         teacher = GMMTeacher([[0.0, 0.0], (3 * theta0).tolist()], STD, classes=[1, 0], process=process)
         cond = torch.ones(256, dtype=torch.long)
@@ -111,6 +148,23 @@ def test_a_one_step_moves_samples_toward_a_narrow_target(name, process, request)
     # gradient descent decreases |theta - 0| iff the gradient has a positive component along theta
     cos = float(grad @ theta0 / (grad.norm() * theta0.norm()))
     assert cos > 0.8, (name, grad, cos)
+
+
+def _consistency_sign(obj, process):
+    """The student starts at ``f = D_0`` with raw output 0 (every noisy point maps toward the origin at large
+    noise); the target is a narrow Gaussian at THETA, whose ODE map sends every point near THETA. One
+    gradient-descent step must move the raw output toward THETA / sd (what makes f ~ THETA at large noise)."""
+    theta0 = torch.tensor(THETA)
+    teacher = GMMTeacher([THETA], STD, process=process)
+    student = ConstRaw(process, [0.0, 0.0])
+    target = copy.deepcopy(student).requires_grad_(False)
+    b = _batch(torch.zeros(256, 2), None, teacher)
+    b.real_cond = None
+    fake = FeatureGMM([THETA], STD, process=process)  # rCM's DMD term: exact fake score at the (detached) samples
+    out = obj.generator_loss(b, Roles(teacher=teacher, fake=fake, student=student, target=target))
+    (grad,) = torch.autograd.grad(out["loss"], student.theta)
+    cos = float(-grad @ theta0 / (grad.norm() * theta0.norm()))
+    assert cos > 0.8, (obj.name, grad, cos)
 
 
 # -- shared set-up for (b)-(d): a class-conditional ring teacher, MLP networks with random outputs --------
@@ -139,11 +193,18 @@ def _inputs(seed=0):
 
 
 def _run(obj, roles, x, cond, seed=3, step=10):
-    """Loss and gradient w.r.t. ``x`` of one generator call (per-item fields for the optimizer's objectives)."""
+    """Loss and gradient w.r.t. ``x`` of one generator call (per-item fields for the optimizer's objectives;
+    w.r.t. the student's parameters for consistency objectives)."""
     xx = x.clone().requires_grad_(True)
     extra = {"view": torch.arange(N) % 8, "index": torch.arange(N), "num_items": N}
     b = _batch(xx, cond, REF, seed, step, **extra)
     b.z = torch.randn(N, 2, generator=_rng(7))
+    if _consistency(obj):
+        roles = copy.copy(roles)
+        roles.student, roles.target = _student_roles(roles.teacher.process)
+        out = obj.generator_loss(b, roles)
+        grads = torch.autograd.grad(out["loss"], list(roles.student.parameters()))
+        return out["loss"].detach(), torch.cat([g.reshape(-1) for g in grads])
     out = obj.generator_loss(b, roles)
     (gx,) = torch.autograd.grad(out["loss"], xx)
     return out["loss"].detach(), gx
@@ -199,13 +260,23 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
     roles = Roles(teacher=teacher, fake=fake, discriminator=head, generator=gen)
     xx = x.clone().requires_grad_(True)
     extra = {"view": torch.arange(N) % 8, "index": torch.arange(N), "num_items": N}
+    if _consistency(obj):  # past every warm-up (rCM's pure-sCM phase)
+        extra["step"] = 10**6
+    if _consistency(obj):  # the student's denoiser is trained; its target copy is never reached
+        roles.student, roles.target = _student_roles(proc)
     out = obj.generator_loss(_batch(xx, cond, REF, **extra), roles)
-    (gx,) = torch.autograd.grad(out["loss"], xx, retain_graph=True)
-    assert torch.isfinite(gx).all() and gx.abs().max() > 0, name
     declared = obj.differentiates_through()
     assert declared <= {"teacher", "fake", "discriminator"}, declared
     for role, net in (("teacher", teacher), ("fake", fake), ("discriminator", head)):
         assert _reached(out["loss"], list(net.parameters())) == (role in declared), (name, role, declared)
+    if _consistency(obj):
+        assert _reached(out["loss"], list(roles.student.parameters())), name
+        assert not _reached(out["loss"], list(roles.target.parameters())), name
+        # a term on the generator's samples (rCM's DMD) reaches x; pure consistency losses never read x
+        assert _reached(out["loss"], [xx]) == obj.uses_generator_samples, name
+    if not _consistency(obj) or obj.uses_generator_samples:
+        (gx,) = torch.autograd.grad(out["loss"], xx, retain_graph=True)
+        assert torch.isfinite(gx).all() and gx.abs().max() > 0, name
     # auxiliary phase: x is detached, the teacher is never trained, the declared auxiliary roles are
     xa = x.clone().requires_grad_(True)
     aux = obj.auxiliary_losses(_batch(xa, cond, REF, seed=5, **extra), roles)
@@ -218,6 +289,8 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
         assert not _reached(aux["loss"], list(teacher.parameters())), name
         assert _reached(aux["loss"], list(fake.parameters())) == ("fake_score" in req), name
         assert _reached(aux["loss"], list(head.parameters())) == ("discriminator" in req), name
+    if _consistency(obj) and not obj.uses_generator_samples:
+        return
     # with the networks frozen, as the engine runs the generator phase, x gets the same gradient
     for net in (teacher, fake, head):
         net.requires_grad_(False)

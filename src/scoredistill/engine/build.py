@@ -176,6 +176,18 @@ def _native_few_step(g: GeneratorConfig, teacher: Denoiser, dim: int) -> torch.n
     return build_fewstep(net, g.steps, g.timesteps, g.rollout, "scaled", g.step_weights, t_first)
 
 
+def student_denoiser(generator: torch.nn.Module, objective) -> Denoiser:
+    """The denoiser ``f_theta(x_t, t, cond)`` inside a generator (one-step ``DenoiserGenerator`` or K-step
+    ``FewStepGenerator``), which consistency objectives train directly; a one-line error for a generator
+    without one (the time-free ``MLPGenerator``)."""
+    den = getattr(generator, "denoiser", None)
+    if not isinstance(den, Denoiser):
+        raise ConfigError("generator.steps", f"objective {objective.name} trains the student as a denoiser "
+                          "f(x_t, t); accepted: generator.steps >= 1 (a time-conditioned step network) or "
+                          "generator.kind: teacher")
+    return den
+
+
 def build_fake(fcfg: dict | FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Denoiser:
     """The fake score of the ``fake_score`` section (typed, or its dict: validated by the schema first);
     ``sigma_data`` is the EDM scale when the section leaves it null."""

@@ -31,6 +31,7 @@ from scoredistill.engine.build import (
     load_real_data,
     make_ode_pairs,
     sample_classes,
+    student_denoiser,
 )
 from scoredistill.engine.dist import Dist
 from scoredistill.engine.loop import Loop
@@ -71,6 +72,7 @@ class Distiller(Loop):
         self.objective = build_objective(cfg["objective"], cfg["teacher"].get("guidance_convention", "canonical"))
         self.teacher, self.reference = build_teacher(cfg["teacher"])
         self.teacher.requires_grad_(False).eval()
+        self.objective.check_teacher(self.teacher)
         req = self.objective.requirements()
         self.requirements = req
         if "class_conditional" in req and not self.teacher.num_classes:
@@ -85,6 +87,11 @@ class Distiller(Loop):
         self._place_teacher(tc["teacher_offload"])
         self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
         self.ema = EMA(self.generator, tc["ema"]) if tc["ema"] > 0 else None
+        # consistency objectives: the student's denoiser and its frozen target (an exact copy or an EMA)
+        self.student_denoiser = student_denoiser(self.generator, self.objective) if "consistency_target" in req \
+            else None
+        self.target = EMA(self.student_denoiser, self.objective.target_decay()) if self.student_denoiser is not None \
+            else None
         self.fsdp = self._shard(cfg) if self.dist.enabled else None
         self._gen = torch.compile(self.generator) if tc["compile"] else self.generator
 
@@ -112,6 +119,8 @@ class Distiller(Loop):
             self.modules["fake_score"] = self.fake
         if self.disc is not None:
             self.modules["discriminator"] = self.disc
+        if self.target is not None:
+            self.modules["target"] = self.target
 
         # data the objective declared; drawn from separately seeded generators so a resume rebuilds them
         self.real = self.real_cond = None
@@ -191,6 +200,9 @@ class Distiller(Loop):
         if not wanted(cfg["train"].get("fsdp", False)):
             return None
         cfg["train"]["fsdp"] = True  # config.yaml records what ran, also when accelerate's config asked for it
+        if self.target is not None:
+            raise ConfigError("train.fsdp", f"objective {self.objective.name} keeps a target copy of the student, "
+                              "which is not sharded yet; accepted: false")
         for sec in ("generator", "fake_score"):
             if cfg[sec]["kind"] == "lora":  # a LoRA critic shares the (replicated) teacher's base weights
                 raise ConfigError("train.fsdp", f"{sec}.kind: lora is not supported with FSDP; accepted: "
@@ -219,7 +231,8 @@ class Distiller(Loop):
 
     # -- roles -------------------------------------------------------------------------------------
     def roles(self) -> Roles:
-        return Roles(teacher=self.teacher, fake=self.fake, discriminator=self.disc, generator=self.generator)
+        return Roles(teacher=self.teacher, fake=self.fake, discriminator=self.disc, generator=self.generator,
+                     student=self.student_denoiser, target=self.target.model if self.target is not None else None)
 
     def _params(self, name) -> list:
         """All parameters of role ``name`` (cached: walking the module tree every phase cost ~2 % of a
@@ -376,13 +389,15 @@ class Distiller(Loop):
         if gen_step:
             def gen(rng, z, cond):
                 with self.precision.autocast():
-                    x = self._generate(z, cond, rng)
+                    x = self._generate(z, cond, rng) if obj.uses_generator_samples else z
                     return obj.generator_loss(self._batch(x.float(), z, cond, rng), roles)
 
             with self._frozen(self.aux_roles):
                 stepped = self._phase(["generator"], 1, gen)
             if stepped and self.ema is not None:
                 self.ema.update(self.generator)
+            if stepped and self.target is not None:
+                self.target.update(self.student_denoiser)
         self.step += 1
         for sched in self.schedulers.values():
             sched.step()

@@ -12,7 +12,9 @@ Requirements an objective can declare (the engine checks them before training):
 fake network's features), ``real_data`` (samples of the target), ``ode_pairs`` (noise / teacher-ODE
 output pairs), ``class_conditional`` (a teacher with class labels), ``rollout`` (a K-step student whose
 trained step, :class:`~scoredistill.models.rollout.StepOutput`, arrives as ``Batch.rollout``; an objective
-may restrict the student's re-noising with ``rollout_modes``).
+may restrict the student's re-noising with ``rollout_modes``), ``consistency_target`` (the student
+as a denoiser ``f(x_t, t, cond)`` plus a frozen target copy of it that the engine keeps: an exact copy
+after every generator update, or an EMA at :meth:`Objective.target_decay`).
 
 An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
 ``state_dict()`` / ``load_state_dict()`` (JSON-serialisable) and ``state_tensors()`` /
@@ -35,7 +37,8 @@ from scoredistill.models.denoiser import Denoiser
 from scoredistill.process.processes import Process
 from scoredistill.process.time import TimeSampler, Uniform, make_time_sampler
 
-REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional", "rollout")
+REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional", "rollout",
+                "consistency_target")
 
 
 @dataclass
@@ -71,6 +74,9 @@ class Roles:
     fake: Denoiser | None = None
     discriminator: nn.Module | None = None
     generator: Any = None  # callable G(z, cond) for objectives with regression terms
+    # ``consistency_target``: the student's denoiser f_theta (trained) and its frozen target copy
+    student: Denoiser | None = None
+    target: Denoiser | None = None
 
     @property
     def process(self) -> Process:
@@ -101,6 +107,9 @@ class Objective:
     # the generator-side time sampler when ``objective.time`` is not given: U[0.02, 0.98], the range of
     # DreamFusion's SDS (arXiv 2209.14988) and DMD2's code (arXiv 2405.14867); methods override it
     default_time: ClassVar[TimeSampler] = Uniform(t_min=0.02, t_max=0.98)
+    # whether generator_loss reads ``batch.x`` (the generator's samples); consistency losses train the
+    # student's denoiser on their own noisy points, so the engine skips the rollout and passes ``z``
+    uses_generator_samples: ClassVar[bool] = True
 
     def __init__(self, params: ObjectiveParams, time: TimeSampler | None = None,
                  fake_time: TimeSampler | None = None):
@@ -118,6 +127,14 @@ class Objective:
         for a fully detached field (DMD, VSD, SDS); SiD-type losses read the teacher and the fake,
         GAN terms the fake and the discriminator."""
         return set()
+
+    def target_decay(self) -> float:
+        """``consistency_target``: the target's EMA rate per generator update (0: an exact copy)."""
+        return 0.0
+
+    def check_teacher(self, teacher: Denoiser) -> None:
+        """Raise a one-line :class:`ConfigError` if this objective cannot work with ``teacher`` (called once,
+        before anything is written)."""
 
     def ode_guidance(self) -> float:
         """Canonical CFG scale of the teacher ODE that makes this objective's ``ode_pairs``."""

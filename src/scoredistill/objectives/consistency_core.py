@@ -375,6 +375,23 @@ def scm_F_and_tangent(trig: TrigFlow, student: Denoiser, x_tau: Tensor, t, dx_dt
     process schedule, so the network is differentiated in its own canonical time. The finite-difference
     step is ``fd_step * tau`` in ``tau`` (relative, as the network varies on the scale of ``tau``).
     """
+    F, primals, tangents, scale = _scm_jvp_args(trig, x_tau, t, dx_dtau, cond)
+    dF = tangent.derivative(F, student, primals, tangents, step_scale=scale)
+    return F(student, *primals), dF
+
+
+@torch.no_grad()
+def scm_target_tangent(trig: TrigFlow, target: Denoiser, x_tau: Tensor, t, dx_dtau: Tensor, tangent: Tangent,
+                       cond=None) -> tuple[Tensor, Tensor]:
+    """:func:`scm_F_and_tangent` of a frozen target network ``F^-``: both outputs detached, float64, from
+    one ``jvp`` (the ``torch`` path) -- what the sCM loss reads of its target."""
+    F, primals, tangents, scale = _scm_jvp_args(trig, x_tau, t, dx_dtau, cond)
+    out, dF = tangent(F, target, primals, tangents, step_scale=scale)
+    return out.double(), dF
+
+
+def _scm_jvp_args(trig: TrigFlow, x_tau: Tensor, t, dx_dtau: Tensor, cond):
+    """``(F, primals, tangents, fd step scale)`` of sCM's scaled tangent (see :func:`scm_F_and_tangent`)."""
     t = _batch_t(t, x_tau)
     tau = trig.tau(t)
     cs = torch.cos(tau) * torch.sin(tau)
@@ -384,9 +401,7 @@ def scm_F_and_tangent(trig: TrigFlow, student: Denoiser, x_tau: Tensor, t, dx_dt
     def F(net, x, tt):
         return trig.F(net, x, tt, cond, dtype=param_dtype(net))
 
-    x_in = x_tau.double()
-    dF = tangent.derivative(F, student, (x_in, t), (dx, dt), step_scale=tau / cs.clamp(min=1e-12))
-    return F(student, x_in, t), dF
+    return F, (x_tau.double(), t), (dx, dt), tau / cs.clamp(min=1e-12)
 
 
 def scm_tangent(trig: TrigFlow, F_minus: Tensor, dF_scaled: Tensor, x_tau: Tensor, dx_dtau: Tensor, tau,
