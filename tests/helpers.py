@@ -4,8 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +24,26 @@ def cli(args, env=None, cwd=None, timeout=300):
                           env=e, timeout=timeout, cwd=cwd)
 
 
+def run_main(args, capsys):
+    """``scoredistill ARGS`` in this process: ``(exit code, stderr)``. A subprocess (:func:`cli`) costs ~2.5 s of
+    CPU for the imports alone, so the error contract is checked here and through a process once per test file.
+    A warning shown under Python's default filters counts as stderr, as it would in a process."""
+    from scoredistill.cli.main import main
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", quiet)
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = e.code
+    err = capsys.readouterr().err
+    return code, err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+
+
 def torchrun_cli(args, nproc=2, env=None):
     """``scoredistill ARGS`` on ``nproc`` gloo ranks (``torchrun --standalone`` picks a free port)."""
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
@@ -31,3 +53,16 @@ def torchrun_cli(args, nproc=2, env=None):
 
 def gen_weights(run):
     return load_file(os.path.join(run, "generator", "model.safetensors"))
+
+
+def repro(cfg, figures):
+    """What a failing distribution test prints: the seed and thread count that reproduce the run (seeded CPU
+    training is bit-stable on one machine, not across instruction sets or thread counts) and every figure."""
+    return (f"reproduce with --set train.seed={cfg['train']['seed']} on {torch.get_num_threads()} threads: "
+            f"{_rounded(figures)}")
+
+
+def _rounded(v):
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    return round(v, 4) if isinstance(v, float) else v
