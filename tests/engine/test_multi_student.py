@@ -145,6 +145,7 @@ def test_msd_students_cover_their_modes(tmp_path):
     0.9555 / 0.9545 / 0.971 / 0.969 (seeds 0-3), 8/8 modes, weight TV 0.019-0.035, SW2 0.100-0.173,
     every class 100 % on its own two modes and both of them reached. At 800 iterations seed 1 had 0.903,
     so 1000 is the smallest budget that keeps the precision bound 0.93 (margin 0.025 to the lowest seen).
+    Seed 0 on 2 threads (as here): precision 0.956, TV 0.023, SW2 0.113, every class 100 % on its own modes.
     A failing assert prints the seed, thread count and figures to rerun it with."""
     from scoredistill.engine.distiller import Distiller
 
