@@ -4,8 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +22,26 @@ def cli(args, env=None, cwd=None, timeout=300):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "scoredistill", *args], capture_output=True, text=True,
                           env=e, timeout=timeout, cwd=cwd)
+
+
+def run_main(args, capsys):
+    """``scoredistill ARGS`` in this process: ``(exit code, stderr)``. A subprocess (:func:`cli`) costs ~2.5 s of
+    CPU for the imports alone, so the error contract is checked here and through a process once per test file.
+    A warning shown under Python's default filters counts as stderr, as it would in a process."""
+    from scoredistill.cli.main import main
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", quiet)
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = e.code
+    err = capsys.readouterr().err
+    return code, err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
 
 
 def torchrun_cli(args, nproc=2, env=None):
@@ -49,3 +71,16 @@ def tiny_config(width: int = 32, **sections) -> dict:
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
     return cfg
+
+
+def repro(cfg, figures):
+    """What a failing distribution test prints: the seed and thread count that reproduce the run (seeded CPU
+    training is bit-stable on one machine, not across instruction sets or thread counts) and every figure."""
+    return (f"reproduce with --set train.seed={cfg['train']['seed']} on {torch.get_num_threads()} threads: "
+            f"{_rounded(figures)}")
+
+
+def _rounded(v):
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    return round(v, 4) if isinstance(v, float) else v

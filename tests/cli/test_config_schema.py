@@ -10,7 +10,7 @@ import os
 import pytest
 import yaml
 
-from helpers import RECIPES, ROOT, cli
+from helpers import RECIPES, ROOT, cli, run_main
 from scoredistill.config import (
     DISTILL,
     ConfigError,
@@ -160,19 +160,37 @@ BAD = [  # (command, recipe, --set overrides, field named by the one line)
 ]
 
 
-@pytest.mark.parametrize("command,recipe,sets,field", BAD, ids=[f"{b[0]}-{b[3]}-{i}" for i, b in enumerate(BAD)])
-def test_malformed_input_is_one_line_exit_2(tmp_path, command, recipe, sets, field):
+def _malformed(tmp_path, command, recipe, sets):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "run"
     args = [command, str(path), "--out", str(out)]
     for s in sets:
         args += ["--set", s]
-    p = cli(args)
-    assert p.returncode == 2, p.stderr[-2000:]
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    return args, out
+
+
+def _one_line(code, err, field):
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert lines[0].startswith(f"scoredistill: error: {field}:"), lines[0]
+
+
+@pytest.mark.parametrize("command,recipe,sets,field", BAD, ids=[f"{b[0]}-{b[3]}-{i}" for i, b in enumerate(BAD)])
+def test_malformed_input_is_one_line_exit_2(tmp_path, capsys, command, recipe, sets, field):
+    args, out = _malformed(tmp_path, command, recipe, sets)
+    _one_line(*run_main(args, capsys), field)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["distill", "optimize", "train-teacher"])
+def test_malformed_input_through_a_process(tmp_path, command):
+    """The same contract through ``python -m scoredistill`` (a real exit status and stderr), once per command."""
+    _, recipe, sets, field = next(b for b in BAD if b[0] == command)
+    args, out = _malformed(tmp_path, command, recipe, sets)
+    p = cli(args)
+    _one_line(p.returncode, p.stderr, field)
     assert not out.exists()
 
 
@@ -223,34 +241,36 @@ def test_resume_accepts_cadence_and_more_steps():
     assert e.value.field == "train.steps" and "cosine" in str(e.value)
 
 
-def test_resume_overrides_through_the_cli(tmp_path):
+@pytest.mark.usefixtures("one_thread")  # as cli() runs it: tiny models are slower on two threads
+def test_resume_overrides_through_the_cli(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(BASE))
     run = str(tmp_path / "run")
-    p = cli(["distill", str(path), "--out", run])
-    assert p.returncode == 0, p.stderr[-2000:]
+    code, err = run_main(["distill", str(path), "--out", run], capsys)
+    assert code == 0, err[-2000:]
     before = open(os.path.join(run, "config.yaml")).read()
     for sets, field in ((["train.lr=0.5"], "train.lr"), (["train.steps=2"], "train.steps"),
                         (["objective.name=sid"], "objective.name")):
-        p = cli(["distill", "--resume", run, *sum((["--set", s] for s in sets), [])])
-        assert p.returncode == 2 and p.stderr.startswith(f"scoredistill: error: {field}:"), p.stderr[-2000:]
-        assert len(p.stderr.strip().splitlines()) == 1
+        code, err = run_main(["distill", "--resume", run, *sum((["--set", s] for s in sets), [])], capsys)
+        assert code == 2 and err.startswith(f"scoredistill: error: {field}:"), err[-2000:]
+        assert len(err.strip().splitlines()) == 1
     assert open(os.path.join(run, "config.yaml")).read() == before
-    p = cli(["distill", "--resume", run, "--set", "train.steps=6", "--set", "eval.every=3"])
-    assert p.returncode == 0, p.stderr[-2000:]
+    code, err = run_main(["distill", "--resume", run, "--set", "train.steps=6", "--set", "eval.every=3"], capsys)
+    assert code == 0, err[-2000:]
     saved = yaml.safe_load(open(os.path.join(run, "config.yaml")))
     assert saved["train"]["steps"] == 6 and saved["eval"]["every"] == 3
 
 
-def test_optimize_resume_refuses_lr(tmp_path):
+@pytest.mark.usefixtures("one_thread")
+def test_optimize_resume_refuses_lr(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(OPT))
     run = str(tmp_path / "run")
-    assert cli(["optimize", str(path), "--out", run]).returncode == 0
-    p = cli(["optimize", "--resume", run, "--set", "train.lr=0.5"])
-    assert p.returncode == 2 and p.stderr.startswith("scoredistill: error: train.lr:"), p.stderr[-2000:]
-    p = cli(["optimize", "--resume", run, "--set", "train.steps=3"])
-    assert p.returncode == 2 and "4 steps already done" in p.stderr, p.stderr[-2000:]
+    assert run_main(["optimize", str(path), "--out", run], capsys)[0] == 0
+    code, err = run_main(["optimize", "--resume", run, "--set", "train.lr=0.5"], capsys)
+    assert code == 2 and err.startswith("scoredistill: error: train.lr:"), err[-2000:]
+    code, err = run_main(["optimize", "--resume", run, "--set", "train.steps=3"], capsys)
+    assert code == 2 and "4 steps already done" in err, err[-2000:]
 
 
 # -- docs/recipes.md is the schema's reference -------------------------------------------------------------------

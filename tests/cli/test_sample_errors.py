@@ -1,4 +1,5 @@
-"""`scoredistill sample` on damaged or foreign generator folders: one line, exit 2, no traceback."""
+"""`scoredistill sample` on damaged or foreign generator folders: one line, exit 2, no traceback (in this process,
+and once through ``python -m scoredistill``)."""
 
 import json
 import os
@@ -6,7 +7,9 @@ import os
 import pytest
 import yaml
 
-from helpers import cli
+from helpers import cli, run_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as cli() runs it: tiny models are slower on two threads
 
 CFG = {"teacher": {"kind": "gmm", "preset": "ring8"}, "generator": {"width": 16, "depth": 1},
        "fake_score": {"width": 16, "depth": 1}, "objective": {"name": "dmd2"},
@@ -14,11 +17,12 @@ CFG = {"teacher": {"kind": "gmm", "preset": "ring8"}, "generator": {"width": 16,
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, one_thread):
+    from scoredistill.cli.main import main
+
     d = tmp_path_factory.mktemp("sample_errors")
     (d / "c.yaml").write_text(yaml.safe_dump(CFG))
-    p = cli(["distill", str(d / "c.yaml"), "--out", str(d / "run")])
-    assert p.returncode == 0, p.stderr
+    assert main(["distill", str(d / "c.yaml"), "--out", str(d / "run")]) == 0
     return d / "run"
 
 
@@ -43,26 +47,36 @@ def _damage(gen_dir, how):
         w_path.write_bytes(w_path.read_bytes()[:40])
 
 
-@pytest.mark.parametrize("how", ["json", "no_class", "unknown_class", "bad_arch", "bad_shape", "truncated"])
-def test_damaged_generator_folder_is_one_line(run, tmp_path, how):
+def _damaged(run, tmp_path, how):
     import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     _damage(copy / "generator", how)
-    out = tmp_path / "s.npy"
-    p = cli(["sample", str(copy), "--n", "4", "--out", str(out)])
-    assert p.returncode == 2, (how, p.stdout, p.stderr)
+    return ["sample", str(copy), "--n", "4", "--out", str(tmp_path / "s.npy")]
+
+
+@pytest.mark.parametrize("how", ["json", "no_class", "unknown_class", "bad_arch", "bad_shape", "truncated"])
+def test_damaged_generator_folder_is_one_line(run, tmp_path, capsys, how):
+    code, err = run_main(_damaged(run, tmp_path, how), capsys)
+    assert code == 2, (how, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_damaged_generator_folder_through_a_process(run, tmp_path):
+    p = cli(_damaged(run, tmp_path, "unknown_class"))
+    assert p.returncode == 2, (p.stdout, p.stderr)
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert not out.exists()
+    assert not (tmp_path / "s.npy").exists()
 
 
-def test_negative_seed_is_one_line(run, tmp_path):
-    p = cli(["sample", str(run), "--n", "4", "--seed", "-1", "--out", str(tmp_path / "s.npy")])
-    assert p.returncode == 2 and "--seed" in p.stderr and "Traceback" not in p.stderr
+def test_negative_seed_is_one_line(run, tmp_path, capsys):
+    code, err = run_main(["sample", str(run), "--n", "4", "--seed", "-1", "--out", str(tmp_path / "s.npy")], capsys)
+    assert code == 2 and "--seed" in err and "Traceback" not in err
 
 
-def test_intact_folder_samples(run, tmp_path):
-    p = cli(["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.npy")])
-    assert p.returncode == 0, p.stderr
+def test_intact_folder_samples(run, tmp_path, capsys):
+    code, err = run_main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.npy")], capsys)
+    assert code == 0, err
     assert os.path.exists(tmp_path / "s.npy")

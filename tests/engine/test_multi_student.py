@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import repro
 from scoredistill.config import ConfigError, load_yaml, resolve
 from scoredistill.engine.build import build_generator
 from scoredistill.models.multi import MultiStudentGenerator, partition
@@ -111,33 +112,50 @@ def test_engine_steps_and_sampling(tmp_path):
 
 
 # -- distribution (slow) -------------------------------------------------------------------------------------
+MSD_SLOW = ["generator.width=128", "fake_score.width=128", "train.steps=1000", "eval.every=1000",
+            "train.progress=false", "eval.plots=false", "train.checkpoint_every=1000000"]
+
+
+def msd_figures(d, res):
+    """Every figure the distribution test asserts: per class, the modes its samples reach and the share of its
+    precise samples on its own two modes (class c owns modes c and c + 4 of ring8_cond)."""
+    from scoredistill.metrics.gmm import assign
+
+    own, modes = {}, {}
+    for c in range(4):
+        z = torch.randn(500, 2, generator=torch.Generator().manual_seed(100 + c))
+        k, ok = assign(d.sample(z, torch.full((500,), c)), d.reference.means, d.reference.stds)
+        own[c] = float(((k == c) | (k == c + 4))[ok].double().mean())
+        modes[c] = sorted(int(m) for m in k[ok].unique())
+    return {**{m: res[m] for m in ("precision", "modes_covered", "weight_tv", "sw2", "non_finite")},
+            "own": own, "modes": modes}
+
+
 @pytest.mark.slow
 def test_msd_students_cover_their_modes(tmp_path):
     """Two DMD2 students on ring8_cond (student 0: classes 0, 1; student 1: classes 2, 3): each student
     puts its classes on their own two modes, and the total is not worse than one student of the same size.
 
-    Measured 2026-11-26 (this config, 1000 iterations, CPU, load ~10 on 2 cores, 220 s for both runs;
-    the final single-run test took 13 s at load ~3):
-    two students precision 0.960, 8/8 modes, weight TV 0.043, SW2 0.104, every class 100 % on its own
-    modes; one student (generator.kind=mlp, same width) precision 0.953, TV 0.034, SW2 0.124. At the
-    recipe's width 256 and 1500 iterations: 0.983 / 0.030 / 0.158 vs one student 0.985 / 0.036 / 0.206.
-    The single-student run is recorded, not repeated here; the thresholds sit below its numbers."""
-    from scoredistill.engine.distiller import Distiller
-    from scoredistill.metrics.gmm import assign
+    Measured 2026-11-26 (this config, 1000 iterations): two students precision 0.960, 8/8 modes, weight TV
+    0.043, SW2 0.104, every class 100 % on its own modes; one student (generator.kind=mlp, same width)
+    precision 0.953, TV 0.034, SW2 0.124. At the recipe's width 256 and 1500 iterations: 0.983 / 0.030 /
+    0.158 vs one student 0.985 / 0.036 / 0.206. The single-student run is recorded, not repeated here.
 
-    cfg = resolve(load_yaml("recipes/toy/msd.yaml"),
-                  ["generator.width=128", "fake_score.width=128", "train.steps=1000", "eval.every=1000",
-                   "train.progress=false", "eval.plots=false", "train.checkpoint_every=1000000"])
+    Seed sweep 2026-12-01 (``msd_figures`` on this config with train.seed=S, train.threads=1): precision
+    0.9555 / 0.9545 / 0.971 / 0.969 (seeds 0-3), 8/8 modes, weight TV 0.019-0.035, SW2 0.100-0.173,
+    every class 100 % on its own two modes and both of them reached. At 800 iterations seed 1 had 0.903,
+    so 1000 is the smallest budget that keeps the precision bound 0.93 (margin 0.025 to the lowest seen).
+    Seed 0 on 2 threads (as here): precision 0.956, TV 0.023, SW2 0.113, every class 100 % on its own modes.
+    A failing assert prints the seed, thread count and figures to rerun it with."""
+    from scoredistill.engine.distiller import Distiller
+
+    cfg = resolve(load_yaml("recipes/toy/msd.yaml"), MSD_SLOW)
     d = Distiller(cfg, str(tmp_path))
-    res = d.train()
-    own = {}
+    f = msd_figures(d, d.run())
+    msg = repro(cfg, f)
+    print("msd:", msg)
     for c in range(4):
-        z = torch.randn(500, 2, generator=torch.Generator().manual_seed(100 + c))
-        k, ok = assign(d.sample(z, torch.full((500,), c)), d.reference.means, d.reference.stds)
-        own[c] = float(((k == c) | (k == c + 4))[ok].double().mean())
-        covered = {int(m) for m in k[ok].unique()}
-        assert {c, c + 4} <= covered, (c, covered)  # both modes of the class, from its own student
-    print("msd:", {m: res[m] for m in ("precision", "modes_covered", "weight_tv", "sw2")}, "own", own)
-    assert all(v > 0.95 for v in own.values())
-    assert res["non_finite"] == 0 and res["modes_covered"] == 8
-    assert res["precision"] > 0.93 and res["weight_tv"] < 0.07  # one student: 0.953 / 0.034
+        assert {c, c + 4} <= set(f["modes"][c]), msg  # both modes of the class, from its own student
+    assert all(v > 0.95 for v in f["own"].values()), msg
+    assert f["non_finite"] == 0 and f["modes_covered"] == 8, msg
+    assert f["precision"] > 0.93 and f["weight_tv"] < 0.07, msg  # one student: 0.953 / 0.034

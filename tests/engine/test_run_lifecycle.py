@@ -12,8 +12,11 @@ import time
 import pytest
 import yaml
 
-from helpers import cli, gen_weights, tiny_config
+from helpers import cli, gen_weights, run_main, tiny_config
 from scoredistill.engine.rundir import MARKER
+
+# the in-process runs (helpers.run_main) set train.threads=1; the module gives the session its threads back
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CFG = tiny_config(train={"keep_checkpoints": 5, "threads": 1})
 
@@ -74,29 +77,29 @@ def test_kill_after_final_checkpoint_before_export(reference, tmp_path):
     assert (run / "report.md").exists()
 
 
-def test_restart_in_place_and_force(tmp_path):
+def test_restart_in_place_and_force(tmp_path, capsys):
     cfg = _write_cfg(tmp_path)
     run = tmp_path / "run"
     p = cli(["distill", cfg, "--out", str(run)], env={"SCOREDISTILL_FAULT": "step:2"})
     assert p.returncode == -9
     (run / "notes.txt").write_text("mine")
-    p = cli(["distill", cfg, "--out", str(run)])  # nothing resumable was written: starts again in place
-    assert p.returncode == 0, p.stderr
-    p = cli(["distill", cfg, "--out", str(run)])  # now it holds checkpoints
-    assert p.returncode == 2 and "--resume" in p.stderr
-    p = cli(["distill", cfg, "--out", str(run), "--force"])
-    assert p.returncode == 0, p.stderr
+    code, err = run_main(["distill", cfg, "--out", str(run)], capsys)  # nothing resumable: starts again in place
+    assert code == 0, err
+    code, err = run_main(["distill", cfg, "--out", str(run)], capsys)  # now it holds checkpoints
+    assert code == 2 and "--resume" in err
+    code, err = run_main(["distill", cfg, "--out", str(run), "--force"], capsys)
+    assert code == 0, err
     assert (run / "notes.txt").read_text() == "mine" and (run / MARKER).exists()
 
 
-def test_foreign_folder_is_never_touched(tmp_path):
+def test_foreign_folder_is_never_touched(tmp_path, capsys):
     cfg = _write_cfg(tmp_path)
     run = tmp_path / "data"
     run.mkdir()
     (run / "x.csv").write_text("1")
     for extra in ([], ["--force"]):
-        p = cli(["distill", cfg, "--out", str(run), *extra])
-        assert p.returncode == 2 and "Traceback" not in p.stderr
+        code, err = run_main(["distill", cfg, "--out", str(run), *extra], capsys)
+        assert code == 2 and "Traceback" not in err
         assert os.listdir(run) == ["x.csv"]
 
 
@@ -111,21 +114,21 @@ def test_second_writer_is_refused(tmp_path):
         while not os.path.exists(os.path.join(run, "config.yaml")) and time.time() < deadline:
             time.sleep(0.2)
         assert first.poll() is None, "the first run ended before the second could start"
-        p = cli(["distill", "--resume", run])
+        p = cli(["distill", "--resume", run])  # a process: a lock that failed would train 10^6 steps here
         assert p.returncode == 2 and "in use by another scoredistill process" in p.stderr, p.stderr
     finally:
         first.kill()
         first.wait()
 
 
-def test_bad_input_leaves_nothing(tmp_path):
+def test_bad_input_leaves_nothing(tmp_path, capsys):
     cfg = _write_cfg(tmp_path)
     run = tmp_path / "run"
-    p = cli(["distill", cfg, "--out", str(run), "--set", "objective.name=nope"])
-    assert p.returncode == 2 and not run.exists()
-    p = cli(["distill", cfg, "--out", str(run), "--set", "teacher.preset=ring8_cond", "--set",
-             "generator.kind=teacher"])
-    assert p.returncode == 2 and not run.exists(), p.stderr
+    code, err = run_main(["distill", cfg, "--out", str(run), "--set", "objective.name=nope"], capsys)
+    assert code == 2 and not run.exists(), err
+    code, err = run_main(["distill", cfg, "--out", str(run), "--set", "teacher.preset=ring8_cond", "--set",
+                          "generator.kind=teacher"], capsys)
+    assert code == 2 and not run.exists(), err
 
 
 def test_non_finite_weights_abort_and_keep_the_last_good_checkpoint(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, repro  # noqa: E402
 from scoredistill.config import ConfigError, resolve
 from scoredistill.data.digits import load_digits_split
 from scoredistill.engine.build import build_evaluator, build_teacher
@@ -208,20 +208,36 @@ def test_distill_digits_generator_folder_round_trip(tmp_path):
 
 
 # -- distillation (slow) ----------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_dmd2_200_steps_on_digits_reaches_recorded_fd(tmp_path):
+def measure_digits_dmd2(run_dir=None, steps=200, **train):
+    """The digits DMD2 recipe after ``steps`` iterations: FD of the teacher-initialised generator (``fd0``) and
+    every evaluator figure at the end."""
+    import tempfile
+
     from scoredistill.config import load_yaml
     from scoredistill.engine.distiller import Distiller
 
-    root = ROOT
-    cfg = resolve(load_yaml(os.path.join(root, "recipes", "digits", "dmd2.yaml")),
-                  ["train.steps=200", "eval.every=200", "eval.n_samples=1000", "eval.plots=false",
-                   "train.progress=false"])
-    d = Distiller(cfg, str(tmp_path / "run"))
-    m0 = d.evaluator.metrics(d.sample(d.eval_z, d.eval_cond), d.eval_cond)
-    assert m0["fd"] > DMD2_200_FD_MAX + 1, m0  # the teacher-initialised generator starts well above it
-    d.train()
-    m = d.evaluate()
-    assert m["fd"] < DMD2_200_FD_MAX, m
-    assert m["conf90"] > 0.6 and m["label_acc"] > 0.8 and m["class_min"] > 0.02, m
-    assert m["diversity"] > 0.5, m
+    cfg = resolve(load_yaml(os.path.join(ROOT, "recipes", "digits", "dmd2.yaml")),
+                  [f"train.steps={steps}", f"eval.every={steps}", "eval.n_samples=1000", "eval.plots=false",
+                   "train.progress=false"] + [f"train.{k}={v}" for k, v in train.items()])
+    d = Distiller(cfg, run_dir or tempfile.mkdtemp())
+    fd0 = d.evaluator.metrics(d.sample(d.eval_z, d.eval_cond), d.eval_cond)["fd"]
+    d.run()
+    return cfg, {"fd0": fd0, **d.evaluate()}
+
+
+@pytest.mark.slow
+def test_dmd2_200_steps_on_digits_reaches_recorded_fd(tmp_path):
+    """DMD2 on the digits teacher: 200 iterations bring FD from the teacher-initialised generator's level to
+    below DMD2_200_FD_MAX with confident, class-balanced, diverse digits.
+
+    Seed sweep 2026-12-01 (``measure_digits_dmd2(seed=S, threads=1)``; seed 3 was not run: 5-8 min each on
+    the shared machine): FD 2.73 / 2.88 / 2.93 (seeds 0-2; recorded 2.74 on the docs run), starting from
+    6.43 / 6.48 / 6.61; confidence>0.9 share 0.996, label accuracy 0.998-1.0, smallest class share
+    0.088-0.092, diversity 0.70-0.71. Bounds: FD < 4.0, start > 5.0, conf90 > 0.6, label accuracy > 0.8,
+    smallest class > 0.02, diversity > 0.5."""
+    cfg, m = measure_digits_dmd2(str(tmp_path / "run"))
+    msg = repro(cfg, m)
+    assert m["fd0"] > DMD2_200_FD_MAX + 1, msg  # the teacher-initialised generator starts well above it
+    assert m["fd"] < DMD2_200_FD_MAX, msg
+    assert m["conf90"] > 0.6 and m["label_acc"] > 0.8 and m["class_min"] > 0.02, msg
+    assert m["diversity"] > 0.5, msg
