@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -47,3 +48,14 @@ def image_grid_panels(panels: list[tuple[str, torch.Tensor]], path: str, title: 
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     save_figure(fig, path, title)
+
+
+def save_gif(frames: torch.Tensor, path: str, fps: int = 12) -> None:
+    """``(N, 3, H, W)`` frames in [0, 1] -> an endlessly looping GIF (PIL, which matplotlib depends on)."""
+    from PIL import Image
+
+    arr = (frames.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    images = [Image.fromarray(a) for a in arr]
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))  # a killed write leaves a temporary
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    os.replace(tmp, path)
