@@ -273,10 +273,10 @@ class PriorOptimizer(Loop):
         return r.x.detach().cpu(), (r.cond.cpu() if r.cond is not None else None)
 
     def evaluate(self) -> dict:
-        from scoredistill.optimize.metrics import optimize_metrics
-
         if hasattr(self.param, "eval_images"):  # a 3D parameterization evaluates itself (optimize/splats.py)
             return self._evaluate_views()
+        from scoredistill.optimize.metrics import optimize_metrics
+
         x, cond = self.render_all()
         res = {"step": self.step}
         if self.reference is not None:
