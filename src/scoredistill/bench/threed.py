@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from scoredistill.bench.sds import _fmt, _scale_schedules, _scale_step_params
+from scoredistill.bench.sds import _fmt, check_known, rescale_recipe
 from scoredistill.bench.tables import Column, markdown_table, write_tables
 from scoredistill.config import load_yaml
 
@@ -42,13 +42,9 @@ def bench_config(method: str, teacher: str, budget_steps: int, particles: int, s
     """The resolved config of one (method, teacher) run (see the module docstring)."""
     from scoredistill.optimize.config import resolve
 
-    raw = copy.deepcopy(load_yaml(str((recipes or recipes_dir()) / f"scene_{method}.yaml")))
-    f = budget_steps / int(raw.get("train", {}).get("steps", 1000))
-    raw["objective"] = _scale_step_params(_scale_schedules(raw.get("objective", {}), f, "objective"), f)
-    tr = raw.setdefault("train", {})
-    for k in ("lr", "fake_lr"):
-        if k in tr:
-            tr[k] = _scale_schedules(tr[k], f, f"train.{k}")
+    raw = rescale_recipe(copy.deepcopy(load_yaml(str((recipes or recipes_dir()) / f"scene_{method}.yaml"))),
+                         budget_steps)
+    tr = raw["train"]
     scenes = TEACHERS[teacher]
     raw["teacher"] = {**raw.get("teacher", {}), "kind": "scene", "scenes": scenes}
     raw["teacher"].pop("weights", None)
@@ -94,12 +90,8 @@ def run_3d_suite(out_dir: str, methods=None, teachers=None, budget_steps: int = 
                  seed: int = 0, recipes: str | None = None, resolution: int | None = None, header=(),
                  overrides=(), log=print) -> list[dict]:
     """Run every (method, teacher) pair; write ``results.md``, ``results.csv`` and the grids."""
-    unknown = sorted(set(methods or ()) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; accepted: {', '.join(METHODS)}")
-    unknown = sorted(set(teachers or ()) - set(TEACHERS))
-    if unknown:
-        raise ValueError(f"unknown teacher(s) {unknown}; accepted: {', '.join(TEACHERS)}")
+    check_known(methods, METHODS, "method")
+    check_known(teachers, TEACHERS, "teacher")
     rec = Path(recipes) if recipes else None
     rows = []
     for t in teachers or TEACHERS:
