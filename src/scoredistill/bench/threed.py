@@ -68,9 +68,10 @@ def run_one(method: str, teacher: str, out_dir: str, budget_steps: int, particle
     with tempfile.TemporaryDirectory() as tmp:  # the run's own grid lands in tmp/samples
         opt = PriorOptimizer(cfg, tmp, log=lambda *a: None)
         res = opt.run()
-        os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
-        shutil.copy(os.path.join(tmp, "samples", f"step_{budget_steps:07d}.png"),
-                    os.path.join(out_dir, "grids", f"{method}__{teacher}.png"))
+        grid = os.path.join(tmp, "samples", f"step_{budget_steps:07d}.png")
+        if os.path.exists(grid):  # not with --set eval.plots=false
+            os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
+            shutil.copy(grid, os.path.join(out_dir, "grids", f"{method}__{teacher}.png"))
     k = len(TEACHERS[teacher])
     return {"method": method, "teacher": teacher, "objective": cfg["objective"]["name"], "steps": budget_steps,
             "particles": cfg["params"]["n"], "psnr": res.get("psnr"), "chamfer": res.get("chamfer"),

@@ -261,6 +261,11 @@ class _GroupView:
 def build_splats(pc: dict, sc: dict, teacher, seed: int) -> SplatParticles:
     """From ``params`` (``n`` particles, ``repeat`` views each per step, ``batch_size`` particles per
     step) and the ``splats`` section; the image size and background follow the teacher."""
+    moved = {"init": "splats.init", "views": "splats.view", "shape": "the teacher's resolution",
+             "classes": "the teacher's condition (the camera)"}
+    for k, where in moved.items():
+        if pc[k] is not None:
+            raise ConfigError(f"params.{k}", f"not read by params.kind: splats (set by {where}); accepted: null")
     shape = tuple(teacher.data_shape)
     if len(shape) != 3 or shape[0] != 3:
         raise ConfigError("params.kind", f"splats render RGB images; the teacher's data shape is {list(shape)}")
