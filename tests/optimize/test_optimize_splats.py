@@ -204,3 +204,20 @@ def test_sds_reconstructs_a_hidden_scene():
     wall = time.time() - t0
     msg = f"seed 0, 1 thread: psnr {res['psnr']:.2f} dB, chamfer {res['chamfer']:.4f}, {wall:.0f} s"
     assert res["psnr"] >= SDS_MIN_PSNR and res["chamfer"] <= SDS_MAX_CHAMFER, msg
+
+
+def test_camera_conditions_drop_whole_rows_and_have_no_class_slot():
+    from scoredistill.objectives.common import drop_condition
+    from scoredistill.objectives.esd import fake_condition
+    from scoredistill.optimize import ViewConditionedDenoiser
+    from scoredistill.process.processes import VPDiscrete
+
+    cams = torch.tensor([[10.0, 5.0, 1.2, 50.0]] * 6)
+    dropped = drop_condition(cams, 0.5, torch.Generator().manual_seed(0))
+    rows = (dropped == -1).all(1)
+    assert rows.any() and (~rows).any() and torch.equal(dropped[~rows], cams[~rows])   # whole rows or none
+    labels = torch.tensor([0, 1, 2])                                                   # class labels: unchanged
+    assert torch.equal(drop_condition(labels, 0.0, None), labels)
+    fake = ViewConditionedDenoiser(VPDiscrete(), (3, 2, 2), None, 4, 8, 1)
+    joint = fake_condition(fake, cams[:3], torch.tensor([0, 3, -1]), 3, "cpu")
+    assert joint.tolist() == [[-1, 0], [-1, 3], [-1, -1]]
