@@ -185,8 +185,7 @@ def test_bad_splat_config_is_one_line_exit_2(tmp_path, capsys, sets, field):
 
 # measured (32x32, snowman, 200 steps of recipes/3d/scene_sds.yaml, 1 thread): seeds 0 / 1 / 2 reached
 # 34.42 / 34.44 / 34.35 dB held-out PSNR and 0.0308 / 0.0320 / 0.0313 opacity-weighted Chamfer
-# (start: 14.9 dB, 0.068); 565 s under a load average of 15-20 on the 2-core box (a 100-step run took
-# 50 s at a load of about 5)
+# (start: 14.9 dB, 0.068); this test: 48 s at a load average of 4 on the 2-core box, 598 s at 15-20
 SDS_STEPS, SDS_MIN_PSNR, SDS_MAX_CHAMFER = 200, 32.0, 0.036
 
 
