@@ -352,8 +352,21 @@ def resolution_check(v, f):
 
 
 # -- distill ---------------------------------------------------------------------------------------------
-TEACHER_KINDS = ("gmm", "learned", "bundled", "diffusers")
-GMM, LEARNED, BUNDLED, DIFFUSERS = ("gmm",), ("learned",), ("bundled",), ("diffusers",)
+TEACHER_KINDS = ("gmm", "learned", "bundled", "diffusers", "scene")
+GMM, LEARNED, BUNDLED, DIFFUSERS, SCENE = ("gmm",), ("learned",), ("bundled",), ("diffusers",), ("scene",)
+
+
+def scenes_check(v, f):
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, str) and s for s in v):
+        raise ConfigError(f, "must be a non-empty list of preset scene names (snowman, table, dumbbell) or "
+                          f"3DGS .ply paths, got {v!r}")
+
+
+def rgb_check(v, f):
+    if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(is_number(x) and 0 <= x <= 1 for x in v):
+        raise ConfigError(f, f"must be an RGB triple of numbers in [0, 1], got {v!r}")
 
 
 @dataclass
@@ -361,15 +374,18 @@ class TeacherConfig(Section):
     DOC: ClassVar[str] = ("The frozen teacher. Each `kind` reads its own keys; a key another kind reads is an "
                           "error (column *kinds*).")
     kind: str = key("gmm", "gmm (exact mixture) | learned (train-teacher folder) | bundled (shipped) | "
-                    "diffusers (pipeline folder, docs/diffusers.md)", choices=TEACHER_KINDS)
+                    "diffusers (pipeline folder, docs/diffusers.md) | scene (exact-render 3D teacher, docs/3d.md)",
+                    choices=TEACHER_KINDS)
     preset: str | None = key(None, "named mixture: ring8, ring8_cond, grid25, pair, asym, gmm10d, gmm16d", kinds=GMM)
     means: list | None = key(None, "component means (K vectors of one length)", check=means_check,
                              accepts="a list of equal-length vectors of numbers", kinds=GMM)
-    std: float | None = key(None, "one standard deviation for every component", lo=0, lo_open=True, kinds=GMM)
+    std: float | None = key(None, "one standard deviation for every component (scene: per pixel on the [-1, 1] "
+                            "scale, default 0.03)", lo=0, lo_open=True, kinds=GMM + SCENE)
     stds: list[float] | None = key(None, "one standard deviation per component", check=number_list_check(True),
                                    accepts="a list of numbers > 0", kinds=GMM)
-    weights: list[float] | None = key(None, "mixture weights (normalised; default: equal)",
-                                      check=number_list_check(True), accepts="a list of numbers > 0", kinds=GMM)
+    weights: list[float] | None = key(None, "mixture weights (normalised; default: equal); scene: one per scene",
+                                      check=number_list_check(True), accepts="a list of numbers > 0",
+                                      kinds=GMM + SCENE)
     classes: list[int] | None = key(None, "class label of each component (class-conditional teacher)",
                                     check=number_list_check(False, ints=True), accepts="a list of integers >= 0",
                                     kinds=GMM)
@@ -389,10 +405,15 @@ class TeacherConfig(Section):
     negative_prompt: str | None = key(None, "negative prompt of the unconditional branch", kinds=DIFFUSERS)
     null_class: int | None = key(None, "class-conditional UNet2DModel: the class id used as unconditional",
                                  lo=0, hi=INT64_MAX, kinds=DIFFUSERS)
-    resolution: int | list[int] | None = key(None, "pixels (int or [height, width]; default: the pipeline's)",
-                                             check=resolution_check, accepts="an integer or [height, width]",
-                                             kinds=DIFFUSERS)
+    resolution: int | list[int] | None = key(None, "pixels (int or [height, width]; default: the pipeline's; "
+                                             "scene: 64)", check=resolution_check,
+                                             accepts="an integer or [height, width]", kinds=DIFFUSERS + SCENE)
     embedded_guidance: float | None = key(None, "FLUX guidance-embedding value (default 3.5)", lo=0, kinds=DIFFUSERS)
+    scenes: list[str] | str | None = key(None, "scene: preset names (snowman, table, dumbbell) or 3DGS .ply paths; "
+                                         "the views of the teacher are their renders", check=scenes_check,
+                                         accepts="a list of preset names or .ply paths", kinds=SCENE)
+    background: list[float] | None = key(None, "scene: RGB in [0, 1] behind every scene (default grey 0.5)",
+                                         check=rgb_check, accepts="an RGB triple in [0, 1]", kinds=SCENE)
 
     def validate(self, path):
         for k in keys(type(self)).values():
@@ -412,6 +433,7 @@ class TeacherConfig(Section):
             if self.std is None and self.stds is None:
                 raise ConfigError(f"{path}.std", "missing; give teacher.std or teacher.stds")
         need = {"learned": ("path", "the folder written by `scoredistill train-teacher`"),
+                "scene": ("scenes", "preset scene names (snowman, table, dumbbell) or 3DGS .ply paths"),
                 "bundled": ("name", "a bundled teacher name (digits, mnist)"),
                 "diffusers": ("path", "a diffusers pipeline folder (save_pretrained)")}.get(self.kind)
         if need is not None and not getattr(self, need[0]):

@@ -88,6 +88,25 @@ def _scale_step_params(obj: dict, factor: float) -> dict:
     return obj
 
 
+def rescale_recipe(raw: dict, budget_steps: int) -> dict:
+    """``raw`` with its objective's step-valued schedules and step-count parameters and its ``train.lr`` /
+    ``train.fake_lr`` schedules rescaled from the recipe's ``train.steps`` to ``budget_steps``."""
+    f = budget_steps / int(raw.get("train", {}).get("steps", 1000))
+    raw["objective"] = _scale_step_params(_scale_schedules(raw.get("objective", {}), f, "objective"), f)
+    tr = raw.setdefault("train", {})
+    for k in ("lr", "fake_lr"):
+        if k in tr:
+            tr[k] = _scale_schedules(tr[k], f, f"train.{k}")
+    return raw
+
+
+def check_known(values, accepted, what: str) -> None:
+    """``ValueError`` naming the values of ``values`` that are not in ``accepted``."""
+    unknown = sorted(set(values or ()) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; accepted: {', '.join(accepted)}")
+
+
 def needs_classes(method: str, recipes: Path | None = None) -> bool:
     """Whether the recipe's objective declares the ``class_conditional`` requirement."""
     from scoredistill.objectives.base import build_objective
@@ -103,14 +122,8 @@ def bench_config(method: str, teacher: str, budget_steps: int, n: int, seed: int
     seed and budget replaced."""
     from scoredistill.optimize.config import resolve
 
-    raw = _recipe(method, recipes)
-    steps0 = int(raw.get("train", {}).get("steps", 1000))
-    f = budget_steps / steps0
-    raw["objective"] = _scale_step_params(_scale_schedules(raw.get("objective", {}), f, "objective"), f)
-    tr = raw.setdefault("train", {})
-    for k in ("lr", "fake_lr"):
-        if k in tr:
-            tr[k] = _scale_schedules(tr[k], f, f"train.{k}")
+    raw = rescale_recipe(_recipe(method, recipes), budget_steps)
+    tr = raw["train"]
     tcfg = dict(raw.get("teacher", {}))
     tcfg.update({"kind": "gmm", "preset": teacher})
     raw["teacher"] = tcfg
@@ -218,12 +231,8 @@ def run_sds_suite(out_dir: str, methods=None, budget_steps: int = 600, seed: int
                   n: int = 256, recipes: str | None = None, plots: bool = True, log=print) -> list[dict]:
     """Run every (method, teacher) pair (see the module docstring); write ``results.csv``, ``results.md``
     and one scatter PNG per pair under ``out_dir``; return the rows (dicts with :data:`COLUMNS`)."""
-    unknown = sorted(set(methods or ()) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; accepted: {', '.join(METHODS)}")
-    unknown = sorted(set(teachers or ()) - set(TEACHERS))
-    if unknown:
-        raise ValueError(f"unknown teacher(s) {unknown}; accepted: {', '.join(TEACHERS)}")
+    check_known(methods, METHODS, "method")
+    check_known(teachers, TEACHERS, "teacher")
     os.makedirs(out_dir, exist_ok=True)
     rec = Path(recipes) if recipes else None
     rows = []

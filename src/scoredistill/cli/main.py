@@ -1,4 +1,5 @@
-"""``scoredistill`` command line: distill, sample, teacher-sample, train-teacher, demo.
+"""``scoredistill`` command line: distill, sample, teacher-sample, train-teacher, demo (optimize, export,
+bench and render in their own modules).
 
 Bad input (unknown keys or values, wrong shapes, missing files, unreadable checkpoints) prints one
 line ``scoredistill: error: FIELD: message`` on stderr and exits with code 2, without a traceback
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scoredistill.cli.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from scoredistill.cli.render import add_render_parser
+
+    add_render_parser(sub)
     return p
 
 

@@ -47,6 +47,12 @@ def build_teacher(tcfg: dict | TeacherConfig) -> tuple[Denoiser, GMMTeacher | No
 
             attach_evaluator(model, cfg["dataset"], field="teacher.path")
         return model, ref
+    if t.kind == "scene":  # the exact-render 3D teacher (teachers/scene.py, docs/3d.md)
+        from scoredistill.teachers.scene import build_scene_teacher
+
+        cfg = {k: v for k, v in dataclasses.asdict(t).items()
+               if k in ("scenes", "weights", "std", "resolution", "background") and v is not None}
+        return build_scene_teacher({"kind": "scene", **cfg}, make_process(t.process)), None
     if t.kind == "bundled":  # teachers shipped in the package (teachers/bundled.py): name digits | mnist
         from scoredistill.teachers.bundled import load_bundled
 

@@ -22,6 +22,7 @@ def drop_condition(cond: torch.Tensor | None, p: float, rng: torch.Generator | N
     if cond is None or p <= 0:
         return cond
     drop = torch.rand(cond.shape[0], generator=rng) < p
+    drop = drop.reshape(-1, *([1] * (cond.dim() - 1)))  # a row per item (a (B, 4) camera is dropped whole)
     return torch.where(drop.to(cond.device), torch.full_like(cond, NULL_CLASS), cond)
 
 

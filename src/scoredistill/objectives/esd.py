@@ -57,7 +57,9 @@ def fake_condition(fake, cond: torch.Tensor | None, view: torch.Tensor | None, n
     if not getattr(fake, "takes_view", False):
         return cond
     null = torch.full((n,), NULL_CLASS, dtype=torch.long, device=device)
-    c = cond.long().to(device) if cond is not None else null
+    # a condition that is not a class label (the (B, 4) camera of 3D runs) has no class slot here: the
+    # fake reads the camera through the view
+    c = cond.long().to(device) if cond is not None and cond.dim() == 1 else null
     v = view.long().to(device) if view is not None else null
     return torch.stack([c, v], 1)
 

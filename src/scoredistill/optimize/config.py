@@ -62,9 +62,11 @@ def _views_check(v, f):
 @dataclass
 class ParamsConfig(Section):
     DOC: ClassVar[str] = "What is optimized: particles, an image tensor, a user renderer's parameters or latents."
-    kind: str = key("particles", "particles | image | callable (user renderer) | latent (VAE latents)",
-                    choices=("particles", "image", "callable", "latent"))
-    n: int = key(512, "particles: how many; image: how many images", lo=1, hi=MAX_SIZE)
+    kind: str = key("particles", "particles | image | callable (user renderer) | latent (VAE latents) | "
+                    "splats (3D Gaussian splats, section splats)",
+                    choices=("particles", "image", "callable", "latent", "splats"))
+    n: int = key(512, "particles: how many; image: how many images; splats: how many splat sets (particles)",
+                 lo=1, hi=MAX_SIZE)
     shape: list[int] | None = key(None, "shape of one item (default: the teacher's data shape)", lo=1, hi=MAX_SIZE)
     init_mean: float = key(0.0, "mean of the initial values")
     init_std: float = key(1.0, "standard deviation of the initial values", lo=0)
@@ -74,7 +76,8 @@ class ParamsConfig(Section):
     views: int | str | None = key(None, "null | index (item index) | V (index mod V, or the hook's view ids < V)",
                      check=_views_check, accepts="null, index or an integer >= 1")
     batch_size: int | None = key(None, "items per step (null: all)", lo=1, hi=MAX_SIZE)
-    repeat: int = key(1, "image: renders (noise draws) per step", lo=1, hi=MAX_SIZE)
+    repeat: int = key(1, "image: renders (noise draws) per step; splats: random views per particle per step",
+                      lo=1, hi=MAX_SIZE)
     activation: str = key("none", "image: output activation", choices=("none", "sigmoid", "tanh"))
     render: str | None = key(None, "callable: 'package.module:function'")
     num_views: int = key(8, "callable: number of views to render from", lo=1, hi=MAX_SIZE)
@@ -85,6 +88,68 @@ class ParamsConfig(Section):
     def validate(self, path):
         if self.kind == "callable" and not self.render:
             raise ConfigError(f"{path}.render", "missing; give 'package.module:function' for params.kind: callable")
+
+
+def _splat_init_check(v, f):
+    if not isinstance(v, str) or not (v in ("sphere", "ball") or v.lower().endswith(".ply")):
+        raise ConfigError(f, f"unknown value {v!r}; accepted: sphere, ball, PATH.ply")
+
+
+def _mapping_check(build):
+    def check(v, f):
+        if not isinstance(v, dict):
+            raise ConfigError(f, f"must be a mapping, got {v!r}")
+        build(v, f)
+    return check
+
+
+def _lr_map(v, f):
+    from scoredistill.splat.gaussians import PARAM_NAMES
+
+    for k, x in v.items():
+        if k not in PARAM_NAMES:
+            raise ConfigError(f"{f}.{k}", f"unknown key; accepted: {', '.join(PARAM_NAMES)}")
+        if not (is_number(x) and x >= 0):
+            raise ConfigError(f"{f}.{k}", f"must be a number >= 0, got {x!r}")
+
+
+def _densify_map(v, f):
+    from scoredistill.splat.gaussians import DensifyConfig
+
+    DensifyConfig.from_config(v, f)
+
+
+def _cameras_map(v, f):
+    from scoredistill.splat.cameras import CameraRanges
+
+    CameraRanges.from_config(v, f)
+
+
+@dataclass
+class SplatsConfig(Section):
+    DOC: ClassVar[str] = ("params.kind: splats — 3D Gaussian splats rendered from random orbit cameras "
+                          "(docs/3d.md).")
+    init: str = key("ball", "initial shape: sphere | ball | PATH.ply (a 3DGS file)", check=_splat_init_check,
+                    accepts="sphere, ball or PATH.ply")
+    count: int = key(1000, "Gaussians per particle of the sphere / ball", lo=1, hi=MAX_SIZE)
+    radius: float = key(0.4, "radius of the initial sphere / ball (scene units)", lo=0, lo_open=True)
+    opacity: float = key(0.1, "initial opacity of the sphere / ball", lo=0, hi=1, lo_open=True, hi_open=True)
+    sh_degree: int = key(0, "colour: 0 (RGB) or 1 (view-dependent, degree-1 SH)", lo=0, hi=1)
+    lr: dict = key({}, "learning rate per kind {means, log_scales, quats, opacity_logits, sh_dc, sh_rest} "
+                   "(default DreamGaussian's: 1e-3, 5e-3, 5e-3, 5e-2, 1e-2, 5e-4)", check=_mapping_check(_lr_map),
+                   accepts="a mapping of parameter kinds to numbers >= 0")
+    densify: dict | None = key(None, "densify-and-prune schedule {start, stop, every, grad_threshold, "
+                               "min_opacity, max_gaussians, ...} (3DGS defaults; null: off)",
+                               check=_mapping_check(_densify_map), accepts="a mapping of densify keys or null")
+    cameras: dict = key({}, "orbit camera ranges {elevation, azimuth, distance, fov}: [min, max] or a number "
+                        "(default [-10, 90], [-180, 180], [1.0, 1.5], [40, 70])", check=_mapping_check(_cameras_map),
+                        accepts="a mapping of camera ranges")
+    background: str = key("teacher", "teacher (the teacher's fixed colour, else white) | random (a colour per "
+                          "view) | learned", choices=("teacher", "random", "learned"))
+    view: str = key("labels", "fake-score view of a render: labels (front/side/back/overhead) | particle | none",
+                    choices=("labels", "particle", "none"))
+    eval_views: int = key(8, "held-out turntable views of the metrics and the render grid", lo=1, hi=360)
+    turntable: int = key(24, "frames of turntable.gif", lo=1, hi=360)
 
 
 @dataclass
@@ -138,7 +203,8 @@ class OptimizeEvalConfig(Section):
     plots: bool = key(True, "write sample plots", resume=True)
 
 
-OPTIMIZE: Schema = {"teacher": TeacherConfig, "params": ParamsConfig, "fake_score": OptimizeFakeConfig,
+OPTIMIZE: Schema = {"teacher": TeacherConfig, "params": ParamsConfig, "splats": SplatsConfig,
+                    "fake_score": OptimizeFakeConfig,
                     "objective": OptimizeObjectiveConfig, "train": OptimizeTrainConfig, "eval": OptimizeEvalConfig}
 DEFAULTS: dict[str, Any] = {name: defaults(cls) for name, cls in OPTIMIZE.items()}
 SECTIONS = tuple(DEFAULTS)

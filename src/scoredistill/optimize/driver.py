@@ -69,8 +69,14 @@ def _init_tensor(pc: dict, shape: tuple, g: torch.Generator) -> torch.Tensor:
     return pc["init_mean"] + pc["init_std"] * torch.randn(shape, generator=g)
 
 
-def build_parameterization(pc: dict, teacher, seed: int) -> Parameterization:
+def build_parameterization(pc: dict, teacher, seed: int, splats: dict | None = None) -> Parameterization:
     g = torch.Generator().manual_seed(seed + 777)
+    if pc["kind"] == "splats":  # 3D Gaussian splats from orbit cameras (optimize/splats.py, docs/3d.md)
+        from scoredistill.config import defaults
+        from scoredistill.optimize.config import SplatsConfig
+        from scoredistill.optimize.splats import build_splats
+
+        return build_splats(pc, {**defaults(SplatsConfig), **(splats or {})}, teacher, seed)
     if pc["kind"] == "latent":  # a latent through a diffusers VAE (optimize/latent.py)
         from scoredistill.optimize.latent import build_latent
 
@@ -117,7 +123,7 @@ class PriorOptimizer(Loop):
         self.objective = build_objective(obj_cfg, convention)
         self.teacher, self.reference = build_teacher(cfg["teacher"])
         self.teacher.requires_grad_(False).eval().to(self.device)
-        param = param or build_parameterization(cfg["params"], self.teacher, tc["seed"])
+        param = param or build_parameterization(cfg["params"], self.teacher, tc["seed"], cfg.get("splats"))
         self.param = param.to(self.device)
         self.lr_schedules: dict[str, Schedule] = {}
         for k in ("lr", "fake_lr"):
@@ -125,8 +131,12 @@ class PriorOptimizer(Loop):
             if sch is not None:
                 self.lr_schedules[k] = sch
         lr = self.lr_schedules["lr"](0) if "lr" in self.lr_schedules else tc["lr"]
-        optimizers = {"params": build_optimizer(role_optimizer(tc, "optimizer"), self.param.parameters(), lr,
+        # a parameterization may ask for its own groups (per-kind rates of Gaussian splats)
+        groups = self.param.optimizer_groups(lr) if hasattr(self.param, "optimizer_groups") else self.param.parameters()
+        optimizers = {"params": build_optimizer(role_optimizer(tc, "optimizer"), groups, lr,
                                                 tc["betas"], tc["weight_decay"], eps=tc["eps"])}
+        if hasattr(self.param, "attach_optimizer"):  # it replaces parameters (densification) and tells it
+            self.param.attach_optimizer(optimizers["params"])
         self.modules = {"params": self.param}
         self.fake = None
         if "fake_score" in self.objective.requirements():
@@ -136,6 +146,7 @@ class PriorOptimizer(Loop):
             views = self.param.view_space()
             self.fake = ViewConditionedDenoiser(t.process, t.data_shape, t.num_classes, views, fc["width"],
                                                 fc["depth"], sd).to(self.device)
+            self.fake.camera_view = getattr(self.param, "camera_view", None) if views else None
             flr = self.lr_schedules["fake_lr"](0) if "fake_lr" in self.lr_schedules else tc["fake_lr"]
             # the critic keeps torch's eps and no decay: train.eps / train.weight_decay are the parameters'
             optimizers["fake_score"] = build_optimizer(role_optimizer(tc, "fake_optimizer", "optimizer"),
@@ -186,7 +197,7 @@ class PriorOptimizer(Loop):
             name = "params" if k == "lr" else "fake_score"
             if name in self.optimizers:
                 for group in self.optimizers[name].param_groups:
-                    group["lr"] = sch(step)
+                    group["lr"] = sch(step) * group.get("lr_scale", 1.0)
                 values[f"train.{k}"] = sch(step)
         return values
 
@@ -245,6 +256,9 @@ class PriorOptimizer(Loop):
             r = self.param.render(index)
             out = self.objective.generator_loss(self._batch(r, index), self.roles())
             self._apply(out["loss"], "params")
+            if hasattr(self.param, "after_step"):  # e.g. densify-and-prune of Gaussian splats
+                for k, v in self.param.after_step(self.step + 1).items():
+                    self._record(k, v)
         finally:
             if self.fake is not None:
                 self.fake.requires_grad_(True)
@@ -259,6 +273,8 @@ class PriorOptimizer(Loop):
         return r.x.detach().cpu(), (r.cond.cpu() if r.cond is not None else None)
 
     def evaluate(self) -> dict:
+        if hasattr(self.param, "eval_images"):  # a 3D parameterization evaluates itself (optimize/splats.py)
+            return self._evaluate_views()
         from scoredistill.optimize.metrics import optimize_metrics
 
         x, cond = self.render_all()
@@ -276,6 +292,23 @@ class PriorOptimizer(Loop):
                 (f"{self.objective.name} step {self.step}", x)]
             scatter_panels(panels, os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"),
                            means=self.reference.means if self.reference is not None else None, basis_from=ref)
+        return res
+
+    def _evaluate_views(self) -> dict:
+        n = self.cfg["splats"]["eval_views"]
+        res = {"step": self.step, **self.param.evaluate(self.teacher, n)}
+        if self.cfg["eval"]["plots"] and self.run_dir is not None:
+            from scoredistill.viz.images import image_grid_panels
+
+            imgs = self.param.eval_images(n)
+            panels = []
+            if hasattr(self.teacher, "renders"):
+                cond = self.param.eval_cameras(n).as_cond()
+                truth = self.teacher.renders(cond).permute(1, 0, 2, 3, 4).float()
+                panels += [(f"teacher scene {k}", truth[k]) for k in range(len(truth))]
+            panels += [(f"particle {p}, step {self.step}", 2 * imgs[p] - 1) for p in range(len(imgs))]
+            image_grid_panels(panels, os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"),
+                              nrow=min(n, 4), panel_inches=2.6)
         return res
 
     # -- outputs & checkpoints -----------------------------------------------------------------------------
@@ -302,6 +335,8 @@ class PriorOptimizer(Loop):
             if isinstance(self.param, ImageTensor):
                 img = self.param.image().detach().cpu().numpy().astype(np.float32)
                 np.save(os.path.join(tmp, "image.npy"), img)
+            if hasattr(self.param, "write_outputs"):  # scene.ply of Gaussian splats
+                self.param.write_outputs(tmp)
         for f in os.listdir(os.path.join(self.run_dir, ".export")):
             os.replace(os.path.join(self.run_dir, ".export", f), os.path.join(self.run_dir, f))
 
@@ -318,7 +353,15 @@ class PriorOptimizer(Loop):
         pngs = sorted(os.listdir(samples)) if os.path.isdir(samples) else []
         if pngs:
             lines += ["", f"![final](samples/{pngs[-1]})"]
+        if hasattr(self.param, "eval_images"):  # 3D: a turntable of particle 0 and its scene files
+            from scoredistill.viz.images import save_gif
+
+            frames = self.param.eval_images(self.cfg["splats"]["turntable"])[0]
+            save_gif(frames, os.path.join(self.run_dir, "turntable.gif"))
+            lines += ["", "![turntable](turntable.gif)", "",
+                      "scene: `scene.ply` (3DGS layout; `scoredistill render RUN_DIR --views N --out DIR`)"]
         atomic_write_text(os.path.join(self.run_dir, "report.md"), "\n".join(lines) + "\n")
         summary = ", ".join(f"{k} {res[k]:.3f}" for k in ("precision", "sw2", "spread_ratio", "mode_spread_ratio",
-                                                           "class_accuracy") if isinstance(res.get(k), float))
+                                                           "class_accuracy", "psnr", "chamfer")
+                            if isinstance(res.get(k), float))
         return f"step {self.step}: {summary}" if summary else f"step {self.step}"

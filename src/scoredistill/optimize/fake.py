@@ -34,9 +34,15 @@ class ViewConditionedDenoiser(Denoiser):
         self.sigma_data = float(sigma_data)
         self.num_classes = num_classes
 
+    camera_view = None  # set by a 3D parameterization: the view id of each row of a (B, 4) camera cond
+
     def joint_label(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         if cond is None or self.net.num_classes is None:
             return None
+        if cond.is_floating_point():  # a camera (3D runs, docs/3d.md): no class, the view from the camera
+            null = torch.full((cond.shape[0],), NULL_CLASS, dtype=torch.long, device=cond.device)
+            view = self.camera_view(cond).to(cond.device) if self.camera_view is not None else null
+            cond = torch.stack([null, view], 1)
         cond = cond.long()
         if cond.dim() == 1:
             cond = torch.stack([cond, torch.full_like(cond, NULL_CLASS)], 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -47,3 +48,30 @@ def image_grid_panels(panels: list[tuple[str, torch.Tensor]], path: str, title: 
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     save_figure(fig, path, title)
+
+
+
+def _pil_images(x: torch.Tensor) -> list:
+    """``(N, 3, H, W)`` in [0, 1] -> 8-bit RGB PIL images."""
+    from PIL import Image
+
+    arr = (x.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def _save_atomic(path: str, fmt: str, images: list, **kw) -> None:
+    # a killed write leaves only a ".tmp-" sibling, which the run-folder rules clean up
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    images[0].save(tmp, format=fmt, **kw)
+    os.replace(tmp, path)
+
+
+def save_gif(frames: torch.Tensor, path: str, fps: int = 12) -> None:
+    """``(N, 3, H, W)`` frames in [0, 1] -> an endlessly looping GIF (PIL, which matplotlib depends on)."""
+    images = _pil_images(frames)
+    _save_atomic(path, "GIF", images, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """One ``(3, H, W)`` image in [0, 1] as an 8-bit RGB PNG."""
+    _save_atomic(path, "PNG", _pil_images(image[None]))
