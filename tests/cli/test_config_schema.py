@@ -52,17 +52,18 @@ def test_every_recipe_resolves(path):
             teacher, net, tr = resolve_gmm_recipe(user)
             assert isinstance(teacher, TeacherConfig) and net["width"] >= 1 and tr["steps"] >= 1
         return
-    if rel.startswith("optimize/"):
+    optimize = rel.startswith(("optimize/", "3d/"))  # the recipes of `scoredistill optimize`
+    if optimize:
         cfg = resolve_optimize(user)
         objective, _ = extract_schedules(cfg["objective"], "objective")
     else:
         cfg = resolve(user)
         objective = cfg["objective"]
-    assert set(cfg) == set(OPTIMIZE if rel.startswith("optimize/") else DISTILL)
+    assert set(cfg) == set(OPTIMIZE if optimize else DISTILL)
     # the objective section is checked by the objective's own Params when it is built
     build_objective(objective, cfg["teacher"]["guidance_convention"])
     # resolving a resolved config (what --resume reads back from config.yaml) changes nothing
-    again = (resolve_optimize if rel.startswith("optimize/") else resolve)(yaml.safe_load(yaml.safe_dump(cfg)))
+    again = (resolve_optimize if optimize else resolve)(yaml.safe_load(yaml.safe_dump(cfg)))
     assert again == cfg
 
 
