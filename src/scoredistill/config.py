@@ -694,6 +694,10 @@ def resolve(user: dict, overrides: Iterable[str] = ()) -> dict:
                               "set one of them (they name the same global batch)")
         cfg["train"]["batch_size"] = gb
     cfg["train"]["global_batch"] = None
+    if cfg["teacher"].get("kind") == "scene":  # its condition is a camera, not a label a generator can take
+        raise ConfigError("teacher.kind", "'scene' (the exact-render 3D teacher) is for `scoredistill optimize` with "
+                          "params.kind: splats (docs/3d.md); accepted for distill: "
+                          + ", ".join(k for k in TEACHER_KINDS if k != "scene"))
     for name, cls in DISTILL.items():
         parse(cls, cfg[name], name)
     return cfg

@@ -118,6 +118,7 @@ def _with(base, section, **kv):
 
 BAD = [  # (command, recipe, --set overrides, field named by the one line)
     ("distill", BASE, ["train.lr=.inf"], "train.lr"),
+    ("distill", BASE, ["teacher.kind=scene", "teacher.scenes=[snowman]"], "teacher.kind"),  # optimize only
     ("distill", BASE, ["train.ema=.nan"], "train.ema"),
     ("distill", BASE, ["train.grad_clip=.nan"], "train.grad_clip"),
     ("distill", BASE, ["train.batch_size=-4"], "train.batch_size"),
