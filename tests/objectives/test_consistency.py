@@ -31,6 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Loss gradient w.r.t. the student's parameters, finite difference vs JVP (relative L2), measured with
 # the nets below: MLP 1.2e-5, UNet 5.6e-7 (tolerance ~10x; the MLP rounds its time embedding to float32).
 TOL_GRAD = {"mlp": 2e-4, "unet": 1e-5}
+# meanflow: the same comparison on the two-time MLP, measured 4.3e-6..5.2e-6 over 3 seeds (tolerance ~10x)
+TOL_MEANFLOW = 5e-5
 
 
 def _perturbed(net, scale=0.05, seed=0):
@@ -263,3 +265,71 @@ def test_rcm_adds_the_dmd_term_after_its_pure_scm_phase():
     (gx,) = torch.autograd.grad(late["loss"], x)
     assert "loss_dm" in late and gx.abs().max() > 0
     assert rcm.requirements() == {"consistency_target", "real_data", "fake_score"} and rcm.uses_generator_samples
+
+
+# -- meanflow (arXiv 2505.13447) -------------------------------------------------------------------------
+class _GaussFlowMap(Denoiser):
+    """The exact two-time denoiser of N(mu, s^2 I) under EDM: the PF-ODE keeps ``(y - mu)/sqrt(s^2 + rho^2)``
+    constant, so the flow map to ``r`` is closed form and ``D(x_t, t, r) = y - rho_t U`` with the exact average
+    velocity ``U = (y - y_r)/(rho_t - rho_r)`` (its limit ``rho (y - mu)/(s^2 + rho^2)`` at ``r = t``)."""
+
+    two_time = True
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.process, self.data_shape, self.mu, self.s = EDM(), (len(mu),), torch.tensor(mu, dtype=torch.float64), s
+
+    def denoise(self, x_t, t, cond=None, r=None):
+        col = lambda v: v.reshape(-1, 1)  # noqa: E731
+        rt = col(self.process.rho(t))
+        rr = col(self.process.rho(r)) if r is not None else torch.zeros_like(rt)
+        y, s2 = x_t.double(), self.s ** 2
+        y_r = self.mu + (y - self.mu) * (s2 + rr ** 2).sqrt() / (s2 + rt ** 2).sqrt()
+        gap = rt - rr
+        u = torch.where(gap > 1e-9, (y - y_r) / gap.clamp(min=1e-9), rt * (y - self.mu) / (s2 + rt ** 2))
+        return (y - rt * u).to(x_t.dtype)
+
+
+def _meanflow_sq(student, teacher, flow_fraction, jvp="torch", n=64):
+    obj = build_objective({"name": "meanflow", "flow_fraction": flow_fraction, "jvp": jvp})
+    real = teacher.sample(n, generator=torch.Generator().manual_seed(0)).double()
+    b = Batch(x=torch.zeros_like(real), real=real, rng=torch.Generator().manual_seed(2), step=0)
+    out = obj.generator_loss(b, Roles(teacher=teacher, student=student, target=copy.deepcopy(student)))
+    return float(out["meanflow/sq"]), out
+
+
+@pytest.mark.parametrize("jvp", ["torch", "fd"])
+def test_meanflow_target_is_the_exact_average_velocity(jvp):
+    """On a Gaussian teacher the exact flow map satisfies the MeanFlow identity for every (r, t): its loss
+    vanishes (r < t, the JVP target; r = t, flow matching), while a flow map of a shifted Gaussian does not."""
+    from scoredistill.teachers.gmm import GMMTeacher
+
+    teacher = GMMTeacher([[1.0, -0.5]], 0.3, process=EDM())
+    exact, wrong = _GaussFlowMap([1.0, -0.5], 0.3), _GaussFlowMap([1.2, -0.5], 0.3)
+    for frac in (0.0, 1.0):
+        assert _meanflow_sq(exact, teacher, frac, jvp)[0] < 1e-10, (jvp, frac)  # measured <= 3e-14
+        assert _meanflow_sq(wrong, teacher, frac, jvp)[0] > 1e-3, (jvp, frac)  # measured 0.022, 0.043
+
+
+def test_meanflow_gradient_jvp_equals_finite_difference_on_the_two_time_mlp():
+    from scoredistill.teachers.gmm import build_gmm
+
+    teacher = build_gmm({"preset": "ring8"}, EDM())
+    grads = []
+    for jvp in ("torch", "fd"):
+        torch.manual_seed(0)
+        student = _perturbed(MLPDenoiser(EDM(), 2, 32, 2, sigma_data=0.5, emb_dim=16, two_time=True))
+        _, out = _meanflow_sq(student, teacher, 0.0, jvp)
+        out["loss"].backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in student.parameters()]))
+    assert _rel(grads[1], grads[0]) < TOL_MEANFLOW
+
+
+def test_meanflow_bad_input_is_one_line():
+    with pytest.raises(ConfigError, match="objective.flow_fraction"):
+        build_objective({"name": "meanflow", "flow_fraction": 1.5})
+    from scoredistill.teachers.gmm import build_gmm
+
+    one_time = MLPDenoiser(EDM(), 2, 32, 2, sigma_data=0.5, emb_dim=16)
+    with pytest.raises(ConfigError, match="generator.kind.*two-time"):
+        _meanflow_sq(one_time, build_gmm({"preset": "ring8"}, EDM()), 0.5)

@@ -76,6 +76,10 @@ def _consistency(obj) -> bool:
     return "consistency_target" in obj.requirements()
 
 
+def _two_time(obj) -> bool:
+    return "two_time_student" in obj.requirements()
+
+
 class ConstRaw(Denoiser):
     """EDM-preconditioned denoiser whose raw network output is a learned constant: in VE coordinates
     ``y = x_t/a_t``, ``D = c_skip(rho) y + c_out(rho) theta`` (arXiv 2206.00364): ``D -> x_t`` as ``rho -> 0``
@@ -86,7 +90,9 @@ class ConstRaw(Denoiser):
         self.process, self.data_shape, self.sigma_data = process, (len(theta),), sd
         self.theta = torch.nn.Parameter(torch.as_tensor(theta, dtype=torch.float32).clone())
 
-    def denoise(self, x_t, t, cond=None):
+    two_time = True  # its output ignores a jump's end time r: a valid (r-independent) two-time network
+
+    def denoise(self, x_t, t, cond=None, r=None):
         t = expand_t(t, x_t.shape[0], x_t.device)
         rho, a = self.process.rho(t)[:, None], self.process.alpha(t)[:, None]
         sd = self.sigma_data
@@ -94,10 +100,11 @@ class ConstRaw(Denoiser):
         return (c_skip * x_t.double() / a + c_out * self.theta.double()).to(x_t.dtype)
 
 
-def _student_roles(process, num_classes=4):
-    """A student denoiser with random outputs and its target copy (the engine's ``consistency_target``)."""
+def _student_roles(process, num_classes=4, two_time=False):
+    """A student denoiser with random outputs and its target copy (the engine's ``consistency_target``);
+    ``two_time`` for objectives that require a ``two_time_student`` (the engine builds it so)."""
     torch.manual_seed(1)
-    student = MLPDenoiser(process, 2, 32, 2, num_classes=num_classes, sigma_data=0.5)
+    student = MLPDenoiser(process, 2, 32, 2, num_classes=num_classes, sigma_data=0.5, two_time=two_time)
     torch.nn.init.normal_(student.net.out.weight, std=0.2)
     return student, copy.deepcopy(student)  # requires grad here, so a gradient leaking into it is seen
 
@@ -201,7 +208,7 @@ def _run(obj, roles, x, cond, seed=3, step=10):
     b.z = torch.randn(N, 2, generator=_rng(7))
     if _consistency(obj):
         roles = copy.copy(roles)
-        roles.student, roles.target = _student_roles(roles.teacher.process)
+        roles.student, roles.target = _student_roles(roles.teacher.process, two_time=_two_time(obj))
         out = obj.generator_loss(b, roles)
         grads = torch.autograd.grad(out["loss"], list(roles.student.parameters()))
         return out["loss"].detach(), torch.cat([g.reshape(-1) for g in grads])
@@ -263,7 +270,7 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
     if _consistency(obj):  # past every warm-up (rCM's pure-sCM phase)
         extra["step"] = 10**6
     if _consistency(obj):  # the student's denoiser is trained; its target copy is never reached
-        roles.student, roles.target = _student_roles(proc)
+        roles.student, roles.target = _student_roles(proc, two_time=_two_time(obj))
     out = obj.generator_loss(_batch(xx, cond, REF, **extra), roles)
     declared = obj.differentiates_through()
     assert declared <= {"teacher", "fake", "discriminator"}, declared

@@ -82,7 +82,8 @@ class PrecondDenoiser(Denoiser):
     in float64 around the network call, where a subclass's ``_precond(x_t, t, cond)`` returns
     ``(y, c_in, c_skip, c_out, e)`` (``y`` the scaled input, ``e`` the time/class embedding)."""
 
-    def denoise(self, x_t, t, cond=None):
-        y, c_in, c_skip, c_out, e = self._precond(x_t, t, cond)
+    def denoise(self, x_t, t, cond=None, r=None):
+        # ``r``: the jump's end time of a two-time (flow-map) network; one-time networks never receive it
+        y, c_in, c_skip, c_out, e = self._precond(x_t, t, cond) if r is None else self._precond(x_t, t, cond, r)
         f = self.net((c_in * y).to(x_t.dtype), e)
         return (c_skip * y + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)

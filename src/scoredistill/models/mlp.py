@@ -5,6 +5,11 @@ process: with ``rho = s_t/a_t`` and ``y = x_t/a_t = x0 + rho eps``,
 ``D(x_t) = c_skip y + c_out F(c_in y, c_noise)``, ``c_skip = sd^2/(rho^2 + sd^2)``,
 ``c_out = rho sd / sqrt(rho^2 + sd^2)``, ``c_in = 1/sqrt(rho^2 + sd^2)``, ``c_noise = ln(rho)/4``.
 So one network definition serves VP, EDM and flow teachers alike.
+
+A two-time MLP (``two_time=True``, MeanFlow's student, docs/objectives/meanflow.md) also takes the end time
+``r <= t`` of a jump and predicts the ``x0`` whose DDIM step from ``t`` lands where the flow map sends ``x_t``
+at ``r``; the ratio ``rho(r)/rho(t)`` enters as a second embedding (``r = None``: ratio 0, the whole jump to
+the data, i.e. the consistency function), so every sampler that calls ``D(x_t, t)`` uses it unchanged.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ class MLPDenoiser(PrecondDenoiser):
     """EDM-preconditioned MLP denoiser for flat vector data, optionally class-conditional."""
 
     def __init__(self, process: Process, dim: int, width: int = 256, depth: int = 4,
-                 num_classes: int | None = None, sigma_data: float = 1.0, emb_dim: int = 64):
+                 num_classes: int | None = None, sigma_data: float = 1.0, emb_dim: int = 64,
+                 two_time: bool = False):
         super().__init__()
         self.process = process
         self.data_shape = (dim,)
@@ -95,8 +101,14 @@ class MLPDenoiser(PrecondDenoiser):
         self.net = MLPBackbone(dim, width, depth, emb_dim)
         nn.init.zeros_(self.net.out.weight)
         nn.init.zeros_(self.net.out.bias)
+        self.two_time = bool(two_time)
+        if two_time:  # built last, so one-time networks draw the same initial weights as before
+            self.arch["two_time"] = True
+            self.gap_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.gap_mlp[2].weight)  # starts as the one-time network of the same weights
+            nn.init.zeros_(self.gap_mlp[2].bias)
 
-    def _precond(self, x_t, t, cond):
+    def _precond(self, x_t, t, cond, r=None):
         b = x_t.shape[0]
         t = expand_t(t, b, x_t.device)
         a = self.process.alpha(t)[:, None]
@@ -107,6 +119,10 @@ class MLPDenoiser(PrecondDenoiser):
         c_skip = sd * sd / (rho * rho + sd * sd)
         c_out = rho * sd / (rho * rho + sd * sd).sqrt()
         e = self.time_mlp(self.time((rho.squeeze(1).log() / 4).float()))
+        if self.two_time:
+            ratio = torch.zeros_like(rho.squeeze(1)) if r is None else \
+                (self.process.rho(expand_t(r, b, x_t.device)) / rho.squeeze(1)).clamp(0.0, 1.0)
+            e = e + self.gap_mlp(self.time(ratio.float()))
         if self.class_emb is not None:
             idx = torch.full((b,), self.num_classes, dtype=torch.long, device=x_t.device) if cond is None \
                 else torch.where(cond.long() == NULL_CLASS, self.num_classes, cond.long())

@@ -14,6 +14,7 @@ from scoredistill.objectives import (  # noqa: F401
     flash_dmd,
     ict,
     ism,
+    meanflow,
     rcm,
     scm,
     sds,

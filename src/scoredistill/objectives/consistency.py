@@ -84,3 +84,29 @@ class ConsistencyObjective(Objective):
         """Canonical times ``(t(rho_{i+1}), t(rho_i))`` of the pairs ``idx`` (float64, on ``device``)."""
         times = cc.level_times(process, levels)
         return times[idx + 1].to(device), times[idx].to(device)
+
+
+VELOCITIES = ("teacher", "data")
+
+
+def check_tangent_keys(params) -> None:
+    """One line for an unknown ``objective.velocity`` (teacher | data) or ``objective.jvp`` (torch | fd | auto)."""
+    if params.velocity not in VELOCITIES:
+        raise ConfigError("objective.velocity", f"unknown value {params.velocity!r}; accepted: {', '.join(VELOCITIES)}")
+    cc.Tangent(params.jvp)
+
+
+def check_ranges(params, checks: dict[str, bool]) -> None:
+    """One line on the first key of ``checks`` (name -> in range) that is out of range."""
+    for k, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"objective.{k}", f"out of range: {getattr(params, k)!r}")
+
+
+class TangentObjective(ConsistencyObjective):
+    """A consistency objective whose target needs a total time derivative of a network (``sCM``, ``MeanFlow``):
+    ``self.tangent`` from ``objective.jvp`` and ``objective.fd_step``."""
+
+    def __init__(self, params, time=None, fake_time=None):
+        super().__init__(params, time, fake_time)
+        self.tangent = cc.Tangent(params.jvp, params.fd_step)

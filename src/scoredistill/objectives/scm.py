@@ -28,14 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from scoredistill.errors import ConfigError
 from scoredistill.objectives import consistency_core as cc
 from scoredistill.objectives.base import register
-from scoredistill.objectives.consistency import ConsistencyObjective, ConsistencyParams
+from scoredistill.objectives.consistency import ConsistencyParams, TangentObjective, check_ranges, check_tangent_keys
 from scoredistill.process.time import LogNormal
 from scoredistill.process.trigflow import TrigFlow, check_expressible
-
-VELOCITIES = ("teacher", "data")
 
 
 @dataclass
@@ -52,20 +49,15 @@ class SCMParams(ConsistencyParams):
 
     def validate(self):
         super().validate()
-        if self.velocity not in VELOCITIES:
-            raise ConfigError("objective.velocity", f"unknown value {self.velocity!r}; accepted: "
-                              f"{', '.join(VELOCITIES)}")
-        cc.Tangent(self.jvp)  # one line for an unknown mode
+        check_tangent_keys(self)
         checks = {"fd_step": self.fd_step > 0, "tangent_c": self.tangent_c >= 0, "warmup_steps": self.warmup_steps >= 0,
                   "adaptive_bins": self.adaptive_bins >= 1, "adaptive_rate": 0 <= self.adaptive_rate < 1,
                   "sigma_data": self.sigma_data is None or self.sigma_data > 0}
-        for k, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"objective.{k}", f"out of range: {getattr(self, k)!r}")
+        check_ranges(self, checks)
 
 
 @register
-class SCM(ConsistencyObjective):
+class SCM(TangentObjective):
     name = "scm"
     Params = SCMParams
     # sCM's proposal: ln(sigma) ~ N(-1.0, 1.4^2) with sigma = sigma_data tan(tau) (arXiv 2410.11081)
@@ -73,7 +65,6 @@ class SCM(ConsistencyObjective):
 
     def __init__(self, params, time=None, fake_time=None):
         super().__init__(params, time, fake_time)
-        self.tangent = cc.Tangent(params.jvp, params.fd_step)
         self.level: list[float] | None = None  # running loss level per tau bin (adaptive weighting)
 
     def check_teacher(self, teacher) -> None:
