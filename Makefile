@@ -16,7 +16,7 @@ install: $(BIN)/scoredistill
 demo: install
 	$(BIN)/scoredistill demo
 
-# everything, distribution tests included (~13 min on 2 cores: 769 s measured in a fresh clone, 2026-12-01)
+# everything, distribution tests included (~13 min on 2 cores: 737 s measured in a fresh clone, 2026-12-01)
 test: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
