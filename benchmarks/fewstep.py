@@ -23,9 +23,7 @@ Usage: python benchmarks/fewstep.py [--models mlp,unet] [--objectives dmd2,sid] 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 
 import step_overhead as so  # benchmarks/ is the script's directory, hence on sys.path
 import torch
@@ -103,31 +101,8 @@ def sampling_rows(args, models, sync, nets):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="mlp,unet")
-    ap.add_argument("--objectives", default="dmd2,sid")
-    ap.add_argument("--iters", type=int, default=5, help="iterations per round (the UNet uses a quarter, at least 1)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch-mlp", type=int, default=256)
-    ap.add_argument("--batch-unet", type=int, default=64)
-    ap.add_argument("--sample-mlp", type=int, default=4096)
-    ap.add_argument("--sample-unet", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
-                    help="cpu: this process's CPU time (robust to other jobs with --threads 1); wall: perf_counter")
-    ap.add_argument("--no-steps", action="store_true")
-    ap.add_argument("--no-sampling", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    so.CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    models = [m for m in args.models.split(",") if m]
-    objectives = [o for o in args.objectives.split(",") if o]
-    print(f"device {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}, {args.clock} clock; "
-          f"{args.rounds} interleaved rounds after {args.warmup} warm-up calls")
+    args = so.parser(__doc__, rounds=5, warmup=2, threads=1, clock="cpu").parse_args()
+    sync, models, objectives = so.setup(args)
     rows, nets = [], {}
     if not args.no_steps:
         print("iteration cost (one fake + one generator update), 1-step vs 4-step backward simulation:")

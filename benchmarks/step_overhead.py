@@ -252,36 +252,48 @@ def sampling_rows(args, models, sync, nets):
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(doc: str, rounds: int, warmup: int, threads: int, clock: str) -> argparse.ArgumentParser:
+    """The options every step/sampling benchmark shares (this one and benchmarks/fewstep.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--models", default="mlp,unet")
     ap.add_argument("--objectives", default="dmd2,sid")
     ap.add_argument("--iters", type=int, default=5, help="iterations per round (the UNet uses a quarter, at least 1)")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--warmup", type=int, default=warmup)
     ap.add_argument("--batch-mlp", type=int, default=256)
-    ap.add_argument("--mlp-width", type=int, default=256,
-                    help="e.g. 8 with --batch-mlp 8: the network passes cost ~nothing, the loops' fixed costs show")
     ap.add_argument("--batch-unet", type=int, default=64)
     ap.add_argument("--sample-mlp", type=int, default=4096)
     ap.add_argument("--sample-unet", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=threads)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+    ap.add_argument("--clock", choices=("wall", "cpu"), default=clock,
                     help="cpu: this process's CPU time (time.process_time), robust to other jobs on a shared "
                          "machine when --threads 1; wall: perf_counter (use it on a quiet machine, and on CUDA)")
     ap.add_argument("--no-steps", action="store_true")
     ap.add_argument("--no-sampling", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def setup(args):
+    """Threads, seed and clock from ``args``; returns ``(sync, models, objectives)`` and prints the header."""
+    global CLOCK
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     models = [m for m in args.models.split(",") if m]
     objectives = [o for o in args.objectives.split(",") if o]
     print(f"device {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}, {args.clock} clock; "
           f"{args.rounds} interleaved rounds after {args.warmup} warm-up calls")
+    return sync, models, objectives
+
+
+def main():
+    ap = parser(__doc__, rounds=7, warmup=3, threads=2, clock="wall")
+    ap.add_argument("--mlp-width", type=int, default=256,
+                    help="e.g. 8 with --batch-mlp 8: the network passes cost ~nothing, the loops' fixed costs show")
+    args = ap.parse_args()
+    sync, models, objectives = setup(args)
     rows, nets = [], {}
     if not args.no_steps:
         print(f"step overhead (one fake + one generator update per iteration; {args.iters} iterations per round "

@@ -14,14 +14,13 @@ vertices); anything that is not a finite 3DGS splat file raises :class:`PlyError
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from scoredistill.errors import ConfigError
+from scoredistill.fileio import atomic_file
 
 _TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -78,19 +77,9 @@ def write_ply(path, data: SplatData) -> None:
     cols = [f32(data.means).reshape(n, 3), np.zeros((n, 3), np.float32), f32(data.sh_dc).reshape(n, 3), rest,
             f32(data.opacity_logits).reshape(n, 1), f32(data.log_scales).reshape(n, 3), f32(data.quats).reshape(n, 4)]
     body = np.ascontiguousarray(np.concatenate(cols, 1), dtype="<f4")
-    path = os.fspath(path)
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".ply")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header(data))
-            f.write(body.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:  # a kill mid-write never leaves a truncated scene.ply
+        f.write(header(data))
+        f.write(body.tobytes())
 
 
 def _parse_header(path, raw: bytes) -> tuple[int, int, list[tuple[str, str]]]:
