@@ -56,7 +56,7 @@ def test_every_registered_objective_has_a_page():
 
 
 METHOD_PAGES = [("objectives", n) for n in ("dmd", "dmd2", "vsd", "sid", "sim", "fdistill", "swiftbrush", "sfd", "msd",
-                                                        "scm", "rcm", "cd", "ict", "meanflow")]
+                                                        "scm", "rcm", "cd", "ict", "meanflow", "twinflow")]
 METHOD_PAGES += [("optimize", n) for n in ("sds", "vsd_particles", "esd", "asd", "csd", "ism", "tsm", "cds", "bsd")]
 
 

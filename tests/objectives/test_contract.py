@@ -80,6 +80,10 @@ def _two_time(obj) -> bool:
     return "two_time_student" in obj.requirements()
 
 
+def _signed_time(obj) -> bool:
+    return "signed_time_student" in obj.requirements()
+
+
 class ConstRaw(Denoiser):
     """EDM-preconditioned denoiser whose raw network output is a learned constant: in VE coordinates
     ``y = x_t/a_t``, ``D = c_skip(rho) y + c_out(rho) theta`` (arXiv 2206.00364): ``D -> x_t`` as ``rho -> 0``
@@ -91,20 +95,25 @@ class ConstRaw(Denoiser):
         self.theta = torch.nn.Parameter(torch.as_tensor(theta, dtype=torch.float32).clone())
 
     two_time = True  # its output ignores a jump's end time r: a valid (r-independent) two-time network
+    signed_time = True  # and the sign of t: a signed-time network whose twin branch equals the real one
 
     def denoise(self, x_t, t, cond=None, r=None):
-        t = expand_t(t, x_t.shape[0], x_t.device)
+        t = expand_t(t, x_t.shape[0], x_t.device).abs()
         rho, a = self.process.rho(t)[:, None], self.process.alpha(t)[:, None]
         sd = self.sigma_data
         c_skip, c_out = sd * sd / (rho * rho + sd * sd), rho * sd / (rho * rho + sd * sd).sqrt()
         return (c_skip * x_t.double() / a + c_out * self.theta.double()).to(x_t.dtype)
 
 
-def _student_roles(process, num_classes=4, two_time=False):
+def _student_roles(process, num_classes=4, two_time=False, signed_time=False):
     """A student denoiser with random outputs and its target copy (the engine's ``consistency_target``);
-    ``two_time`` for objectives that require a ``two_time_student`` (the engine builds it so)."""
+    ``two_time`` / ``signed_time`` for objectives that require a ``two_time_student`` / ``signed_time_student``
+    (the engine builds it so)."""
     torch.manual_seed(1)
-    student = MLPDenoiser(process, 2, 32, 2, num_classes=num_classes, sigma_data=0.5, two_time=two_time)
+    student = MLPDenoiser(process, 2, 32, 2, num_classes=num_classes, sigma_data=0.5, two_time=two_time,
+                          signed_time=signed_time)
+    if signed_time:  # a twin branch that differs from the real one, so a gradient through it is seen
+        torch.nn.init.normal_(student.twin_mlp[2].weight, std=0.2)
     torch.nn.init.normal_(student.net.out.weight, std=0.2)
     return student, copy.deepcopy(student)  # requires grad here, so a gradient leaking into it is seen
 
@@ -208,7 +217,8 @@ def _run(obj, roles, x, cond, seed=3, step=10):
     b.z = torch.randn(N, 2, generator=_rng(7))
     if _consistency(obj):
         roles = copy.copy(roles)
-        roles.student, roles.target = _student_roles(roles.teacher.process, two_time=_two_time(obj))
+        roles.student, roles.target = _student_roles(roles.teacher.process, two_time=_two_time(obj),
+                                                     signed_time=_signed_time(obj))
         out = obj.generator_loss(b, roles)
         grads = torch.autograd.grad(out["loss"], list(roles.student.parameters()))
         return out["loss"].detach(), torch.cat([g.reshape(-1) for g in grads])
@@ -270,7 +280,7 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
     if _consistency(obj):  # past every warm-up (rCM's pure-sCM phase)
         extra["step"] = 10**6
     if _consistency(obj):  # the student's denoiser is trained; its target copy is never reached
-        roles.student, roles.target = _student_roles(proc, two_time=_two_time(obj))
+        roles.student, roles.target = _student_roles(proc, two_time=_two_time(obj), signed_time=_signed_time(obj))
     out = obj.generator_loss(_batch(xx, cond, REF, **extra), roles)
     declared = obj.differentiates_through()
     assert declared <= {"teacher", "fake", "discriminator"}, declared

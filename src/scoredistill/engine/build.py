@@ -107,20 +107,23 @@ def native_checkpointing(module: torch.nn.Module, enabled, section: str) -> torc
     return module
 
 
-def build_generator(gcfg: dict | GeneratorConfig, teacher: Denoiser, two_time: bool = False) -> torch.nn.Module:
+def build_generator(gcfg: dict | GeneratorConfig, teacher: Denoiser, two_time: bool = False,
+                    signed_time: bool = False) -> torch.nn.Module:
     """The generator of the ``generator`` section (typed, or its dict: validated by the schema first);
-    ``two_time``: its step network also takes a jump's end time (the ``two_time_student`` requirement)."""
+    ``two_time``: its step network also takes a jump's end time (the ``two_time_student`` requirement);
+    ``signed_time``: and negative times (``signed_time_student``)."""
     g = typed(GeneratorConfig, gcfg, "generator")
     if two_time and (g.kind != "mlp" or (g.steps is None and g.timesteps is None) or _is_diffusers(teacher)):
         raise ConfigError("generator.kind", "this objective trains a two-time (flow-map) student; accepted: "
                           "kind mlp with generator.steps >= 1 on a native teacher")
-    gen = _build_generator(g, teacher, two_time)
+    gen = _build_generator(g, teacher, two_time, signed_time)
     if not _is_diffusers(teacher):  # diffusers roles: enabled in scoredistill.adapters.student
         native_checkpointing(gen, g.gradient_checkpointing, "generator")
     return gen
 
 
-def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = False) -> torch.nn.Module:
+def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = False,
+                     signed_time: bool = False) -> torch.nn.Module:
     dim = int(np.prod(teacher.data_shape))
     if _is_diffusers(teacher):
         if g.steps is not None:
@@ -130,7 +133,7 @@ def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = Fal
             raise ConfigError("generator.rollout", "diffusers students re-noise with fresh noise and a uniform step "
                               "choice; accepted here: fresh, step_weights null")
     elif g.steps is not None or g.timesteps is not None:
-        return _native_few_step(g, teacher, dim, two_time)
+        return _native_few_step(g, teacher, dim, two_time, signed_time)
     elif g.rollout != "fresh" or g.step_weights is not None:
         raise ConfigError("generator.rollout", "applies to K-step students; set generator.steps or timesteps")
     if g.kind == "mlp":
@@ -163,7 +166,8 @@ def _msd_classes(g: GeneratorConfig, teacher: Denoiser) -> int:
     return k
 
 
-def _native_few_step(g: GeneratorConfig, teacher: Denoiser, dim: int, two_time: bool = False) -> torch.nn.Module:
+def _native_few_step(g: GeneratorConfig, teacher: Denoiser, dim: int, two_time: bool = False,
+                     signed_time: bool = False) -> torch.nn.Module:
     """A K-step student over a native step network (models/fewstep.py; docs/fewstep.md): a fresh MLP
     (``kind: mlp``), MSD's class-routed MLPs (``multi``), or a copy of a learned teacher (``teacher``, first
     time ``t(sigma_init)``), rolled out over ``generator.steps`` / ``timesteps`` with ``generator.rollout``."""
@@ -172,7 +176,8 @@ def _native_few_step(g: GeneratorConfig, teacher: Denoiser, dim: int, two_time: 
     t_first = None
     sd = float(teacher.data_std()) if hasattr(teacher, "data_std") else float(getattr(teacher, "sigma_data", 1.0))
     if g.kind == "mlp":
-        net = fresh_mlp_denoiser(teacher.process, dim, g.width, g.depth, teacher.num_classes, sd, two_time=two_time)
+        net = fresh_mlp_denoiser(teacher.process, dim, g.width, g.depth, teacher.num_classes, sd, two_time=two_time,
+                                 signed_time=signed_time)
     elif g.kind == "multi":
         net = MultiStudentDenoiser(teacher.process, dim, g.width, g.depth, _msd_classes(g, teacher), g.students, sd)
     elif g.kind == "teacher":

@@ -10,6 +10,10 @@ A two-time MLP (``two_time=True``, MeanFlow's student, docs/objectives/meanflow.
 ``r <= t`` of a jump and predicts the ``x0`` whose DDIM step from ``t`` lands where the flow map sends ``x_t``
 at ``r``; the ratio ``rho(r)/rho(t)`` enters as a second embedding (``r = None``: ratio 0, the whole jump to
 the data, i.e. the consistency function), so every sampler that calls ``D(x_t, t)`` uses it unchanged.
+A signed-time two-time MLP (``signed_time=True``, TwinFlow's student, docs/objectives/twinflow.md) also accepts
+negative times: ``D(x_t, -t, cond, -r)`` is a second branch of the same network (the flow of the student's own
+samples), told apart by a time-dependent embedding added for negative times (its last layer starts at zero,
+so both branches start equal); positive times compute exactly what the two-time MLP computes.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ class MLPDenoiser(PrecondDenoiser):
 
     def __init__(self, process: Process, dim: int, width: int = 256, depth: int = 4,
                  num_classes: int | None = None, sigma_data: float = 1.0, emb_dim: int = 64,
-                 two_time: bool = False):
+                 two_time: bool = False, signed_time: bool = False):
         super().__init__()
         self.process = process
         self.data_shape = (dim,)
@@ -107,10 +111,22 @@ class MLPDenoiser(PrecondDenoiser):
             self.gap_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             nn.init.zeros_(self.gap_mlp[2].weight)  # starts as the one-time network of the same weights
             nn.init.zeros_(self.gap_mlp[2].bias)
+        self.signed_time = bool(signed_time)
+        if signed_time:
+            if not two_time:
+                raise ValueError("signed_time needs two_time (a flow-map network)")
+            self.arch["signed_time"] = True
+            self.twin_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.twin_mlp[2].weight)  # the negative-time branch starts as the positive one
+            nn.init.zeros_(self.twin_mlp[2].bias)
 
     def _precond(self, x_t, t, cond, r=None):
         b = x_t.shape[0]
         t = expand_t(t, b, x_t.device)
+        neg = None
+        if self.signed_time:  # negative times: the twin branch, at the same noise level |t|
+            neg, t = t < 0, t.abs()
+            r = None if r is None else expand_t(r, b, x_t.device).abs()
         a = self.process.alpha(t)[:, None]
         rho = (self.process.sigma(t) / self.process.alpha(t))[:, None]
         sd = self.sigma_data
@@ -123,6 +139,8 @@ class MLPDenoiser(PrecondDenoiser):
             ratio = torch.zeros_like(rho.squeeze(1)) if r is None else \
                 (self.process.rho(expand_t(r, b, x_t.device)) / rho.squeeze(1)).clamp(0.0, 1.0)
             e = e + self.gap_mlp(self.time(ratio.float()))
+        if neg is not None:
+            e = e + neg[:, None].to(e.dtype) * self.twin_mlp(self.time((rho.squeeze(1).log() / 4).float()))
         if self.class_emb is not None:
             idx = torch.full((b,), self.num_classes, dtype=torch.long, device=x_t.device) if cond is None \
                 else torch.where(cond.long() == NULL_CLASS, self.num_classes, cond.long())

@@ -23,6 +23,7 @@ from scoredistill.objectives import (  # noqa: F401
     sim,
     swiftbrush,
     tdm,
+    twinflow,
     vsd,
 )
 from scoredistill.objectives.base import OBJECTIVES, Batch, Objective, Roles, build_objective, register

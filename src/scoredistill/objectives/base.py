@@ -15,7 +15,9 @@ trained step, :class:`~scoredistill.models.rollout.StepOutput`, arrives as ``Bat
 may restrict the student's re-noising with ``rollout_modes``), ``consistency_target`` (the student
 as a denoiser ``f(x_t, t, cond)`` plus a frozen target copy of it that the engine keeps: an exact copy
 after every generator update, or an EMA at :meth:`Objective.target_decay`), ``two_time_student`` (its
-step network also takes a jump's end time ``r``: ``D(x_t, t, cond, r)``, MeanFlow's flow map).
+step network also takes a jump's end time ``r``: ``D(x_t, t, cond, r)``, MeanFlow's flow map),
+``signed_time_student`` (with ``two_time_student``: the step network also accepts negative times, a second
+branch of the same network, TwinFlow's fake trajectory).
 
 An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
 ``state_dict()`` / ``load_state_dict()`` (JSON-serialisable) and ``state_tensors()`` /
@@ -39,7 +41,7 @@ from scoredistill.process.processes import Process
 from scoredistill.process.time import TimeSampler, Uniform, make_time_sampler
 
 REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional", "rollout",
-                "consistency_target", "two_time_student")
+                "consistency_target", "two_time_student", "signed_time_student")
 
 
 @dataclass

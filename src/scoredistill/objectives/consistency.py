@@ -89,10 +89,15 @@ class ConsistencyObjective(Objective):
 VELOCITIES = ("teacher", "data")
 
 
-def check_tangent_keys(params) -> None:
-    """One line for an unknown ``objective.velocity`` (teacher | data) or ``objective.jvp`` (torch | fd | auto)."""
+def check_velocity(params) -> None:
+    """One line for an unknown ``objective.velocity`` (teacher | data)."""
     if params.velocity not in VELOCITIES:
         raise ConfigError("objective.velocity", f"unknown value {params.velocity!r}; accepted: {', '.join(VELOCITIES)}")
+
+
+def check_tangent_keys(params) -> None:
+    """One line for an unknown ``objective.velocity`` (teacher | data) or ``objective.jvp`` (torch | fd | auto)."""
+    check_velocity(params)
     cc.Tangent(params.jvp)
 
 
