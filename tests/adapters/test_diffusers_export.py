@@ -131,3 +131,55 @@ def test_text_unet_lora_student_exports_both_formats(tiny, tmp_path):
     assert os.path.exists(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     for info in (full, lora):
         assert info["verify"]["first_step_matches"] and info["verify"]["max_abs_diff"] < 1e-3
+
+
+def test_consistency_student_exports_an_lcm_pipeline_that_reproduces_sample_steps(tiny, tmp_path):
+    """A 4-step consistency student (``cd``) on a tiny text UNet exports with an ``LCMScheduler`` whose 1-, 2- and
+    4-step samples from the reloaded folder equal ``scoredistill sample RUN --steps K'`` from the same noise (the
+    export's verification compares every K'; here also the CLI's own output at K' = 2)."""
+    from diffusers import DiffusionPipeline
+
+    from scoredistill.adapters.export import export_run
+    from scoredistill.models.rollout import sample_noise_seed
+
+    path = tiny("sd15")
+    cfg = resolve({"teacher": {"kind": "diffusers", "path": path, "prompts": PROMPTS},
+                   "generator": {"kind": "teacher", "timesteps": [999, 749, 499, 249]},
+                   "objective": {"name": "cd"}, "train": {"steps": 1, "batch_size": 2, "lr": 1e-3, "ema": 0.0,
+                                                          "progress": False, "real_pool": 8,
+                                                          "real_data": real_latents(path, str(tmp_path))},
+                   "eval": {"every": 1, "n_samples": 16, "plots": False}})
+    train(cfg, tmp_path / "run")
+    info = export_run(str(tmp_path / "run"), str(tmp_path / "pipe"), "diffusers")
+    v = info["verify"]
+    assert info["call"] == {**info["calls"]["4"], **{k: info["call"][k] for k in ("height", "width", "guidance_scale")}}
+    assert [info["calls"][k]["num_inference_steps"] for k in ("1", "2", "4")] == [1, 2, 4]
+    assert v["samples_match"] and set(v["samples_max_abs_diff"]) == {"1", "2", "3", "4"}
+    # measured 3.1e-5 (K' = 1, 2) and 4.6e-5 (K' = 3, 4): float32 rounding of LCM's eps -> x0 at t = 999, where
+    # 1/sqrt(alpha_bar) ~ 150 amplifies it
+    assert max(v["samples_max_abs_diff"].values()) < 2e-4
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    assert main(["sample", str(tmp_path / "run"), "--n", "2", "--seed", "5", "--steps", "2", "--class", "1",
+                 "--out", str(tmp_path / "s.npy")]) == 0
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    kw = dict(info["calls"]["2"])
+    got = pipe(prompt=[PROMPTS[1]] * 2, latents=z, generator=torch.Generator().manual_seed(sample_noise_seed(5)),
+               output_type="latent", **kw).images
+    diff = float((got - torch.from_numpy(np.load(tmp_path / "s.npy"))).abs().max())
+    assert diff < 2e-4, diff  # measured 1.9e-5
+
+
+def test_export_refuses_a_student_the_schedulers_cannot_express(tiny):
+    from scoredistill.adapters.export import student_scheduler
+    from scoredistill.adapters.student import build_diffusers_generator
+    from scoredistill.config import ConfigError
+
+    t = __import__("scoredistill.adapters.diffusers_teacher", fromlist=["x"]).build_diffusers_teacher(
+        {"kind": "diffusers", "path": tiny("ddpm")})
+    gen = build_diffusers_generator({"kind": "teacher", "timesteps": [999, 499], "noise_input": "scaled"}, t)
+    with pytest.raises(ConfigError, match=r"^generator\.noise_input: .*accepted: pure"):
+        student_scheduler(gen)
+    gen.noise_input, gen.rollout.mode = "pure", "ddim"
+    with pytest.raises(ConfigError, match=r"^generator\.rollout: .*accepted: fresh"):
+        student_scheduler(gen)

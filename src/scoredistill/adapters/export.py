@@ -42,14 +42,23 @@ import torch
 
 from scoredistill.adapters.families import components_of
 from scoredistill.errors import ConfigError
+from scoredistill.models.rollout import sample_noise_seed
 
 EXPORT_JSON = "scoredistill_export.json"
 MARKER = ".scoredistill-export"  # identifies folders this module wrote (the only ones --force replaces)
 
 
 def student_scheduler(gen):
-    """The scheduler and call arguments that reproduce the student's K-step rollout."""
+    """The scheduler and call arguments that reproduce the student's K-step rollout; one line for a rollout
+    the diffusers schedulers cannot express (they start from the noise itself and re-noise with fresh noise)."""
     d = gen.denoiser
+    if gen.noise_input != "pure":
+        raise ConfigError("generator.noise_input", f"export reproduces students whose first input is the noise itself "
+                          f"(pure), as diffusers pipelines feed it; this student takes s(t_0) z ({gen.noise_input}); "
+                          "accepted: pure (retrain with generator.noise_input: pure)")
+    if gen.rollout.mode != "fresh":
+        raise ConfigError("generator.rollout", f"LCMScheduler / FlowMatchEulerDiscreteScheduler re-noise with fresh "
+                          f"noise; this student re-noises with {gen.rollout.mode!r}; accepted: fresh")
     return d.family.export_scheduler(gen, d.assets.scheduler_config)
 
 
@@ -70,6 +79,9 @@ def _student_network(gen):
 def _readme(gen, call: dict, lora: bool) -> str:
     d = gen.denoiser
     args = ", ".join(f"{k}={v!r}" for k, v in call.items())
+    fewer = ("" if len(gen.timesteps) == 1 else
+             "\nFewer steps (K' of the student's K, evenly strided as `scoredistill sample RUN --steps K'`): the "
+             "scheduler arguments of `calls[K']` in `scoredistill_export.json`.\n")
     if lora:
         load = ("pipe = DiffusionPipeline.from_pretrained(TEACHER_DIR)\n"
                 "pipe.load_lora_weights(THIS_DIR)\n"
@@ -80,7 +92,12 @@ def _readme(gen, call: dict, lora: bool) -> str:
             "```python\nfrom diffusers import DiffusionPipeline\n"
             f"{load}\nimage = {d.family.readme_call(args)}.images[0]\n```\n\n"
             "The call arguments are in `scoredistill_export.json` (`call`). The student was distilled "
-            "without classifier-free guidance at sampling time: keep `guidance_scale` as given.\n"
+            "without classifier-free guidance at sampling time: keep `guidance_scale` as given.\n" + fewer
+            + ("" if not d.family.same_noise or d.assets.pipeline_class == "DDPMPipeline" else
+               "\nThe same sample as `scoredistill sample RUN --seed S --steps K'` (n samples): "
+               "`latents = torch.randn(n, *shape, generator=torch.Generator().manual_seed(S))` and "
+               "`generator = torch.Generator().manual_seed(sample_noise_seed(S))` "
+               "(`scoredistill.models.rollout.sample_noise_seed`), `output_type='latent'`.\n")
             + ("\nThe scheduler in `scheduler/` is an `LCMScheduler` or `FlowMatchEulerDiscreteScheduler`; load it "
                "with that class.\n" if lora else ""))
 
@@ -95,8 +112,9 @@ def _write_info(gen, out: str, fmt: str, call: dict, **extra) -> dict:
     """``scoredistill_export.json`` and README.md of an export folder."""
     d = gen.denoiser
     kw = d.family.call_kwargs(d, call)
+    calls = {kp: d.family.call_kwargs(d, c) for kp, c in d.family.step_calls(gen, call).items()}
     info = {"format": fmt, "pipeline": d.assets.pipeline_class, "family": d.family.name, "timesteps": gen.timesteps,
-            "noise_input": gen.noise_input, "call": kw, "teacher": d.assets.path, **extra,
+            "noise_input": gen.noise_input, "call": kw, "calls": calls, "teacher": d.assets.path, **extra,
             "prompts_trained": d.assets.prompts[:20]}
     with open(os.path.join(out, EXPORT_JSON), "w") as f:
         json.dump(info, f, indent=2)
@@ -175,8 +193,8 @@ def verify_export(gen, out: str, n: int = 2, seed: int = 0, tol: float = 1e-3) -
     pipe.set_progress_bar_config(disable=True)
     gen.eval()
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, *d.data_shape, generator=g)
-    cond = torch.arange(n) % d.num_classes if d.num_classes else None
+    z = torch.randn(n, *d.data_shape, generator=g)  # z and labels as `scoredistill sample --seed` draws them
+    cond = torch.randint(0, d.num_classes, (n,), generator=g) if d.num_classes else None
     t0 = torch.full((n,), gen.t_steps[0], dtype=torch.float64)
     want = d.family.reference(d(gen.rollout.first_input(z), t0, cond))  # the student's first step
     kw = dict(info["call"])
@@ -193,9 +211,31 @@ def verify_export(gen, out: str, n: int = 2, seed: int = 0, tol: float = 1e-3) -
     res = {"max_abs_diff": diff, "tolerance": tol, "first_step_matches": diff <= tol * (1 + float(want.abs().max())),
            "full_sample_shape": list(full.shape), "full_sample_finite": bool(np.isfinite(full).all()),
            "steps": len(gen.timesteps), "pipeline": info["pipeline"]}
-    if not res["first_step_matches"] or not res["full_sample_finite"]:
+    if d.family.same_noise:
+        res["samples_max_abs_diff"], res["samples_match"] = _compare_samples(gen, pipe, info, z, cond, seed, tol)
+    if not res["first_step_matches"] or not res["full_sample_finite"] or not res.get("samples_match", True):
         raise RuntimeError(f"exported pipeline does not reproduce the student: {res}")
     return res
+
+
+def _compare_samples(gen, pipe, info: dict, z, cond, seed: int, tol: float) -> tuple[dict, bool]:
+    """``({K': max |pipeline - student|}, all within tol)``: the reloaded pipeline's K'-step samples (``calls``)
+    against the student's ``gen.sample(z, steps=K')`` from the same noise: the input noise and the re-noising
+    stream of ``scoredistill sample --seed`` (DDPMPipeline, which draws its own input noise: that stream's)."""
+    d = gen.denoiser
+    noise_seed = sample_noise_seed(seed)
+    first = {k: v for k, v in info["call"].items() if k not in ("num_inference_steps", "timesteps", "sigmas")}
+    diffs, ok = {}, True
+    for kp, call in info["calls"].items():
+        kw = {**first, **{k: v for k, v in call.items() if k in ("num_inference_steps", "timesteps", "sigmas")}}
+        with torch.random.fork_rng(devices=[]):  # pipelines that do not pass the generator to the step draw here
+            torch.manual_seed(noise_seed)
+            got = d.family.sample_exported(pipe, d, z, cond, kw, noise_seed)
+        zz, g = d.family.student_inputs(z, noise_seed)
+        want = d.family.reference(gen.sample(zz, cond, steps=int(kp), generator=g))
+        diffs[str(kp)] = float((got - want).abs().max())
+        ok = ok and diffs[str(kp)] <= tol * (1 + float(want.abs().max()))
+    return diffs, ok
 
 
 def _check_out(out: str, force: bool) -> None:

@@ -208,6 +208,38 @@ class Family:
         """The student's first x0 in the space :meth:`run_exported` returns its first step in."""
         return x0.double()
 
+    # the pipeline draws its noise in the library's latent layout (not FLUX's packed one), so a reloaded
+    # pipeline and the student can be compared sample for sample from one noise stream
+    same_noise = True
+
+    def step_calls(self, gen, call: dict) -> dict[str, dict]:
+        """Scheduler call arguments sampling with ``K' = 1..K`` of the student's ``K`` steps, evenly strided as
+        ``scoredistill sample --steps K'`` strides them (LCM's ``num_inference_steps = K'`` with
+        ``original_inference_steps = K`` picks the same ``floor(i K / K')``); keyed by ``str(K')`` (JSON)."""
+        from scoredistill.models.rollout import strided_subset
+
+        k = len(gen.timesteps)
+        out = {}
+        for kp in range(1, k + 1):
+            if "num_inference_steps" in call:
+                out[str(kp)] = {"num_inference_steps": kp}
+            else:
+                key = "timesteps" if "timesteps" in call else "sigmas"
+                out[str(kp)] = {key: [call[key][j] for j in strided_subset(k, kp)]}
+        return out
+
+    def sample_exported(self, pipe, d, z: torch.Tensor, cond, kw: dict, noise_seed: int) -> torch.Tensor:
+        """A reloaded pipeline's sample (student space) from the student's noise ``z`` (``latents``), its
+        re-noising drawn from ``torch.Generator().manual_seed(noise_seed)``."""
+        prompts = [d.assets.prompts[int(i)] for i in cond]
+        out = pipe(prompt=prompts, latents=self.pack(z), generator=torch.Generator().manual_seed(noise_seed),
+                   output_type="latent", **kw).images
+        return self.unpack(out, d).double()
+
+    def student_inputs(self, z: torch.Tensor, noise_seed: int):
+        """``(z, re-noising generator)`` that give the student the noise :meth:`sample_exported` gives the pipeline."""
+        return z, torch.Generator().manual_seed(noise_seed)
+
 
 # ------------------------------------------------------------------------------------------------
 class VPUNetFamily(Family):
@@ -238,8 +270,10 @@ class VPUNetFamily(Family):
         on_grid = list(gen.timesteps) == lcm_grid(k, n_train)
         own = set(inspect.signature(LCMScheduler.__init__).parameters) - {"self"}
         cfg = {key: v for key, v in sched_cfg.items() if key in own}
+        # timestep_scaling 1e4 makes LCM's boundary blend c_skip (<= 2.5e-9 at timestep >= 1) vanish: the
+        # student's x0 is its consistency output already
         sched = LCMScheduler.from_config(cfg, original_inference_steps=k if on_grid else 50, clip_sample=False,
-                                         thresholding=False, timestep_spacing="leading")
+                                         thresholding=False, timestep_spacing="leading", timestep_scaling=1e4)
         call = {"num_inference_steps": k} if on_grid else {"timesteps": [int(v) for v in gen.timesteps]}
         return sched, call
 
@@ -334,6 +368,18 @@ class UNet2D(VPUNetFamily):
 
     def reference(self, x0):
         return (x0.double() / 2 + 0.5).clamp(0, 1)
+
+    def sample_exported(self, pipe, d, z, cond, kw, noise_seed):
+        """DDPMPipeline takes no latents: it draws ``z`` from the generator, then the re-noising (images in [0, 1])."""
+        import numpy as np
+
+        img = pipe(batch_size=z.shape[0], generator=torch.Generator().manual_seed(noise_seed), output_type="np",
+                   **kw).images
+        return torch.from_numpy(np.asarray(img)).permute(0, 3, 1, 2).double()
+
+    def student_inputs(self, z, noise_seed):
+        g = torch.Generator().manual_seed(noise_seed)
+        return torch.randn(z.shape, generator=g, dtype=z.dtype), g
 
 
 class SD(VPUNetFamily):
@@ -449,6 +495,7 @@ class Flux(FlowTransformerFamily):
 
     name = "flux"
     network_class = "FluxTransformer2DModel"
+    same_noise = False  # its pipeline draws noise in the packed (B, HW/4, 4C) layout
     components = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
     def network_factor(self, model) -> int:

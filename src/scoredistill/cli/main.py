@@ -75,6 +75,7 @@ def cmd_sample(args):
     from scoredistill.engine.report import student_steps
     from scoredistill.errors import CheckpointError
     from scoredistill.models.registry import load_model
+    from scoredistill.models.rollout import sample_noise_seed
 
     folder = os.path.join(args.run_dir, "generator")
     if not os.path.isdir(args.run_dir):
@@ -111,7 +112,7 @@ def cmd_sample(args):
     try:
         with torch.no_grad():
             if getattr(gen, "takes_noise_generator", False):  # K-step: the re-noising is seeded too
-                noise = torch.Generator().manual_seed(hash((args.seed, 7)) & (2**62 - 1))
+                noise = torch.Generator().manual_seed(sample_noise_seed(args.seed))
                 x = gen.sample(z, cond, steps=args.steps, generator=noise).float()
                 k = args.steps or k
             else:

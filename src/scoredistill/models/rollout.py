@@ -115,6 +115,13 @@ def rollout_seed(seed: int, iteration: int) -> int:
     return hash((int(seed), int(iteration), -1)) & _SEED_MASK
 
 
+def sample_noise_seed(seed: int) -> int:
+    """The seed of the re-noising generator of ``scoredistill sample --seed S`` (its input noise ``z`` comes from
+    ``torch.Generator().manual_seed(S)``); an exported pipeline called with ``latents=z`` and
+    ``generator=torch.Generator().manual_seed(sample_noise_seed(S))`` draws the same re-noising noise."""
+    return hash((int(seed), 7)) & _SEED_MASK
+
+
 def check_weights(weights, num_steps: int, field: str = "generator.step_weights") -> list[float] | None:
     """``None`` (uniform) or ``num_steps`` non-negative finite numbers with a positive sum, normalised."""
     if weights is None:
