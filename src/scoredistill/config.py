@@ -414,6 +414,10 @@ class TeacherConfig(Section):
                                          accepts="a list of preset names or .ply paths", kinds=SCENE)
     background: list[float] | None = key(None, "scene: RGB in [0, 1] behind every scene (default grey 0.5)",
                                          check=rgb_check, accepts="an RGB triple in [0, 1]", kinds=SCENE)
+    janus: float | None = key(None, "scene: share of each view that shows the scene's front face instead (a "
+                              "view-inconsistent Janus prior; default 0)", lo=0, hi=1, hi_open=True, kinds=SCENE)
+    janus_labels: bool | None = key(None, "scene, janus > 0: the teacher reads the view label (side / back views "
+                                    "keep only the true view; default false)", kinds=SCENE)
 
     def validate(self, path):
         for k in keys(type(self)).values():
