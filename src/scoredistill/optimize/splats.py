@@ -300,8 +300,9 @@ class SplatParticles(Parameterization):
         rows = torch.arange(len(best))
         res["psnr"] = float(sc["psnr"][rows, best].mean())
         res["chamfer"] = float(sc["chamfer"][rows, best].mean())
-        res["janus"] = sum(scene_janus(s, truth[int(k)], cams, self.height, self.width, self.bg_color)
-                           for s, k in zip(self.scenes, best)) / len(best)
+        if any(v in ("side", "back") for v in view_labels(cams)):
+            res["janus"] = sum(scene_janus(s, truth[int(k)], cams, self.height, self.width, self.bg_color)
+                               for s, k in zip(self.scenes, best)) / len(best)
         for k in range(len(truth)):
             res[f"particles_scene{k}"] = int((best == k).sum())
         return res
