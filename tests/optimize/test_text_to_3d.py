@@ -79,3 +79,18 @@ def test_vsd_recipe_trains_a_lora_fake_on_view_prompts(tiny_sd, tmp_path):
     opt.train_step()
     assert any(not torch.equal(lora0[k], v) for k, v in fake.state_dict().items())   # the fake trained
     assert torch.allclose(t.denoise(x_t, tt, torch.tensor([0, 1])), before)          # the teacher did not
+
+
+def test_mnist_digit_recipe_renders_grey_views_conditioned_on_the_digit():
+    from scoredistill.config import load_yaml
+    from scoredistill.optimize import PriorOptimizer
+    from scoredistill.optimize.config import resolve
+
+    cfg = resolve(load_yaml(recipe("mnist_digit")), ["splats.count=30", "train.progress=false", "train.threads=1"])
+    opt = PriorOptimizer(cfg, None)
+    p = opt.param
+    r = p.render(p.sample_index(None, opt.rng))
+    assert r.x.shape == (4, 1, 28, 28) and r.x.requires_grad
+    assert r.cond.tolist() == [3, 3, 3, 3] and r.view is not None          # the class on every view
+    empty = p.to_teacher(p.backgrounds(1, None)[:, :, None, None].expand(1, 3, 28, 28))
+    assert torch.equal(empty, torch.full((1, 1, 28, 28), -1.0))          # black background = MNIST's -1
