@@ -360,7 +360,7 @@ def scenes_check(v, f):
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, str) and s for s in v):
-        raise ConfigError(f, "must be a non-empty list of preset scene names (snowman, table, dumbbell) or "
+        raise ConfigError(f, "must be a non-empty list of preset scene names (snowman, table, dumbbell, twotone) or "
                           f"3DGS .ply paths, got {v!r}")
 
 
@@ -409,11 +409,15 @@ class TeacherConfig(Section):
                                              "scene: 64)", check=resolution_check,
                                              accepts="an integer or [height, width]", kinds=DIFFUSERS + SCENE)
     embedded_guidance: float | None = key(None, "FLUX guidance-embedding value (default 3.5)", lo=0, kinds=DIFFUSERS)
-    scenes: list[str] | str | None = key(None, "scene: preset names (snowman, table, dumbbell) or 3DGS .ply paths; "
-                                         "the views of the teacher are their renders", check=scenes_check,
+    scenes: list[str] | str | None = key(None, "scene: preset names (snowman, table, dumbbell, twotone) or 3DGS "
+                                         ".ply paths; the views of the teacher are their renders", check=scenes_check,
                                          accepts="a list of preset names or .ply paths", kinds=SCENE)
     background: list[float] | None = key(None, "scene: RGB in [0, 1] behind every scene (default grey 0.5)",
                                          check=rgb_check, accepts="an RGB triple in [0, 1]", kinds=SCENE)
+    janus: float | None = key(None, "scene: share of each view that shows the scene's front face instead (a "
+                              "view-inconsistent Janus prior; default 0)", lo=0, hi=1, hi_open=True, kinds=SCENE)
+    janus_labels: bool | None = key(None, "scene, janus > 0: the teacher reads the view label (side / back views "
+                                    "keep only the true view; default false)", kinds=SCENE)
 
     def validate(self, path):
         for k in keys(type(self)).values():
@@ -433,7 +437,7 @@ class TeacherConfig(Section):
             if self.std is None and self.stds is None:
                 raise ConfigError(f"{path}.std", "missing; give teacher.std or teacher.stds")
         need = {"learned": ("path", "the folder written by `scoredistill train-teacher`"),
-                "scene": ("scenes", "preset scene names (snowman, table, dumbbell) or 3DGS .ply paths"),
+                "scene": ("scenes", "preset scene names (snowman, table, dumbbell, twotone) or 3DGS .ply paths"),
                 "bundled": ("name", "a bundled teacher name (digits, mnist)"),
                 "diffusers": ("path", "a diffusers pipeline folder (save_pretrained)")}.get(self.kind)
         if need is not None and not getattr(self, need[0]):

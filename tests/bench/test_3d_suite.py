@@ -20,6 +20,8 @@ def test_configs_swap_scenes_particles_and_budget():
     two = bench_config("sds", "snowman+dumbbell", 60, 4, 0, overrides=["splats.count=50"])
     assert two["teacher"]["scenes"] == ["snowman", "dumbbell"] and two["params"]["n"] == 4
     assert two["train"]["steps"] == 60 and two["splats"]["count"] == 50
+    janus = bench_config("sds", "twotone-janus-labels", 60, 4, 0)
+    assert janus["teacher"]["janus"] == 0.9 and janus["teacher"]["janus_labels"] is True
     ism = bench_config("ism", "snowman", 60, 4, 0)            # recipe: 600 steps, warmup 300
     assert ism["objective"]["warmup_iter"] == 30
     with pytest.raises(ConfigError):

@@ -2,14 +2,17 @@
 
 Teachers: ``snowman`` (one scene: does the method reconstruct it?) and ``snowman+dumbbell`` (two
 scenes, equal weights: where do ``particles`` splat sets land? ProlificDreamer arXiv 2305.16213
-claims VSD's particles cover both scenes while SDS's collapse onto one or a blend). Each run is the
+claims VSD's particles cover both scenes while SDS's collapse onto one or a blend); on request
+``twotone-janus`` / ``twotone-janus-labels`` (the front-biased Janus prior without / with the view label,
+``teacher.janus: 0.9``). Each run is the
 recipe with the teacher's scenes, the particle count (1 on one scene, ``particles`` on two), the
 seed and the step budget replaced (step-valued schedules and step-count parameters rescaled as in
 :mod:`scoredistill.bench.sds`).
 
 Reported per (method, teacher): held-out-view PSNR (dB, turntable at elevation 15, each particle
 against its best-matching scene, mean over particles), opacity-weighted Chamfer between Gaussian
-centres and that scene's (scene units), how many particles land nearest each scene, the Gaussian
+centres and that scene's (scene units), the Janus rate (share of side / back views closer to the scene's
+front template than to its true view), how many particles land nearest each scene, the Gaussian
 count per particle, non-finite skipped steps and wall time. ``overrides`` (``KEY=VALUE``) apply to
 every run after the suite's own replacements. Writes ``results.md`` / ``results.csv``
 and ``grids/<method>__<teacher>.png``.
@@ -28,9 +31,13 @@ from scoredistill.bench.tables import Column, markdown_table, write_tables
 from scoredistill.config import load_yaml
 
 METHODS = ("sds", "vsd", "esd", "ism")
-TEACHERS = {"snowman": ["snowman"], "snowman+dumbbell": ["snowman", "dumbbell"]}
-COLUMNS = ("method", "teacher", "objective", "steps", "particles", "psnr", "chamfer", "per_scene", "gaussians",
-           "nonfinite", "wall_s")
+TEACHERS = {"snowman": ["snowman"], "snowman+dumbbell": ["snowman", "dumbbell"], "twotone-janus": ["twotone"],
+            "twotone-janus-labels": ["twotone"]}
+# the Janus teachers (teachers/scene.py): a front-biased prior, without and with the view label
+TEACHER_KEYS = {"twotone-janus": {"janus": 0.9}, "twotone-janus-labels": {"janus": 0.9, "janus_labels": True}}
+DEFAULT_TEACHERS = ("snowman", "snowman+dumbbell")
+COLUMNS = ("method", "teacher", "objective", "steps", "particles", "psnr", "chamfer", "janus", "per_scene",
+           "gaussians", "nonfinite", "wall_s")
 
 
 def recipes_dir() -> Path:
@@ -46,7 +53,7 @@ def bench_config(method: str, teacher: str, budget_steps: int, particles: int, s
                          budget_steps)
     tr = raw["train"]
     scenes = TEACHERS[teacher]
-    raw["teacher"] = {**raw.get("teacher", {}), "kind": "scene", "scenes": scenes}
+    raw["teacher"] = {**raw.get("teacher", {}), "kind": "scene", "scenes": scenes, **TEACHER_KEYS.get(teacher, {})}
     raw["teacher"].pop("weights", None)
     if resolution:
         raw["teacher"]["resolution"] = resolution
@@ -75,6 +82,7 @@ def run_one(method: str, teacher: str, out_dir: str, budget_steps: int, particle
     k = len(TEACHERS[teacher])
     return {"method": method, "teacher": teacher, "objective": cfg["objective"]["name"], "steps": budget_steps,
             "particles": cfg["params"]["n"], "psnr": res.get("psnr"), "chamfer": res.get("chamfer"),
+            "janus": res.get("janus"),
             "per_scene": " / ".join(str(res.get(f"particles_scene{i}", 0)) for i in range(k)),
             "gaussians": res.get("gaussians"), "nonfinite": int(sum(res["nonfinite_skipped"].values())),
             "wall_s": time.time() - t0}
@@ -82,7 +90,7 @@ def run_one(method: str, teacher: str, out_dir: str, budget_steps: int, particle
 
 MARKDOWN = [Column(title, (lambda n: lambda r: _fmt(r.get(n)))(name)) for name, title in (
     ("method", "recipe"), ("objective", "objective"), ("teacher", "teacher"), ("steps", "steps"),
-    ("particles", "particles"), ("psnr", "held-out PSNR dB"), ("chamfer", "Chamfer"),
+    ("particles", "particles"), ("psnr", "held-out PSNR dB"), ("chamfer", "Chamfer"), ("janus", "Janus rate"),
     ("per_scene", "particles per scene"), ("gaussians", "Gaussians"), ("nonfinite", "skipped"),
     ("wall_s", "wall s"))]
 
@@ -95,7 +103,7 @@ def run_3d_suite(out_dir: str, methods=None, teachers=None, budget_steps: int = 
     check_known(teachers, TEACHERS, "teacher")
     rec = Path(recipes) if recipes else None
     rows = []
-    for t in teachers or TEACHERS:
+    for t in teachers or DEFAULT_TEACHERS:
         for m in methods or METHODS:
             row = run_one(m, t, out_dir, budget_steps, particles, seed, rec, resolution, overrides)
             rows.append(row)

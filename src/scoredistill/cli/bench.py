@@ -187,8 +187,9 @@ def _bench_3d(args):
               f"- {args.steps} steps per run, seed {seed}; two-scene teacher: 4 particles, one-scene: 1; torch "
               f"threads {torch.get_num_threads()}, {os.cpu_count()} CPUs",
               "- held-out PSNR: turntable views at elevation 15 against the best-matching scene (mean over "
-              "particles); Chamfer: opacity-weighted, Gaussian centres to that scene's (scene units); particles per "
-              "scene: nearest scene by PSNR", ""]
+              "particles); Chamfer: opacity-weighted, Gaussian centres to that scene's (scene units); Janus rate: "
+              "share of side / back views closer to the scene's front template than to its true view; particles "
+              "per scene: nearest scene by PSNR", ""]
     rows = run_3d_suite(args.out, methods, teachers, args.steps, seed=seed, recipes=args.recipes, header=header,
                         overrides=args.set, log=lambda m: print(m, flush=True))
     print(f"wrote {len(rows)} rows to {os.path.join(args.out, 'results.md')}")

@@ -51,7 +51,8 @@ def build_teacher(tcfg: dict | TeacherConfig) -> tuple[Denoiser, GMMTeacher | No
         from scoredistill.teachers.scene import build_scene_teacher
 
         cfg = {k: v for k, v in dataclasses.asdict(t).items()
-               if k in ("scenes", "weights", "std", "resolution", "background") and v is not None}
+               if k in ("scenes", "weights", "std", "resolution", "background", "janus", "janus_labels")
+               and v is not None}
         return build_scene_teacher({"kind": "scene", **cfg}, make_process(t.process)), None
     if t.kind == "bundled":  # teachers shipped in the package (teachers/bundled.py): name digits | mnist
         from scoredistill.teachers.bundled import load_bundled

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from scoredistill.config import (
     INT64_MAX,
     MAX_SIZE,
+    MAX_WIDTH,
     ObjectiveConfig,
     Schema,
     Section,
@@ -144,8 +145,13 @@ class SplatsConfig(Section):
     cameras: dict = key({}, "orbit camera ranges {elevation, azimuth, distance, fov}: [min, max] or a number "
                         "(default [-10, 90], [-180, 180], [1.0, 1.5], [40, 70])", check=_mapping_check(_cameras_map),
                         accepts="a mapping of camera ranges")
-    background: str = key("teacher", "teacher (the teacher's fixed colour, else white) | random (a colour per "
-                          "view) | learned", choices=("teacher", "random", "learned"))
+    background: str = key("teacher", "teacher (the teacher's fixed colour, else white) | white | black | random "
+                          "(a colour per view) | learned", choices=("teacher", "white", "black", "random", "learned"))
+    render_size: int | None = key(None, "render at this many pixels square and resize bilinearly to the teacher's "
+                                  "image size (threestudio renders 64 px for a 512 px teacher; null: the teacher's)",
+                                  lo=1, hi=4096)
+    view_prompts: bool = key(True, "text teachers: the prompt gets ', front / side / back / overhead view' by "
+                             "camera (DreamFusion's view-dependent conditioning)")
     view: str = key("labels", "fake-score view of a render: labels (front/side/back/overhead) | particle | none",
                     choices=("labels", "particle", "none"))
     eval_views: int = key(8, "held-out turntable views of the metrics and the render grid", lo=1, hi=360)
@@ -155,7 +161,10 @@ class SplatsConfig(Section):
 @dataclass
 class OptimizeFakeConfig(Section):
     DOC: ClassVar[str] = "The learned score of the current samples (VSD-type objectives)."
-    kind: str = key("mlp", "mlp", choices=("mlp",))
+    kind: str = key("mlp", "mlp (a fresh MLP) | lora (LoRA on a diffusers teacher, ProlificDreamer)",
+                    choices=("mlp", "lora"))
+    lora_rank: int = key(4, "kind lora: rank (ProlificDreamer's LoRA attention processors: 4)", lo=1, hi=MAX_WIDTH)
+    lora_alpha: float | None = key(None, "kind lora: alpha (default: the rank)", lo=0, lo_open=True)
     width: int = width_key()
     depth: int = depth_key()
     sigma_data: float | None = key(None, "EDM preconditioning scale (default: the teacher's data std)",

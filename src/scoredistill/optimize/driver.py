@@ -32,7 +32,7 @@ from scoredistill.engine.loop import Loop
 from scoredistill.engine.optim import build_optimizer, role_optimizer
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, build_objective, canonical_param
-from scoredistill.optimize.fake import ViewConditionedDenoiser
+from scoredistill.optimize.fake import ViewConditionedDenoiser, build_lora_fake
 from scoredistill.optimize.params import (
     CallableRenderer,
     ImageTensor,
@@ -76,7 +76,8 @@ def build_parameterization(pc: dict, teacher, seed: int, splats: dict | None = N
         from scoredistill.optimize.config import SplatsConfig
         from scoredistill.optimize.splats import build_splats
 
-        return build_splats(pc, {**defaults(SplatsConfig), **(splats or {})}, teacher, seed)
+        cls = item_classes(pc["classes"], pc["n"], teacher.num_classes) if pc["classes"] is not None else None
+        return build_splats(pc, {**defaults(SplatsConfig), **(splats or {})}, teacher, seed, cls)
     if pc["kind"] == "latent":  # a latent through a diffusers VAE (optimize/latent.py)
         from scoredistill.optimize.latent import build_latent
 
@@ -121,7 +122,14 @@ class PriorOptimizer(Loop):
         self.obj_schedules = {k: sch.map(functools.partial(canonical_param, k, convention=convention))
                               for k, sch in self.obj_schedules.items()}
         self.objective = build_objective(obj_cfg, convention)
-        self.teacher, self.reference = build_teacher(cfg["teacher"])
+        tcfg = cfg["teacher"]
+        if cfg["params"]["kind"] == "splats":  # a text teacher gets the view-dependent prompts (optimize/splats.py)
+            from scoredistill.optimize.splats import view_prompt_section
+
+            tcfg = view_prompt_section(tcfg, cfg.get("splats"))
+        self.teacher, self.reference = build_teacher(tcfg)
+        if tcfg is not cfg["teacher"] and "process" in tcfg:  # the process read from the scheduler
+            cfg["teacher"]["process"] = tcfg["process"]
         self.teacher.requires_grad_(False).eval().to(self.device)
         param = param or build_parameterization(cfg["params"], self.teacher, tc["seed"], cfg.get("splats"))
         self.param = param.to(self.device)
@@ -141,12 +149,16 @@ class PriorOptimizer(Loop):
         self.fake = None
         if "fake_score" in self.objective.requirements():
             fc = cfg["fake_score"]
-            sd = fc["sigma_data"] if fc["sigma_data"] is not None else data_std(self.teacher, self.reference)
-            t = self.teacher
-            views = self.param.view_space()
-            self.fake = ViewConditionedDenoiser(t.process, t.data_shape, t.num_classes, views, fc["width"],
-                                                fc["depth"], sd).to(self.device)
-            self.fake.camera_view = getattr(self.param, "camera_view", None) if views else None
+            if fc["kind"] == "lora":  # ProlificDreamer: a LoRA on the teacher's own network
+                self.fake = build_lora_fake(self.teacher, fc, getattr(self.param, "plain_prompt", None))
+                self.fake.to(self.device)
+            else:
+                sd = fc["sigma_data"] if fc["sigma_data"] is not None else data_std(self.teacher, self.reference)
+                t = self.teacher
+                views = self.param.view_space()
+                self.fake = ViewConditionedDenoiser(t.process, t.data_shape, t.num_classes, views, fc["width"],
+                                                    fc["depth"], sd).to(self.device)
+                self.fake.camera_view = getattr(self.param, "camera_view", None) if views else None
             flr = self.lr_schedules["fake_lr"](0) if "fake_lr" in self.lr_schedules else tc["fake_lr"]
             # the critic keeps torch's eps and no decay: train.eps / train.weight_decay are the parameters'
             optimizers["fake_score"] = build_optimizer(role_optimizer(tc, "fake_optimizer", "optimizer"),
@@ -361,7 +373,7 @@ class PriorOptimizer(Loop):
             lines += ["", "![turntable](turntable.gif)", "",
                       "scene: `scene.ply` (3DGS layout; `scoredistill render RUN_DIR --views N --out DIR`)"]
         atomic_write_text(os.path.join(self.run_dir, "report.md"), "\n".join(lines) + "\n")
-        summary = ", ".join(f"{k} {res[k]:.3f}" for k in ("precision", "sw2", "spread_ratio", "mode_spread_ratio",
-                                                           "class_accuracy", "psnr", "chamfer")
-                            if isinstance(res.get(k), float))
+        shown = ("precision", "sw2", "spread_ratio", "mode_spread_ratio", "class_accuracy", "psnr", "chamfer", "janus",
+                 "view_accuracy")
+        summary = ", ".join(f"{k} {res[k]:.3f}" for k in shown if isinstance(res.get(k), float))
         return f"step {self.step}: {summary}" if summary else f"step {self.step}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from scoredistill.adapters.lora import LoRACritic
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.process.processes import Process
@@ -56,3 +58,44 @@ class ViewConditionedDenoiser(Denoiser):
         b = x_t.shape[0]
         out = self.net(x_t.reshape(b, -1), t, self.joint_label(cond))
         return out.reshape(x_t.shape)
+
+
+def build_lora_fake(teacher, fc: dict, plain_prompt: int | None) -> Denoiser:
+    """``fake_score.kind: lora``: ProlificDreamer's fake score (arXiv 2305.16213), a LoRA on the
+    teacher's own network (:class:`~scoredistill.adapters.lora.LoRACritic`: adapters off = teacher, on =
+    fake), reading the view through the view-dependent prompt (:class:`ViewPromptLoRA`)."""
+    from scoredistill.adapters.diffusers_teacher import is_diffusers_denoiser
+
+    if not is_diffusers_denoiser(teacher):
+        raise ConfigError("fake_score.kind", "'lora' needs a diffusers teacher (teacher.kind: diffusers); "
+                          "accepted here: mlp")
+    return ViewPromptLoRA(teacher, fc["lora_rank"], fc["lora_alpha"], plain_prompt)
+
+
+class ViewPromptLoRA(LoRACritic):
+    """A LoRA fake score whose condition ``[prompt, view]`` (``-1`` = dropped) becomes a prompt index
+    of the view table of :func:`scoredistill.optimize.splats.view_prompt_section`: a dropped prompt is
+    the unconditional branch, a dropped view the plain (view-free) prompt, else the view prompt. So
+    VSD's fake is view-conditioned and ESD's view-marginal branch (arXiv 2401.00909) is the view-free
+    prompt. ProlificDreamer also feeds the camera matrix into the LoRA's timestep embedding; here the
+    view reaches it through the prompt only."""
+
+    takes_view = True
+
+    def __init__(self, teacher, rank: int, alpha: float | None, plain_prompt: int | None):
+        super().__init__(teacher, rank, alpha)
+        self.plain_prompt = plain_prompt
+
+    def prompt_index(self, cond):
+        if cond is None or cond.dim() == 1:
+            return cond
+        c, v = cond[:, 0].long(), cond[:, 1].long()
+        if self.plain_prompt is None:  # no view phrases: the view cannot reach the text condition
+            return c
+        return torch.where((c >= 0) & (v < 0), torch.full_like(c, self.plain_prompt), c)
+
+    def denoise(self, x_t, t, cond=None):
+        return super().denoise(x_t, t, self.prompt_index(cond))
+
+    def model_output(self, x_t, t, cond=None):
+        return super().model_output(x_t, t, self.prompt_index(cond))

@@ -9,6 +9,14 @@ reads) and its ``view`` the view label id (0 front, 1 side, 2 back, 3 overhead, 
 thresholds) that a view-conditioned fake score (VSD / ESD) reads; ``splats.view: particle`` uses the
 particle index instead, ``none`` no view.
 
+**What the teacher sees** (:func:`build_splats` reads it from the teacher): an RGB teacher gets ``x``
+as is; a one-channel teacher (the bundled MNIST UNet) the channel mean; a latent diffusion teacher (SD1.x /
+SD2.x, SDXL, SD3) the VAE encoding of the render, differentiably (the latent distribution's mean, scaled
+as the pipeline does; threestudio encodes the 512x512 render the same way and samples). The teacher's
+``cond``: the camera for an exact-render teacher; for a text teacher the index of the view-dependent
+prompt ``"{prompt}, {front|side|back|overhead} view"`` (DreamFusion §3; threestudio's thresholds, see
+:func:`view_prompt_section`); for a class-conditional teacher the particle's class (``params.classes``).
+
 Cameras (and random background colours) are drawn in :meth:`sample_index` from the driver's seeded
 generator, so a resumed run draws the same ones. Optimizer groups: one per parameter kind and particle,
 each with its own rate (``splats.lr``, DreamGaussian arXiv 2309.16653 defaults); a ``train.lr``
@@ -36,7 +44,8 @@ from scoredistill.splat.render import LearnedBackground, render
 DEFAULT_LR = {"means": 1e-3, "log_scales": 5e-3, "quats": 5e-3, "opacity_logits": 5e-2, "sh_dc": 1e-2,
               "sh_rest": 5e-4}
 VIEW_MODES = ("labels", "particle", "none")
-BACKGROUNDS = ("teacher", "random", "learned")
+BACKGROUNDS = ("teacher", "white", "black", "random", "learned")
+FIXED_BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
 DENSIFY_STATE = ("grad_accum", "denom", "max_radii")
 
 
@@ -52,13 +61,38 @@ def initial_scene(sc: dict, seed: int) -> GaussianSplats:
     return GaussianSplats.from_ply(init, sc["sh_degree"])
 
 
+def view_prompt_section(tcfg: dict, splats: dict | None) -> dict:
+    """The teacher section a splats run builds a text teacher from: its one prompt ``p`` becomes the
+    table ``[p + ", front view", ", side view", ", back view", ", overhead view", p]`` (prompt index =
+    view label id; index 4, the plain prompt, is what a view-free fake score reads). Other teachers,
+    and ``splats.view_prompts: false``, keep their section."""
+    if tcfg.get("kind") != "diffusers" or tcfg.get("prompts") is None or not (splats or {}).get("view_prompts", True):
+        return tcfg
+    from scoredistill.adapters.families import read_prompts
+
+    prompts = read_prompts(tcfg["prompts"])
+    if len(prompts) != 1:
+        raise ConfigError("teacher.prompts", f"params.kind: splats optimizes one object under one prompt (the view "
+                          f"phrases are appended per camera); got {len(prompts)} prompts")
+    return {**tcfg, "prompts": [f"{prompts[0]}, {v} view" for v in VIEWS] + prompts}
+
+
 class SplatParticles(Parameterization):
     kind = "splats"
 
     def __init__(self, scenes: list[GaussianSplats], height: int, width: int, ranges: CameraRanges,
                  background: str, teacher_background, repeat: int = 1, view: str = "labels",
-                 densify: DensifyConfig | None = None, lr: dict | None = None, seed: int = 0):
-        super().__init__(None, None)
+                 densify: DensifyConfig | None = None, lr: dict | None = None, seed: int = 0, *,
+                 cond_mode: str = "camera", classes: torch.Tensor | None = None, channels: int = 3,
+                 encoder=None, plain_prompt: int | None = None, render_size: int | None = None):
+        super().__init__(classes, None)
+        self.cond_mode = cond_mode          # camera | views (text prompt per view label) | class | none
+        self.channels = int(channels)
+        self._encoder = [encoder]           # the teacher's DiffusersAssets (VAE): not a submodule
+        self.plain_prompt = plain_prompt    # a text teacher's view-free prompt index (view-free fake)
+        self.teacher_size = (int(height), int(width))
+        if render_size is not None:
+            height = width = int(render_size)
         if view not in VIEW_MODES:
             raise ConfigError("splats.view", f"unknown value {view!r}; accepted: {', '.join(VIEW_MODES)}")
         self.scenes = nn.ModuleList(scenes)
@@ -130,6 +164,36 @@ class SplatParticles(Parameterization):
                 out[r] = res.images[j]
         return torch.stack(out)
 
+    def _apply(self, fn, *args, **kwargs):  # the VAE of a latent teacher follows .to(device)
+        enc = self._encoder[0]
+        if enc is not None and enc.vae is not None:
+            enc.vae = enc.vae._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def to_teacher(self, img: torch.Tensor) -> torch.Tensor:
+        """Renders in [0, 1] -> what the teacher denoises: ``2 img - 1`` at the teacher's size, its
+        channel mean for a one-channel teacher, the VAE's normalised latent for a latent teacher."""
+        x = 2 * img - 1
+        if tuple(x.shape[-2:]) != self.teacher_size:  # threestudio renders small and resizes bilinearly
+            x = torch.nn.functional.interpolate(x, self.teacher_size, mode="bilinear", align_corners=False)
+        if self.channels == 1:
+            x = x.mean(1, keepdim=True)
+        enc = self._encoder[0]
+        if enc is not None:
+            vae = enc.vae
+            z = vae.encode(x.to(vae.dtype)).latent_dist.mean
+            x = ((z - enc.latent_shift) * enc.latent_scale).to(img.dtype)
+        return x
+
+    def teacher_cond(self, index: torch.Tensor, cams: Cameras, device) -> torch.Tensor | None:
+        if self.cond_mode == "camera":
+            return cams.as_cond().to(device)
+        if self.cond_mode == "views":
+            return torch.tensor([VIEWS.index(v) for v in view_labels(cams)], dtype=torch.long, device=device)
+        if self.cond_mode == "class":
+            return self.classes.to(device)[index.to(device)]
+        return None
+
     def render(self, index):
         index = index.cpu()
         if self._pending is not None and torch.equal(self._pending[0], index):
@@ -139,7 +203,7 @@ class SplatParticles(Parameterization):
             cams, bg = self.eval_cameras(1)[[0] * len(index)], None
         track = bool(self.densifiers) and torch.is_grad_enabled()
         img = self.render_views(index, cams, bg, track)
-        return Rendered(2 * img - 1, cams.as_cond().to(img.device), self.view_ids(index, cams))
+        return Rendered(self.to_teacher(img), self.teacher_cond(index, cams, img.device), self.view_ids(index, cams))
 
     # -- optimization ---------------------------------------------------------------------------------------
     def optimizer_groups(self, lr0: float):
@@ -219,23 +283,43 @@ class SplatParticles(Parameterization):
 
     @torch.no_grad()
     def evaluate(self, teacher, n_views: int = 8) -> dict:
-        """Held-out-view PSNR and opacity-weighted Chamfer against the teacher's scenes (when it has
-        them), and how many particles land nearest to each scene."""
-        from scoredistill.splat.metrics import scene_scores
+        """Held-out-view PSNR, opacity-weighted Chamfer and the Janus rate against the teacher's scenes
+        (when it has them), how many particles land nearest to each scene, and, under a class-conditional
+        image teacher with a dataset classifier, the share of held-out views classified as the class."""
+        from scoredistill.splat.metrics import scene_janus, scene_scores
 
         res = {"gaussians": float(sum(s.num for s in self.scenes)) / self.num_items}
+        if self.cond_mode == "class" and getattr(teacher, "dataset", None) is not None:
+            res["view_accuracy"] = self.view_accuracy(teacher.dataset, n_views)
         truth = getattr(teacher, "scenes", None)
         if truth is None:
             return res
-        sc = scene_scores(list(self.scenes), list(truth), self.eval_cameras(n_views), self.height, self.width,
-                          self.bg_color)
+        cams = self.eval_cameras(n_views)
+        sc = scene_scores(list(self.scenes), list(truth), cams, self.height, self.width, self.bg_color)
         best = sc["best"]
         rows = torch.arange(len(best))
         res["psnr"] = float(sc["psnr"][rows, best].mean())
         res["chamfer"] = float(sc["chamfer"][rows, best].mean())
+        if any(v in ("side", "back") for v in view_labels(cams)):
+            res["janus"] = sum(scene_janus(s, truth[int(k)], cams, self.height, self.width, self.bg_color)
+                               for s, k in zip(self.scenes, best)) / len(best)
         for k in range(len(truth)):
             res[f"particles_scene{k}"] = int((best == k).sum())
         return res
+
+    @torch.no_grad()
+    def view_accuracy(self, dataset: str, n_views: int) -> float:
+        """Share of the held-out turntable views of every particle that the dataset's metric classifier
+        (:func:`scoredistill.metrics.images.dataset_classifier`) assigns to the particle's class."""
+        from scoredistill.metrics.images import dataset_classifier
+
+        clf = dataset_classifier(dataset)
+        imgs = self.eval_images(n_views)
+        hits = []
+        for p in range(self.num_items):
+            x = self.to_teacher(imgs[p]).clamp(-1, 1).cpu()
+            hits.append(torch.as_tensor(clf.proba(x).argmax(1)) == int(self.classes[p]))
+        return float(torch.cat(hits).double().mean())
 
     def write_outputs(self, folder: str) -> list[str]:
         """``scene.ply`` (particle 0) and ``scene_<p>.ply`` for the others, in the 3DGS layout."""
@@ -258,17 +342,51 @@ class _GroupView:
         self.state = state
 
 
-def build_splats(pc: dict, sc: dict, teacher, seed: int) -> SplatParticles:
+def teacher_link(teacher, classes: torch.Tensor | None, view_prompts: bool) -> dict:
+    """How renders reach ``teacher`` (see the module docstring): its pixel size, channels, the VAE of a
+    latent teacher, the kind of ``cond`` and, for a text teacher, the view-free prompt index."""
+    shape = tuple(teacher.data_shape)
+    assets = getattr(teacher, "assets", None)
+    link = {"encoder": None, "channels": 3, "plain_prompt": None, "classes": classes}
+    if getattr(assets, "vae", None) is not None:
+        vae = assets.vae
+        if len(shape) != 3 or shape[0] != int(vae.config.latent_channels):
+            raise ConfigError("params.kind", f"splats need an image latent teacher (SD1.x / SD2.x, SDXL, SD3); "
+                              f"this teacher's data shape is {list(shape)}")
+        f = assets.vae_scale_factor
+        link.update(encoder=assets, height=shape[1] * f, width=shape[2] * f)
+    elif len(shape) == 3 and shape[0] in (1, 3):
+        link.update(channels=shape[0], height=shape[1], width=shape[2])
+    else:
+        raise ConfigError("params.kind", f"splats render RGB images; the teacher's data shape is {list(shape)}")
+    if getattr(teacher, "takes_camera", False):
+        if classes is not None:
+            raise ConfigError("params.classes", "the scene teacher's condition is the camera; accepted: null")
+        link["cond_mode"] = "camera"
+    elif getattr(assets, "prompts", None):
+        if classes is not None:
+            raise ConfigError("params.classes", "a text teacher reads the prompt (teacher.prompts); accepted: null")
+        link["cond_mode"] = "views" if view_prompts else "class"
+        # the prompt of every particle: the plain prompt (last row of the view table) or the only one
+        plain = len(assets.prompts) - 1
+        link["plain_prompt"] = plain if view_prompts else None
+        link["classes"] = "plain"
+    else:
+        link["cond_mode"] = "class" if classes is not None else "none"
+    return link
+
+
+def build_splats(pc: dict, sc: dict, teacher, seed: int, classes: torch.Tensor | None = None) -> SplatParticles:
     """From ``params`` (``n`` particles, ``repeat`` views each per step, ``batch_size`` particles per
-    step) and the ``splats`` section; the image size and background follow the teacher."""
-    moved = {"init": "splats.init", "views": "splats.view", "shape": "the teacher's resolution",
-             "classes": "the teacher's condition (the camera)"}
+    step, ``classes`` for a class-conditional teacher) and the ``splats`` section; the image size,
+    channels, condition and background follow the teacher (:func:`teacher_link`)."""
+    moved = {"init": "splats.init", "views": "splats.view", "shape": "the teacher's resolution"}
     for k, where in moved.items():
         if pc[k] is not None:
             raise ConfigError(f"params.{k}", f"not read by params.kind: splats (set by {where}); accepted: null")
-    shape = tuple(teacher.data_shape)
-    if len(shape) != 3 or shape[0] != 3:
-        raise ConfigError("params.kind", f"splats render RGB images; the teacher's data shape is {list(shape)}")
+    link = teacher_link(teacher, classes, sc["view_prompts"])
+    if isinstance(link["classes"], str):  # a text teacher: every particle's "class" is its prompt
+        link["classes"] = torch.full((pc["n"],), link["plain_prompt"] or 0, dtype=torch.long)
     scenes = [initial_scene(sc, seed + 1000 * p) for p in range(pc["n"])]
     ranges = CameraRanges.from_config(sc["cameras"], "splats.cameras")
     densify = DensifyConfig.from_config(sc["densify"], "splats.densify") if sc["densify"] is not None else None
@@ -277,5 +395,10 @@ def build_splats(pc: dict, sc: dict, teacher, seed: int) -> SplatParticles:
         raise ConfigError(f"splats.lr.{sorted(unknown)[0]}", f"unknown key; accepted: {', '.join(PARAM_NAMES)}")
     bg = getattr(teacher, "background", None)
     bg = bg.tolist() if torch.is_tensor(bg) else (1.0, 1.0, 1.0)
-    return SplatParticles(scenes, shape[1], shape[2], ranges, sc["background"], bg, pc["repeat"], sc["view"],
-                          densify, sc["lr"], seed)
+    background = sc["background"]
+    if background in FIXED_BACKGROUNDS:
+        bg, background = FIXED_BACKGROUNDS[background], "teacher"
+    return SplatParticles(scenes, link["height"], link["width"], ranges, background, bg, pc["repeat"], sc["view"],
+                          densify, sc["lr"], seed, cond_mode=link["cond_mode"], classes=link["classes"],
+                          channels=link["channels"], encoder=link["encoder"], plain_prompt=link["plain_prompt"],
+                          render_size=sc["render_size"])

@@ -49,3 +49,35 @@ def scene_scores(particles: list[GaussianSplats], scenes: list[GaussianSplats], 
             p_psnr[i, k] = psnr(img.cpu(), t.cpu()).mean()
             p_ch[i, k] = weighted_chamfer(p, s)
     return {"psnr": p_psnr, "chamfer": p_ch, "best": p_psnr.argmax(1)}
+
+
+def janus_rate(images: torch.Tensor, true_views: torch.Tensor, front_views: torch.Tensor, labels: list[str]) -> float:
+    """The Janus count: among the views labelled side or back, the fraction whose render is closer (mean
+    squared error) to the *front template* — the true scene turned to face that camera — than to the
+    true view. A view-consistent reconstruction scores 0; a scene that shows its front face from every
+    side scores 1. ``images``, ``true_views``, ``front_views``: ``(B, C, H, W)``; ``labels``: one view
+    label per image (:func:`scoredistill.splat.cameras.view_labels`)."""
+    keep = torch.tensor([lab in ("side", "back") for lab in labels])
+    if not bool(keep.any()):
+        raise ValueError("janus_rate needs at least one side or back view")
+    img, true, front = (v.detach().double().cpu()[keep] for v in (images, true_views, front_views))
+    d_true = ((img - true) ** 2).flatten(1).mean(1)
+    d_front = ((img - front) ** 2).flatten(1).mean(1)
+    return float((d_front < d_true).double().mean())
+
+
+def front_cameras(cameras: Cameras) -> Cameras:
+    """The same cameras moved to azimuth 0 (the scene's front): the views of the front template."""
+    return Cameras(cameras.elevation, torch.zeros_like(cameras.azimuth), cameras.distance, cameras.fov)
+
+
+@torch.no_grad()
+def scene_janus(particle: GaussianSplats, scene: GaussianSplats, cameras: Cameras, height: int, width: int,
+                background) -> float:
+    """:func:`janus_rate` of ``particle`` against the true ``scene`` from ``cameras``."""
+    from scoredistill.splat.cameras import view_labels
+
+    img = render(particle, cameras, height, width, background).images
+    true = render(scene, cameras, height, width, background).images
+    front = render(scene, front_cameras(cameras), height, width, background).images
+    return janus_rate(img, true, front, view_labels(cameras))

@@ -6,7 +6,10 @@ from the back, so a view-inconsistent reconstruction is visible:
 
 * ``snowman``: three stacked white spheres, black eyes and buttons and an orange nose facing +x;
 * ``table``: a brown round top on four legs, a green cup off-centre on it;
-* ``dumbbell``: a red sphere (-y) and a blue sphere (+y) joined by a grey bar along y.
+* ``dumbbell``: a red sphere (-y) and a blue sphere (+y) joined by a grey bar along y;
+* ``twotone``: one sphere, red on its front half (+x) and blue on its back half: seen from the front it
+  is a red disc, from the back a blue one, so a reconstruction that shows its front from every side
+  (the Janus failure, ``teacher.janus``) is unmistakable.
 """
 
 from __future__ import annotations
@@ -80,7 +83,14 @@ def dumbbell() -> GaussianSplats:
     ])
 
 
-PRESETS = {"snowman": snowman, "table": table, "dumbbell": dumbbell}
+def twotone() -> GaussianSplats:
+    pts = 0.25 * fibonacci_sphere(300)
+    red, blue = torch.tensor([0.9, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.9])
+    colors = torch.where(pts[:, :1] >= 0, red, blue)
+    return GaussianSplats.from_points(pts, 0.6 * 0.25 * math.sqrt(4 * math.pi / 300), colors, OPACITY)
+
+
+PRESETS = {"snowman": snowman, "table": table, "dumbbell": dumbbell, "twotone": twotone}
 
 
 def preset_scene(name: str, field: str = "teacher.scenes") -> GaussianSplats:

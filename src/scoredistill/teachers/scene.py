@@ -11,6 +11,16 @@ known (DreamFusion 2209.14988 distils exactly such per-view denoisers into one 3
 scenes chosen independently per view the teacher is view-inconsistent, the setting of
 ProlificDreamer 2305.16213's multi-particle claim).
 
+**Janus teachers** (``janus: beta``): a view-inconsistent prior, the situation that makes text-to-3D
+grow a face on every side (the Janus problem, DreamFusion 2209.14988 §3 / ProlificDreamer 2305.16213):
+at camera ``c`` each scene ``k`` contributes two components, its true view ``R_k(c)`` with weight
+``(1 - beta) w_k`` and its *front face* ``F_k(c)`` — the render from the same elevation, distance and
+field of view at azimuth 0, i.e. the scene turned to face the camera — with weight ``beta w_k``
+(2D priors draw mostly front views). ``janus_labels: true`` models a teacher that reads the view
+phrase of the prompt (DreamFusion's view-dependent conditioning): for views labelled side or back it
+keeps only the true view; front and overhead views keep the mixture (an overhead phrase says nothing
+about the azimuth). The denoiser stays exact (a mixture of ``2K`` Gaussians per camera).
+
 Conditioning: the camera is the condition. A batch carries one camera per item as ``cond``, the
 ``(B, 4)`` float tensor ``[elevation_deg, azimuth_deg, distance, fov_deg]`` of
 :meth:`scoredistill.splat.cameras.Cameras.as_cond`. There is no class or text condition, so
@@ -28,7 +38,7 @@ from torch import nn
 from scoredistill.errors import ConfigError, check_keys
 from scoredistill.models.denoiser import Denoiser, expand_t
 from scoredistill.process.processes import EDM, Process
-from scoredistill.splat.cameras import Cameras
+from scoredistill.splat.cameras import Cameras, view_labels
 from scoredistill.splat.gaussians import GaussianSplats
 from scoredistill.splat.presets import PRESETS, preset_scene
 from scoredistill.splat.render import render
@@ -44,10 +54,16 @@ class SceneTeacher(Denoiser):
     behind every scene.
     """
 
+    takes_camera = True  # cond is the (B, 4) camera tensor (optimize/splats.py sends it)
+
     def __init__(self, scenes: list[GaussianSplats], weights=None, std: float = 0.03, height: int = 64,
                  width: int = 64, process: Process | None = None, background=(0.5, 0.5, 0.5),
-                 names: list[str] | None = None):
+                 names: list[str] | None = None, janus: float = 0.0, janus_labels: bool = False):
         super().__init__()
+        if not (isinstance(janus, (int, float)) and 0 <= janus < 1):
+            raise ConfigError("teacher.janus", f"must be a number in [0, 1), got {janus!r}")
+        self.janus = float(janus)
+        self.janus_labels = bool(janus_labels)
         if not scenes:
             raise ConfigError("teacher.scenes", "missing or empty; give preset names "
                               f"({', '.join(sorted(PRESETS))}) or 3DGS .ply paths")
@@ -69,7 +85,7 @@ class SceneTeacher(Denoiser):
         self.data_shape = (3, height, width)
         self.num_classes = None
         self.names = list(names) if names is not None else [f"scene{i}" for i in range(k)]
-        self._cache: tuple[bytes, torch.Tensor] | None = None
+        self._cache: dict[bytes, torch.Tensor] = {}
 
     @property
     def num_scenes(self) -> int:
@@ -82,16 +98,40 @@ class SceneTeacher(Denoiser):
     @torch.no_grad()
     def renders(self, cond: torch.Tensor) -> torch.Tensor:
         """``(B, K, 3, H, W)`` float64 renders on the [-1, 1] scale of every scene at every camera;
-        the last call's result is reused (a step often asks twice for the same cameras)."""
+        recent results are reused (a step often asks twice for the same cameras)."""
         cams = Cameras.from_cond(cond.detach())
         key = cond.detach().double().cpu().numpy().tobytes()
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        if key in self._cache:
+            return self._cache[key]
         out = torch.stack([render(s, cams, self.height, self.width, self.background).images
                            for s in self.scenes], 1)
         out = (2 * out.double() - 1)
-        self._cache = (key, out)
+        if len(self._cache) >= 4:
+            self._cache.clear()
+        self._cache[key] = out
         return out
+
+    def front_renders(self, cond: torch.Tensor) -> torch.Tensor:
+        """``(B, K, 3, H, W)``: every scene turned to face each camera (the camera moved to azimuth 0)."""
+        front = cond.detach().clone()
+        front[:, 1] = 0
+        return self.renders(front)
+
+    def components(self, cond: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(means (B, M, D), log weights (B, M))`` of the mixture at each camera: the ``K`` scenes,
+        then (Janus teachers) their ``K`` front faces."""
+        b = cond.shape[0]
+        means = self.renders(cond).to(device).reshape(b, self.num_scenes, -1)
+        logw = self.weights.log().to(device)[None].expand(b, -1)
+        if self.janus == 0:
+            return means, logw
+        beta = torch.full((b, 1), self.janus, dtype=torch.float64, device=device)
+        if self.janus_labels:
+            told = [lab in ("side", "back") for lab in view_labels(Cameras.from_cond(cond.detach().cpu()))]
+            beta[torch.tensor(told, device=device)] = 0.0
+        front = self.front_renders(cond).to(device).reshape(b, self.num_scenes, -1)
+        logw = torch.cat([logw + torch.log1p(-beta), logw + beta.log()], 1)  # log 0 = -inf: component off
+        return torch.cat([means, front], 1), logw
 
     def _posterior(self, x_t, t, cond):
         if cond is None:
@@ -99,13 +139,13 @@ class SceneTeacher(Denoiser):
                               "[elevation, azimuth, distance, fov] (Cameras.as_cond())")
         b = x_t.shape[0]
         x = x_t.reshape(b, -1).double()
-        means = self.renders(cond).to(x.device).reshape(b, self.num_scenes, -1)  # (B,K,D)
+        means, logw = self.components(cond, x.device)  # (B,M,D), (B,M)
         t = expand_t(t, b, x.device)
         a = self.process.alpha(t)[:, None]  # (B,1)
         s = self.process.sigma(t)[:, None]
         var = a * a * self.std**2 + s * s  # (B,1), shared by every component
-        diff = x[:, None, :] - a[:, :, None] * means  # (B,K,D)
-        logp = self.weights.log().to(x.device)[None] - 0.5 * (diff * diff).sum(-1) / var
+        diff = x[:, None, :] - a[:, :, None] * means  # (B,M,D)
+        logp = logw - 0.5 * (diff * diff).sum(-1) / var
         r = torch.softmax(logp, 1)
         post = means + (a * self.std**2 / var)[:, :, None] * diff
         return r, post
@@ -115,7 +155,8 @@ class SceneTeacher(Denoiser):
         return (r[:, :, None] * post).sum(1).to(x_t.dtype).reshape(x_t.shape)
 
     def responsibilities(self, x_t, t, cond) -> torch.Tensor:
-        """``(B, K)`` posterior scene probabilities (which scene a noisy view came from)."""
+        """``(B, M)`` posterior component probabilities (which scene a noisy view came from; Janus
+        teachers: the ``K`` true views, then the ``K`` front faces)."""
         return self._posterior(x_t, t, cond)[0]
 
     def guided(self, x_t, t, cond, w):
@@ -125,33 +166,32 @@ class SceneTeacher(Denoiser):
         """``log p_t(x_t | c)`` (float64), for tests and diagnostics."""
         b = x_t.shape[0]
         x = x_t.reshape(b, -1).double()
-        means = self.renders(cond).to(x.device).reshape(b, self.num_scenes, -1)
+        means, logw = self.components(cond, x.device)
         t = expand_t(t, b, x.device)
         a = self.process.alpha(t)[:, None]
         s = self.process.sigma(t)[:, None]
         var = a * a * self.std**2 + s * s
         diff = x[:, None, :] - a[:, :, None] * means
-        logp = (self.weights.log().to(x.device)[None] - 0.5 * self.dim * (2 * math.pi * var).log()
-                - 0.5 * (diff * diff).sum(-1) / var)
+        logp = logw - 0.5 * self.dim * (2 * math.pi * var).log() - 0.5 * (diff * diff).sum(-1) / var
         return torch.logsumexp(logp, 1)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None, return_components: bool = False):
         """Exact samples ``x0 ~ p_c`` for each camera of ``cond``, drawn on the CPU (seeded)."""
         n = cond.shape[0]
-        k = torch.multinomial(self.weights.cpu().expand(n, -1), 1, generator=generator).squeeze(1)
+        means, logw = self.components(cond, torch.device("cpu"))
+        k = torch.multinomial(logw.exp(), 1, generator=generator).squeeze(1)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        means = self.renders(cond).cpu().reshape(n, self.num_scenes, -1)
         x = (means[torch.arange(n), k] + self.std * z).float().reshape(n, *self.data_shape)
         return (x, k) if return_components else x
 
     def describe(self) -> dict:
         return {"kind": "scene", "scenes": self.names, "weights": self.weights.tolist(), "std": self.std,
                 "resolution": [self.height, self.width], "background": self.background.tolist(),
-                "process": self.process.describe()}
+                "janus": self.janus, "janus_labels": self.janus_labels, "process": self.process.describe()}
 
 
-SCENE_KEYS = ("kind", "scenes", "weights", "std", "resolution", "background", "process")
+SCENE_KEYS = ("kind", "scenes", "weights", "std", "resolution", "background", "janus", "janus_labels", "process")
 
 
 def load_scene(entry, field: str) -> GaussianSplats:
@@ -200,4 +240,10 @@ def build_scene_teacher(cfg: dict, process: Process) -> SceneTeacher:
             or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1 for v in bg)):
         raise ConfigError("teacher.background", f"must be an RGB triple in [0, 1], got {bg!r}")
     names = [os.fspath(s) for s in scenes]
-    return SceneTeacher(splats, weights, cfg.get("std", 0.03), res[0], res[1], process, bg, names)
+    janus_labels = cfg.get("janus_labels") or False
+    if not isinstance(janus_labels, bool):
+        raise ConfigError("teacher.janus_labels", f"must be true or false, got {janus_labels!r}")
+    janus = cfg.get("janus") or 0.0
+    if isinstance(janus, bool):
+        raise ConfigError("teacher.janus", f"must be a number in [0, 1), got {janus!r}")
+    return SceneTeacher(splats, weights, cfg.get("std", 0.03), res[0], res[1], process, bg, names, janus, janus_labels)
