@@ -477,6 +477,9 @@ class GeneratorConfig(AdapterKeys):
                                            accepts="a list of K non-negative numbers")
     noise_input: str | None = key(None, "diffusers: pure (z itself) | scaled (sigma_max z)",
                                   choices=("pure", "scaled"))
+    experts: str | None = key(None, "K-step native student: per_step (one step network per step) | per_phase "
+                              "(one per phase of the objective, e.g. phased_dmd); null: one shared network, or "
+                              "per_phase when the objective trains experts", choices=("per_step", "per_phase"))
 
 
 @dataclass

@@ -78,7 +78,9 @@ class Distiller(Loop):
         if "class_conditional" in req and not self.teacher.num_classes:
             raise ConfigError("teacher", f"objective {self.objective.name} with these settings needs a "
                               "class-conditional teacher; accepted: preset ring8_cond, or teacher.classes")
-        self.generator = build_generator(cfg["generator"], self.teacher, "two_time_student" in req).to(self.device)
+        phases = self.objective.phase_split if "experts" in req else None
+        self.generator = build_generator(cfg["generator"], self.teacher, "two_time_student" in req, phases).to(
+            self.device)
         self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference)).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
         self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
