@@ -3,6 +3,8 @@ is unbiased for EDM, VP and flow processes, the teacher and the fake are read on
 the last phase is DMD2, a step's gradient reaches only its phase's expert, experts survive export and resume,
 and bad phase settings are one-line errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -185,7 +187,7 @@ def test_gradient_reaches_only_the_trained_phase_expert():
 
 
 SMALL = tiny_config(generator={"steps": 4, "rollout": "ddim"}, objective={"name": "phased_dmd"},
-                    train={"steps": 8, "batch_size": 16, "threads": 1, "checkpoint_every": 4},
+                    train={"steps": 4, "batch_size": 16, "threads": 1, "checkpoint_every": 2},
                     eval={"every": 100, "n_samples": 32})
 
 
@@ -193,7 +195,7 @@ def test_experts_export_and_resume(tmp_path):
     full = Distiller(resolve(SMALL), str(tmp_path / "full"), log=lambda *a: None)
     assert isinstance(full.generator.denoiser, PhaseExperts) and len(full.generator.denoiser.nets) == 4
     full.run()
-    half = Distiller(resolve(SMALL, ["train.steps=4"]), str(tmp_path / "half"), log=lambda *a: None)
+    half = Distiller(resolve(SMALL, ["train.steps=2"]), str(tmp_path / "half"), log=lambda *a: None)
     half.run()
     resumed = Distiller(resolve(SMALL), str(tmp_path / "half"), log=lambda *a: None)
     resumed.run(resume=True)
@@ -231,3 +233,27 @@ def test_per_step_experts_for_any_objective():
     d = Distiller(resolve(SMALL, ["objective.name=dmd2", "generator.rollout=fresh", "generator.experts=per_step"]),
                   None)
     assert d.generator.denoiser.split == d.generator.t_steps[1:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SCOREDISTILL_LONG_TESTS") != "1",
+                    reason="~120 s on a loaded 2-core box, over this test file's suite budget; "
+                           "SCOREDISTILL_LONG_TESTS=1 runs it")
+def test_phased_dmd_4_step_student_covers_every_ring8_mode(tmp_path):
+    """ring8, 4-step student with 4 experts (128-wide 3-block MLPs, the settings of
+    tests/objectives/test_fewstep_distribution.py), 1000 iterations, 5 fake : 1 generator, one thread. Measured
+    2026-12-01 over train.seed 0 / 1 / 2: precision 0.912 / 0.935 / 0.908, 8/8 modes each, weight TV 0.071 / 0.064 /
+    0.030, within_std 1.66 / 1.60 / 1.57 (DMD2 4-step at the same settings, seed 0: 0.870, 8/8, TV 0.023,
+    within_std 1.67). At 500 iterations seed 0 is at 0.68, so no shorter budget is asserted. Asserted: every mode
+    and precision above the lowest seen less 0.07 (the margin of the other few-step coverage tests)."""
+    net = {"kind": "mlp", "width": 128, "depth": 3}
+    cfg = resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, "generator": {**net, "steps": 4, "rollout": "ddim"},
+                   "fake_score": net, "objective": {"name": "phased_dmd"},
+                   "train": {"batch_size": 256, "lr": 1e-3, "fake_lr": 1e-3, "betas": [0.0, 0.99], "ema": 0.99,
+                             "progress": False, "checkpoint_every": 100000, "threads": 1, "generator_every": 5,
+                             "steps": 1000},
+                   "eval": {"every": 100000, "n_samples": 2000, "plots": False}})
+    res = Distiller(cfg, str(tmp_path / "run"), log=lambda *a: None).run()
+    msg = {k: res[k] for k in ("precision", "modes_covered", "weight_tv", "within_std")}
+    assert res["non_finite"] == 0 and res["modes_covered"] == res["num_modes"], msg
+    assert res["precision"] >= 0.84, msg

@@ -46,9 +46,15 @@ from scoredistill.errors import ConfigError
 from scoredistill.models.fewstep import check_split, phase_index
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, edm_weight, noise_like
-from scoredistill.objectives.core import FakeScoreObjective, dm_normaliser, dropout_key, guidance_key, inject
+from scoredistill.objectives.core import (
+    FakeScoreObjective,
+    dm_normaliser,
+    dropout_key,
+    guidance_key,
+    inject,
+    uniform_time,
+)
 from scoredistill.process.processes import Process
-from scoredistill.process.time import Uniform
 
 
 def _times_check(v, f):
@@ -124,9 +130,7 @@ class PhasedDMD(FakeScoreObjective):
 
     def __init__(self, params, time=None, fake_time=None):
         super().__init__(params, time=time, fake_time=fake_time)
-        if not isinstance(self.time, Uniform):
-            raise ConfigError("objective.time", "phased_dmd draws its times uniformly above each phase's level, "
-                              "clipped to [t_min, t_max]; accepted: {kind: uniform, t_min, t_max}")
+        uniform_time(self, "draws its times uniformly above each phase's level, clipped to [t_min, t_max]")
 
     def requirements(self):
         return {"fake_score", "rollout", "experts"}
