@@ -1,6 +1,6 @@
 """Phased DMD (arXiv 2510.27684; docs/objectives/phased_dmd.md) on exact GMM scores: the sub-interval DSM target
 is unbiased for EDM, VP and flow processes, the teacher and the fake are read only above each phase's level,
-the last phase is DMD2, a step's gradient reaches only its phase's expert, experts survive export and resume,
+the last phase is DMD2, every phase's field has the right sign, a step's gradient reaches only its phase's expert, experts survive export and resume,
 and bad phase settings are one-line errors."""
 
 import os
@@ -15,6 +15,7 @@ from scoredistill.errors import ConfigError
 from scoredistill.models.fewstep import PhaseExperts, build_fewstep, fresh_mlp_denoiser, phase_index
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.models.registry import load_model, save_model
+from scoredistill.models.rollout import StepOutput
 from scoredistill.objectives import Batch, Roles, build_objective
 from scoredistill.objectives.core import dm_field
 from scoredistill.objectives.phased_dmd import SubInterval, level_coeffs
@@ -168,6 +169,26 @@ def test_last_phase_is_dmd2():
         g_ref, _ = dm_field(x.detach(), fake_rec.inputs[-1], fake_rec.seen[-1], None, Roles(teacher=teacher, fake=fake),
                             1.0)
         assert torch.allclose(gx * x.numel(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("process", [EDM(), VPDiscrete()], ids=lambda p: p.name)
+def test_every_phase_moves_its_output_toward_the_target(process):
+    """Sign in every phase: a student whose prediction is the point ``theta`` and whose step input is ``theta``
+    noised to ``t_k`` outputs ``x_s = a_s theta + s_s eps``, the point mass at ``theta`` diffused to ``t_s``, so
+    its exact fake score is a narrow mixture at ``theta``; the target is narrow at 0. The gradient on ``theta``
+    must point away from 0 (descent moves it toward the target) in each phase ``(t_s, t_k]``."""
+    th0 = torch.tensor([1.0, -0.5])
+    teacher, fake = GMMTeacher([[0.0, 0.0]], 0.05, process=process), GMMTeacher([th0.tolist()], 0.05, process=process)
+    obj, n = build_objective({"name": "phased_dmd"}), 256
+    for t_k, t_s in ((1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0)):
+        theta = th0.clone().requires_grad_(True)
+        tk, ts = torch.full((n,), t_k, dtype=torch.float64), torch.full((n,), t_s, dtype=torch.float64)
+        a, s = process.coeffs(tk, torch.zeros(n, 2))
+        x_k = (a * th0 + s * torch.randn(n, 2, generator=_g(0))).float()
+        so = StepOutput(theta.expand(n, 2), x_k, tk, ts, 1)
+        out = obj.generator_loss(Batch(x=so.x0, rng=_g(1), rollout=so), Roles(teacher=teacher, fake=fake))
+        (g,) = torch.autograd.grad(out["loss"], theta)
+        assert float(g @ th0 / (g.norm() * th0.norm())) > 0.8, (process.name, t_k, g)
 
 
 def test_gradient_reaches_only_the_trained_phase_expert():
