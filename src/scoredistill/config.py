@@ -491,6 +491,9 @@ class FakeScoreConfig(AdapterKeys):
     depth: int = depth_key()
     sigma_data: float | None = key(None, "EDM preconditioning scale (default: the teacher's data std)",
                                    lo=0, lo_open=True)
+    experts: str | None = key(None, "per_phase: one fake network per phase of a student with experts "
+                              "(generator.experts), split at the same times; null: one network",
+                              choices=("per_phase",))
 
 
 @dataclass

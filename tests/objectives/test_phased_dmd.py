@@ -1,7 +1,7 @@
 """Phased DMD (arXiv 2510.27684; docs/objectives/phased_dmd.md) on exact GMM scores: the sub-interval DSM target
-is unbiased for EDM, VP and flow processes, the teacher and the fake are read only above each phase's level,
-the last phase is DMD2, every phase's field has the right sign, a step's gradient reaches only its phase's expert, experts survive export and resume,
-and bad phase settings are one-line errors."""
+is unbiased for EDM, VP and flow processes, the teacher and the fake are read only above each phase's level, the
+last phase is DMD2, every phase's field has the right sign, a step's gradient reaches only its phase's expert
+(student and fake), experts survive export and resume, and bad phase settings are one-line errors."""
 
 import os
 
@@ -242,12 +242,27 @@ def test_experts_export_and_resume(tmp_path):
     ("generator.steps=null", "generator.steps"),
     ("generator.kind=lora", "generator.kind"),
     ("objective.name=dmd2;generator.experts=per_phase", "generator.experts"),
+    ("objective.name=dmd2;generator.rollout=fresh;fake_score.experts=per_phase", "fake_score.experts"),
 ])
 def test_bad_phase_settings_are_one_line(override, field):
     with pytest.raises(ConfigError) as e:
         Distiller(resolve(SMALL, override.split(";")), None)
     assert e.value.field == field, str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_fake_experts_follow_the_student_phases():
+    """``fake_score.experts: per_phase``: one fake network per phase, and a fake update reaches only the trained
+    step's phase."""
+    d = Distiller(resolve(SMALL, ["fake_score.experts=per_phase", "objective.boundaries=[0.5]"]), None)
+    assert isinstance(d.fake, PhaseExperts) and d.fake.split == d.generator.denoiser.split == [0.5]
+    for k in range(4):
+        b = _step(d.generator, k, n=16)
+        b.x = b.x.detach()
+        d.fake.zero_grad(set_to_none=True)
+        d.objective.auxiliary_losses(b, d.roles())["loss"].backward()
+        reached = [any(q.grad is not None for q in net.parameters()) for net in d.fake.nets]
+        assert reached == [k < 2, k >= 2], (k, reached)
 
 
 def test_per_step_experts_for_any_objective():

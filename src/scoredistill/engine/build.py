@@ -238,10 +238,21 @@ def student_denoiser(generator: torch.nn.Module, objective) -> Denoiser:
     return den
 
 
-def build_fake(fcfg: dict | FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Denoiser:
+def build_fake(fcfg: dict | FakeScoreConfig, teacher: Denoiser, sigma_data: float,
+               split: list[float] | None = None) -> Denoiser:
     """The fake score of the ``fake_score`` section (typed, or its dict: validated by the schema first);
-    ``sigma_data`` is the EDM scale when the section leaves it null."""
+    ``sigma_data`` is the EDM scale when the section leaves it null. ``split``: the phase boundaries of a
+    student with experts, which ``fake_score.experts: per_phase`` gives one fake network each."""
     f = typed(FakeScoreConfig, fcfg, "fake_score")
+    if f.experts is not None:
+        if split is None or _is_diffusers(teacher):
+            raise ConfigError("fake_score.experts", "per_phase splits the fake score at the phases of a native "
+                              "student with experts (generator.experts or phased_dmd); accepted here: null")
+        from scoredistill.models.fewstep import PhaseExperts
+
+        fake = PhaseExperts([_build_fake(f, teacher, sigma_data) for _ in range(len(split) + 1)], split)
+        native_checkpointing(fake, f.gradient_checkpointing, "fake_score")
+        return fake
     fake = _build_fake(f, teacher, sigma_data)
     if not _is_diffusers(teacher):
         native_checkpointing(fake, f.gradient_checkpointing, "fake_score")

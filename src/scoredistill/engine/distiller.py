@@ -81,7 +81,8 @@ class Distiller(Loop):
         phases = self.objective.phase_split if "experts" in req else None
         self.generator = build_generator(cfg["generator"], self.teacher, "two_time_student" in req, phases).to(
             self.device)
-        self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference)).to(
+        split = getattr(getattr(self.generator, "denoiser", None), "split", None)  # a student with experts
+        self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference), split).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
         self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
         self._check_rollout(req)
