@@ -84,7 +84,7 @@ def test_subinterval_target_is_unbiased_by_sampling():
     within 5 standard errors, while ``x_s - D_teacher(x_t)`` (plain DSM on ``x_s``) is not."""
     process = EDM()
     gmm = _gmm(process)
-    n = 200_000
+    n = 50_000
     t_s = torch.full((n,), 0.45, dtype=torch.float64)
     t = 0.47 + 0.1 * torch.rand(n, generator=_g(4), dtype=torch.float64)
     a_s, s_s = level_coeffs(process, t_s, torch.zeros(n, 2))
