@@ -481,6 +481,9 @@ class GeneratorConfig(AdapterKeys):
                                            accepts="a list of K non-negative numbers")
     noise_input: str | None = key(None, "diffusers: pure (z itself) | scaled (sigma_max z)",
                                   choices=("pure", "scaled"))
+    experts: str | None = key(None, "K-step native student: per_step (one step network per step) | per_phase "
+                              "(one per phase of the objective, e.g. phased_dmd); null: one shared network, or "
+                              "per_phase when the objective trains experts", choices=("per_step", "per_phase"))
 
 
 @dataclass
@@ -492,6 +495,9 @@ class FakeScoreConfig(AdapterKeys):
     depth: int = depth_key()
     sigma_data: float | None = key(None, "EDM preconditioning scale (default: the teacher's data std)",
                                    lo=0, lo_open=True)
+    experts: str | None = key(None, "per_phase: one fake network per phase of a student with experts "
+                              "(generator.experts), split at the same times; null: one network",
+                              choices=("per_phase",))
 
 
 @dataclass

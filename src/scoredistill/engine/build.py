@@ -109,23 +109,28 @@ def native_checkpointing(module: torch.nn.Module, enabled, section: str) -> torc
 
 
 def build_generator(gcfg: dict | GeneratorConfig, teacher: Denoiser, two_time: bool = False,
-                    signed_time: bool = False) -> torch.nn.Module:
+                    signed_time: bool = False, phases=None) -> torch.nn.Module:
     """The generator of the ``generator`` section (typed, or its dict: validated by the schema first);
     ``two_time``: its step network also takes a jump's end time (the ``two_time_student`` requirement);
-    ``signed_time``: and negative times (``signed_time_student``)."""
+    ``signed_time``: and negative times (``signed_time_student``);
+    ``phases``: for an objective that trains one expert per phase (the ``experts`` requirement), its
+    :meth:`~scoredistill.objectives.base.Objective.phase_split` (step times -> phase boundaries)."""
     g = typed(GeneratorConfig, gcfg, "generator")
     if two_time and (g.kind != "mlp" or (g.steps is None and g.timesteps is None) or _is_diffusers(teacher)):
         raise ConfigError("generator.kind", "this objective trains a two-time (flow-map) student; accepted: "
                           "kind mlp with generator.steps >= 1 on a native teacher")
-    gen = _build_generator(g, teacher, two_time, signed_time)
+    gen = _build_generator(g, teacher, two_time, signed_time, phases)
     if not _is_diffusers(teacher):  # diffusers roles: enabled in scoredistill.adapters.student
         native_checkpointing(gen, g.gradient_checkpointing, "generator")
     return gen
 
 
 def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = False,
-                     signed_time: bool = False) -> torch.nn.Module:
+                     signed_time: bool = False, phases=None) -> torch.nn.Module:
     dim = int(np.prod(teacher.data_shape))
+    if _is_diffusers(teacher) and (g.experts is not None or phases is not None):
+        raise ConfigError("generator.experts", "one student copy per phase is built for native students only "
+                          "(LoRA experts on a diffusers student are not implemented); accepted: null")
     if _is_diffusers(teacher):
         if g.steps is not None:
             raise ConfigError("generator.steps", "diffusers students take generator.timesteps (native values, "
@@ -134,7 +139,10 @@ def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = Fal
             raise ConfigError("generator.rollout", "diffusers students re-noise with fresh noise and a uniform step "
                               "choice; accepted here: fresh, step_weights null")
     elif g.steps is not None or g.timesteps is not None:
-        return _native_few_step(g, teacher, dim, two_time, signed_time)
+        return _native_few_step(g, teacher, dim, two_time, signed_time, phases)
+    elif g.experts is not None or phases is not None:
+        raise ConfigError("generator.steps", "experts are the step networks of a K-step student; accepted: "
+                          "generator.steps >= 1 or generator.timesteps")
     elif g.rollout != "fresh" or g.step_weights is not None:
         raise ConfigError("generator.rollout", "applies to K-step students; set generator.steps or timesteps")
     if g.kind == "mlp":
@@ -168,28 +176,58 @@ def _msd_classes(g: GeneratorConfig, teacher: Denoiser) -> int:
 
 
 def _native_few_step(g: GeneratorConfig, teacher: Denoiser, dim: int, two_time: bool = False,
-                     signed_time: bool = False) -> torch.nn.Module:
+                     signed_time: bool = False, phases=None) -> torch.nn.Module:
     """A K-step student over a native step network (models/fewstep.py; docs/fewstep.md): a fresh MLP
     (``kind: mlp``), MSD's class-routed MLPs (``multi``), or a copy of a learned teacher (``teacher``, first
-    time ``t(sigma_init)``), rolled out over ``generator.steps`` / ``timesteps`` with ``generator.rollout``."""
-    from scoredistill.models.fewstep import MultiStudentDenoiser, build_fewstep, fresh_mlp_denoiser
+    time ``t(sigma_init)``), rolled out over ``generator.steps`` / ``timesteps`` with ``generator.rollout``;
+    with experts (``generator.experts``, or an objective's ``phases``) one such network per phase."""
+    from scoredistill.models.fewstep import MultiStudentDenoiser, PhaseExperts, build_fewstep, fresh_mlp_denoiser
+    from scoredistill.models.rollout import step_times
 
-    t_first = None
     sd = float(teacher.data_std()) if hasattr(teacher, "data_std") else float(getattr(teacher, "sigma_data", 1.0))
     if g.kind == "mlp":
-        net = fresh_mlp_denoiser(teacher.process, dim, g.width, g.depth, teacher.num_classes, sd, two_time=two_time,
-                                 signed_time=signed_time)
+        def make():
+            return fresh_mlp_denoiser(teacher.process, dim, g.width, g.depth, teacher.num_classes, sd,
+                                      two_time=two_time,
+                                      signed_time=signed_time)
     elif g.kind == "multi":
-        net = MultiStudentDenoiser(teacher.process, dim, g.width, g.depth, _msd_classes(g, teacher), g.students, sd)
+        def make():
+            return MultiStudentDenoiser(teacher.process, dim, g.width, g.depth, _msd_classes(g, teacher), g.students,
+                                        sd)
     elif g.kind == "teacher":
         if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
             raise ConfigError("generator.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
                               "accepted for exact-score teachers: mlp, multi")
-        net = copy.deepcopy(teacher).requires_grad_(True).train()
-        t_first = float(teacher.process.t_from_rho(g.sigma_init))
+
+        def make():
+            return copy.deepcopy(teacher).requires_grad_(True).train()
     else:
         raise ConfigError("generator.kind", f"{g.kind!r} needs a diffusers teacher (teacher.kind: diffusers)")
-    return build_fewstep(net, g.steps, g.timesteps, g.rollout, "scaled", g.step_weights, t_first)
+    t_first = float(teacher.process.t_from_rho(g.sigma_init)) if g.kind == "teacher" else None
+    times = step_times(teacher.process, g.steps, g.timesteps, t_first)
+    split = _expert_split(g, times, phases)
+    net = make() if split is None else PhaseExperts([make() for _ in range(len(split) + 1)], split)
+    return build_fewstep(net, None, times, g.rollout, "scaled", g.step_weights)
+
+
+def _expert_split(g: GeneratorConfig, times: list[float], phases) -> list[float] | None:
+    """The boundaries between the student's experts (None: one step network): ``generator.experts: per_step``
+    splits at the step times, ``per_phase`` (the default of an objective with phases) at the objective's
+    ``phases(times)``; the two must agree when both apply."""
+    mode = g.experts or ("per_phase" if phases is not None else None)
+    if mode is None:
+        return None
+    if mode == "per_phase" and phases is None:
+        raise ConfigError("generator.experts", "per_phase needs an objective that splits the noise range into "
+                          "phases (phased_dmd); accepted here: per_step, null")
+    split = phases(times) if phases is not None else None
+    if mode == "per_step":
+        if split is not None and split != list(times[1:]):
+            raise ConfigError("generator.experts", f"per_step builds {len(times)} experts (one per step) but the "
+                              f"objective has {len(split) + 1} phases; accepted: per_phase (one expert per phase), "
+                              "or phase boundaries equal to the step times")
+        split = list(times[1:])
+    return split
 
 
 def student_denoiser(generator: torch.nn.Module, objective) -> Denoiser:
@@ -204,10 +242,21 @@ def student_denoiser(generator: torch.nn.Module, objective) -> Denoiser:
     return den
 
 
-def build_fake(fcfg: dict | FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Denoiser:
+def build_fake(fcfg: dict | FakeScoreConfig, teacher: Denoiser, sigma_data: float,
+               split: list[float] | None = None) -> Denoiser:
     """The fake score of the ``fake_score`` section (typed, or its dict: validated by the schema first);
-    ``sigma_data`` is the EDM scale when the section leaves it null."""
+    ``sigma_data`` is the EDM scale when the section leaves it null. ``split``: the phase boundaries of a
+    student with experts, which ``fake_score.experts: per_phase`` gives one fake network each."""
     f = typed(FakeScoreConfig, fcfg, "fake_score")
+    if f.experts is not None:
+        if split is None or _is_diffusers(teacher):
+            raise ConfigError("fake_score.experts", "per_phase splits the fake score at the phases of a native "
+                              "student with experts (generator.experts or phased_dmd); accepted here: null")
+        from scoredistill.models.fewstep import PhaseExperts
+
+        fake = PhaseExperts([_build_fake(f, teacher, sigma_data) for _ in range(len(split) + 1)], split)
+        native_checkpointing(fake, f.gradient_checkpointing, "fake_score")
+        return fake
     fake = _build_fake(f, teacher, sigma_data)
     if not _is_diffusers(teacher):
         native_checkpointing(fake, f.gradient_checkpointing, "fake_score")

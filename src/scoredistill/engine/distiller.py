@@ -78,9 +78,11 @@ class Distiller(Loop):
         if "class_conditional" in req and not self.teacher.num_classes:
             raise ConfigError("teacher", f"objective {self.objective.name} with these settings needs a "
                               "class-conditional teacher; accepted: preset ring8_cond, or teacher.classes")
+        phases = self.objective.phase_split if "experts" in req else None
         self.generator = build_generator(cfg["generator"], self.teacher, "two_time_student" in req,
-                                         "signed_time_student" in req).to(self.device)
-        self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference)).to(
+                                         "signed_time_student" in req, phases).to(self.device)
+        split = getattr(getattr(self.generator, "denoiser", None), "split", None)  # a student with experts
+        self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference), split).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
         self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
         self._check_rollout(req)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser, expand_t
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.models.multi import partition
@@ -185,13 +186,7 @@ class MultiStudentDenoiser(Denoiser):
         if cond is None or bool((cond == NULL_CLASS).any()):
             raise ValueError("MultiStudentDenoiser routes by class: every sample needs a label")
         t = expand_t(t, x_t.shape[0], x_t.device)
-        who = self.owner.to(cond.device)[cond.long()]
-        out = torch.zeros_like(x_t)
-        for k, net in enumerate(self.nets):
-            idx = (who == k).nonzero(as_tuple=True)[0]
-            if len(idx):
-                out = out.index_copy(0, idx, net(x_t[idx], t[idx], cond[idx]))
-        return out
+        return route(self.nets, self.owner.to(cond.device)[cond.long()], x_t, t, cond)
 
     def registry_config(self) -> dict:
         return {"class": "MultiStudentDenoiser", "arch": self.arch, "process": self.process.describe()}
@@ -199,3 +194,78 @@ class MultiStudentDenoiser(Denoiser):
 
 register_folder_class("MultiStudentDenoiser",
                       lambda cfg: MultiStudentDenoiser(process_from_description(cfg["process"]), **cfg["arch"]))
+
+
+def route(nets, who: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """``nets[who[i]](x_t[i], t[i], cond[i])`` for every sample ``i``; a network whose samples are absent is not
+    called, so it receives no gradient (one call when every sample goes to the same network)."""
+    first = int(who[0]) if len(who) else 0
+    if bool((who == first).all()):
+        return nets[first](x_t, t, cond)
+    out = torch.zeros_like(x_t)
+    for k, net in enumerate(nets):
+        idx = (who == k).nonzero(as_tuple=True)[0]
+        if len(idx):
+            out = out.index_copy(0, idx, net(x_t[idx], t[idx], None if cond is None else cond[idx]))
+    return out
+
+
+def check_split(split, t_first: float, field: str) -> list[float]:
+    """Phase boundaries inside a student's time range: strictly decreasing canonical times in ``(0, t_first)``,
+    ``t_first`` the student's first step time. ``P - 1`` of them make ``P`` phases, phase ``p`` covering
+    ``(split[p], split[p-1]]`` (``split[-1] = t_first``, ``split[P-1] = 0``)."""
+    if not isinstance(split, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in split):
+        raise ConfigError(field, f"must be a list of canonical times, got {split!r}")
+    split = [float(v) for v in split]
+    if any(b >= a for a, b in zip(split, split[1:])):
+        raise ConfigError(field, f"must be strictly decreasing, got {split}")
+    bad = [v for v in split if not 0.0 < v < t_first]
+    if bad:
+        raise ConfigError(field, f"phase boundaries must lie strictly inside (0, {t_first:g}) (the student's "
+                          f"first step time), got {bad}")
+    return split
+
+
+def phase_index(t: torch.Tensor, split: list[float]) -> torch.Tensor:
+    """The phase of each time: the number of boundaries at or above it (``t`` in ``(split[p], split[p-1]]``
+    is phase ``p``); a time exactly on a boundary belongs to the phase below the boundary's top."""
+    who = torch.zeros(t.shape, dtype=torch.long, device=t.device)
+    for b in split:
+        who += (t <= b).long()
+    return who
+
+
+class PhaseExperts(Denoiser):
+    """One step network per noise phase (Phased DMD's experts, arXiv 2510.27684): a time ``t`` in phase ``p``
+    (``(split[p], split[p-1]]``, :func:`phase_index`) is denoised by ``nets[p]`` alone, so an update of one
+    phase's step reaches only its expert. With ``split`` the student's step times after the first, every step
+    has its own expert (``generator.experts: per_step``)."""
+
+    def __init__(self, nets, split: list[float]):
+        super().__init__()
+        nets = list(nets)
+        if len(nets) != len(split) + 1:
+            raise ValueError(f"{len(split)} boundaries make {len(split) + 1} phases, got {len(nets)} experts")
+        self.nets = nn.ModuleList(nets)
+        self.split = [float(b) for b in split]
+        self.process = nets[0].process
+        self.data_shape = nets[0].data_shape
+        self.num_classes = nets[0].num_classes
+        if hasattr(nets[0], "sigma_data"):
+            self.sigma_data = nets[0].sigma_data
+
+    @property
+    def calls_children_conditionally(self) -> bool:  # which expert runs depends on t (engine/fsdp.py)
+        return len(self.nets) > 1
+
+    def denoise(self, x_t, t, cond=None):
+        t = expand_t(t, x_t.shape[0], x_t.device)
+        return route(self.nets, phase_index(t, self.split), x_t, t, cond)
+
+    def registry_config(self) -> dict:
+        return {"class": "PhaseExperts", "nets": [model_config(n) for n in self.nets], "split": list(self.split)}
+
+
+register_folder_class("PhaseExperts",
+                      lambda cfg: PhaseExperts([model_from_config(c) for c in cfg["nets"]], cfg["split"]))

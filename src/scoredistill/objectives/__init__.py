@@ -15,6 +15,7 @@ from scoredistill.objectives import (  # noqa: F401
     ict,
     ism,
     meanflow,
+    phased_dmd,
     rcm,
     scm,
     sds,

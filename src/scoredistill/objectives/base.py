@@ -17,7 +17,8 @@ as a denoiser ``f(x_t, t, cond)`` plus a frozen target copy of it that the engin
 after every generator update, or an EMA at :meth:`Objective.target_decay`), ``two_time_student`` (its
 step network also takes a jump's end time ``r``: ``D(x_t, t, cond, r)``, MeanFlow's flow map),
 ``signed_time_student`` (with ``two_time_student``: the step network also accepts negative times, a second
-branch of the same network, TwinFlow's fake trajectory).
+branch of the same network, TwinFlow's fake trajectory), ``experts`` (a K-step student with one step network
+per phase of the noise range, the phases given by :meth:`Objective.phase_split`; Phased DMD).
 
 An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
 ``state_dict()`` / ``load_state_dict()`` (JSON-serialisable) and ``state_tensors()`` /
@@ -41,7 +42,7 @@ from scoredistill.process.processes import Process
 from scoredistill.process.time import TimeSampler, Uniform, make_time_sampler
 
 REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional", "rollout",
-                "consistency_target", "two_time_student", "signed_time_student")
+                "consistency_target", "two_time_student", "signed_time_student", "experts")
 
 
 @dataclass
@@ -134,6 +135,12 @@ class Objective:
     def target_decay(self) -> float:
         """``consistency_target``: the target's EMA rate per generator update (0: an exact copy)."""
         return 0.0
+
+    def phase_split(self, times: list[float]) -> list[float]:
+        """``experts``: the boundaries (canonical times, decreasing) that split a K-step student with step times
+        ``times`` into phases, one expert each; raise a one-line :class:`ConfigError` for a split that does not
+        fit those times."""
+        raise NotImplementedError(f"objective {self.name} has no phases")
 
     def check_teacher(self, teacher: Denoiser) -> None:
         """Raise a one-line :class:`ConfigError` if this objective cannot work with ``teacher`` (called once,

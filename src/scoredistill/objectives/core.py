@@ -41,7 +41,7 @@ from scoredistill.models.denoiser import NULL_CLASS, Denoiser
 from scoredistill.objectives.base import Batch, Objective, Roles
 from scoredistill.objectives.common import denoising_loss, drop_condition, noise_like
 from scoredistill.process.processes import Process
-from scoredistill.process.time import LogNormal, TimeSampler
+from scoredistill.process.time import LogNormal, TimeSampler, Uniform
 
 
 # -- reductions and normalisers -----------------------------------------------------------------------
@@ -166,6 +166,14 @@ def field_diag(g: torch.Tensor, t: torch.Tensor, **extra) -> dict:
     out = {"field_norm": g.flatten(1).norm(dim=1).mean().float(), "t_mean": t.double().mean().float()}
     out.update({k: torch.as_tensor(v).double().mean().float() for k, v in extra.items()})
     return out
+
+
+def uniform_time(obj: Objective, why: str) -> Uniform:
+    """``objective.time`` of an objective that draws its own times inside a uniform range (``why`` says how);
+    a one-line :class:`ConfigError` for any other sampler."""
+    if not isinstance(obj.time, Uniform):
+        raise ConfigError("objective.time", f"{obj.name} {why}; accepted: {{kind: uniform, t_min, t_max}}")
+    return obj.time
 
 
 # -- parameter declarations shared by the Params classes ----------------------------------------------
