@@ -7,8 +7,8 @@ import os
 import torch
 
 from scoredistill.metrics.gmm import gmm_metrics
-from scoredistill.teachers.gmm import build_gmm
 from scoredistill.process import EDM
+from scoredistill.teachers.gmm import build_gmm
 
 PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "toy_time_to_quality.py")
 
