@@ -23,7 +23,7 @@ def bench():
 def test_quality_bar_on_exact_sharp_and_mode_dropping_samples():
     b = bench()
     gmm = build_gmm({"kind": "gmm", "preset": "asym6"}, EDM())
-    x = gmm.sample(2000, generator=torch.Generator().manual_seed(3)).double()
+    x = gmm.sample(1000, generator=torch.Generator().manual_seed(3)).double()
     k = torch.cdist(x, gmm.means).argmin(1)
     assert b.quality(gmm_metrics(x, gmm), gmm.weights) == (True, 6, 6)
     sharp = gmm.means[k] + 0.6 * (x - gmm.means[k])  # every mode at 0.6 of its std
