@@ -279,7 +279,12 @@ def width_key(default=256):
 
 
 def depth_key(default=4):
-    return key(default, "residual blocks of the MLP", lo=1, hi=MAX_DEPTH)
+    return key(default, "residual blocks (blocks: plain, hidden layers) of the MLP", lo=1, hi=MAX_DEPTH)
+
+
+def blocks_key():
+    return key("residual", "kind mlp: residual (LayerNorm blocks with a time projection each) | plain (SiLU layers, "
+               "the embedding added at the input; about 40 % of the compute)", choices=("residual", "plain"))
 
 
 def betas_key(default, doc):
@@ -376,7 +381,8 @@ class TeacherConfig(Section):
     kind: str = key("gmm", "gmm (exact mixture) | learned (train-teacher folder) | bundled (shipped) | "
                     "diffusers (pipeline folder, docs/diffusers.md) | scene (exact-render 3D teacher, docs/3d.md)",
                     choices=TEACHER_KINDS)
-    preset: str | None = key(None, "named mixture: ring8, ring8_cond, grid25, pair, asym, gmm10d, gmm16d", kinds=GMM)
+    preset: str | None = key(None, "named mixture: ring8, ring8_cond, grid25, pair, asym, asym6, gmm10d, gmm16d",
+                             kinds=GMM)
     means: list | None = key(None, "component means (K vectors of one length)", check=means_check,
                              accepts="a list of equal-length vectors of numbers", kinds=GMM)
     std: float | None = key(None, "one standard deviation for every component (scene: per pixel on the [-1, 1] "
@@ -464,6 +470,7 @@ class GeneratorConfig(AdapterKeys):
                     "lora (LoRA on a frozen diffusers copy)", choices=("mlp", "teacher", "multi", "lora"))
     width: int = width_key()
     depth: int = depth_key()
+    blocks: str = blocks_key()
     sigma_init: float = key(2.5, "kind teacher: G(z) = D(sigma_init z, sigma_init)", lo=0)
     students: int = key(2, "kind multi: number of students (classes split in blocks)", lo=1, hi=MAX_WIDTH)
     z_std: float = key(1.0, "standard deviation of the generator's input noise", lo=0, lo_open=True)
@@ -493,6 +500,7 @@ class FakeScoreConfig(AdapterKeys):
                     "frozen teacher)", choices=("mlp", "teacher", "full", "lora"))
     width: int = width_key()
     depth: int = depth_key()
+    blocks: str = blocks_key()
     sigma_data: float | None = key(None, "EDM preconditioning scale (default: the teacher's data std)",
                                    lo=0, lo_open=True)
     experts: str | None = key(None, "per_phase: one fake network per phase of a student with experts "

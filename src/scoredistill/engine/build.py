@@ -116,6 +116,9 @@ def build_generator(gcfg: dict | GeneratorConfig, teacher: Denoiser, two_time: b
     ``phases``: for an objective that trains one expert per phase (the ``experts`` requirement), its
     :meth:`~scoredistill.objectives.base.Objective.phase_split` (step times -> phase boundaries)."""
     g = typed(GeneratorConfig, gcfg, "generator")
+    if g.blocks != "residual" and (g.kind != "mlp" or g.steps is not None or g.timesteps is not None):
+        raise ConfigError("generator.blocks", "plain applies to one-step generators of kind mlp; accepted here: "
+                          "residual")
     if two_time and (g.kind != "mlp" or (g.steps is None and g.timesteps is None) or _is_diffusers(teacher)):
         raise ConfigError("generator.kind", "this objective trains a two-time (flow-map) student; accepted: "
                           "kind mlp with generator.steps >= 1 on a native teacher")
@@ -146,7 +149,7 @@ def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = Fal
     elif g.rollout != "fresh" or g.step_weights is not None:
         raise ConfigError("generator.rollout", "applies to K-step students; set generator.steps or timesteps")
     if g.kind == "mlp":
-        return MLPGenerator(dim, g.width, g.depth, teacher.num_classes)
+        return MLPGenerator(dim, g.width, g.depth, teacher.num_classes, blocks=g.blocks)
     if g.kind == "multi":  # MSD: one student per block of classes (models/multi.py)
         from scoredistill.models.multi import MultiStudentGenerator
 
@@ -248,6 +251,8 @@ def build_fake(fcfg: dict | FakeScoreConfig, teacher: Denoiser, sigma_data: floa
     ``sigma_data`` is the EDM scale when the section leaves it null. ``split``: the phase boundaries of a
     student with experts, which ``fake_score.experts: per_phase`` gives one fake network each."""
     f = typed(FakeScoreConfig, fcfg, "fake_score")
+    if f.blocks != "residual" and f.kind != "mlp":
+        raise ConfigError("fake_score.blocks", "plain applies to fake scores of kind mlp; accepted here: residual")
     if f.experts is not None:
         if split is None or _is_diffusers(teacher):
             raise ConfigError("fake_score.experts", "per_phase splits the fake score at the phases of a native "
@@ -267,7 +272,7 @@ def _build_fake(f: FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Den
     dim = int(np.prod(teacher.data_shape))
     if f.kind == "mlp":
         sd = f.sigma_data if f.sigma_data is not None else sigma_data
-        return MLPDenoiser(teacher.process, dim, f.width, f.depth, teacher.num_classes, sd)
+        return MLPDenoiser(teacher.process, dim, f.width, f.depth, teacher.num_classes, sd, blocks=f.blocks)
     if _is_diffusers(teacher):  # fake_score.kind teacher/full (copy) | lora (peft LoRA on the teacher)
         from scoredistill.adapters.student import build_diffusers_fake
 

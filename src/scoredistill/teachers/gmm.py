@@ -154,6 +154,9 @@ PRESETS = {
     # four modes of unequal weight and width
     "asym": lambda: dict(means=[[-2.0, -1.0], [1.5, -1.5], [0.0, 2.0], [2.5, 1.5]],
                          stds=[0.3, 0.2, 0.15, 0.1], weights=[0.45, 0.3, 0.15, 0.1]),
+    # six modes of unequal width whose two lightest hold 10 % and 5 % (time-to-quality benchmark, issue 17)
+    "asym6": lambda: dict(means=[[-2.5, -1.0], [-0.5, -2.3], [1.8, -1.6], [2.5, 1.2], [0.2, 2.2], [-2.1, 1.8]],
+                          stds=[0.3, 0.25, 0.2, 0.15, 0.2, 0.12], weights=[0.3, 0.25, 0.15, 0.15, 0.1, 0.05]),
     # 10-dimensional mixture of 5 modes (for distribution tests beyond 2-D)
     "gmm10d": lambda: dict(means=_random_means(5, 10, 1.5, 10), stds=0.3),
     # 16-dimensional mixture of 8 modes (bench suite)

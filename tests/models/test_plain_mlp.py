@@ -1,0 +1,70 @@
+"""``blocks: plain`` MLP networks (issue 17): built from the schema key, cheaper than the residual default,
+saved and reloaded as the same network, refused with one line where they do not apply."""
+
+import pytest
+import torch
+
+from scoredistill.config import resolve
+from scoredistill.engine.build import build_fake, build_generator, build_teacher
+from scoredistill.errors import ConfigError
+from scoredistill.models.mlp import MLPBackbone, MLPDenoiser, MLPGenerator, PlainBackbone
+from scoredistill.models.registry import load_model, save_model
+
+
+def roles(blocks: str):
+    cfg = resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, "generator": {"kind": "mlp", "blocks": blocks},
+                   "fake_score": {"kind": "mlp", "blocks": blocks}, "objective": {"name": "dmd2"}})
+    teacher, ref = build_teacher(cfg["teacher"])
+    return build_generator(cfg["generator"], teacher), build_fake(cfg["fake_score"], teacher, ref.data_std())
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_default_stays_residual_and_plain_is_smaller():
+    g_res, f_res = roles("residual")
+    g_pl, f_pl = roles("plain")
+    assert type(g_res.net) is MLPBackbone and type(f_res.net) is MLPBackbone
+    assert isinstance(g_pl.net, PlainBackbone) and isinstance(f_pl.net, PlainBackbone)
+    assert "blocks" not in g_res.arch and "blocks" not in f_res.arch  # old config.json files unchanged
+    # width 256, depth 4: 3 hidden 256x256 layers instead of 4 blocks of 2 (plus norms and time projections)
+    assert n_params(g_pl) < 0.4 * n_params(g_res)
+    assert n_params(f_pl) < 0.4 * n_params(f_res)
+
+
+def test_plain_networks_round_trip_and_start_as_c_skip(tmp_path):
+    g, f = roles("plain")
+    z = torch.randn(64, 2)
+    t = torch.full((64,), 0.4, dtype=torch.float64)
+    # zero output layer: the fake score starts as c_skip x_t, whatever the backbone
+    c_skip = f.sigma_data ** 2 / (f.process.rho(t) ** 2 + f.sigma_data ** 2)
+    assert torch.allclose(f(z, t).double(), c_skip[:, None] * z.double(), atol=1e-6)
+    assert f.features(z, t).shape == (64, 256)
+    for m in (g, f):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        save_model(m, str(tmp_path / type(m).__name__))
+        back, cfg = load_model(str(tmp_path / type(m).__name__))
+        assert cfg["arch"]["blocks"] == "plain" and isinstance(back.net, PlainBackbone)
+        args = (z, t) if isinstance(m, MLPDenoiser) else (z,)
+        assert torch.equal(back(*args), m(*args))
+    assert isinstance(g, MLPGenerator)
+
+
+@pytest.mark.parametrize("section,value", [("generator", {"kind": "mlp", "blocks": "plain", "steps": 2}),
+                                           ("fake_score", {"kind": "teacher", "blocks": "plain"})])
+def test_plain_where_it_does_not_apply_is_one_line(section, value):
+    cfg = resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, section: value, "objective": {"name": "dmd2"}})
+    teacher, _ = build_teacher(cfg["teacher"])
+    with pytest.raises(ConfigError, match=f"{section}.blocks"):
+        if section == "generator":
+            build_generator(cfg["generator"], teacher)
+        else:
+            build_fake(cfg["fake_score"], teacher, 1.0)
+
+
+def test_unknown_blocks_value_names_the_choices():
+    with pytest.raises(ConfigError, match="generator.blocks.*residual.*plain"):
+        resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, "generator": {"kind": "mlp", "blocks": "dense"}})
