@@ -477,6 +477,9 @@ class GeneratorConfig(AdapterKeys):
                                            accepts="a list of K non-negative numbers")
     noise_input: str | None = key(None, "diffusers: pure (z itself) | scaled (sigma_max z)",
                                   choices=("pure", "scaled"))
+    init_steps: int = key(0, "iterations of teacher score matching that first train a time-conditioned student's "
+                          "denoiser (generator.steps set) toward the teacher's, before distillation (MSD's small-"
+                          "student initialisation; docs/objectives/msd.md); 0: none", lo=0, hi=INT64_MAX)
 
 
 @dataclass
