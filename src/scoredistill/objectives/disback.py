@@ -26,9 +26,9 @@ from scoredistill.objectives.dmd import DMD2, DMD2Params
 class DisBackParams(DMD2Params):
     path_checkpoints: int = key(4, "N: checkpoints s_1..s_N recorded in stage 1 (s_0 is the teacher)", lo=1,
                                 hi=1000)
-    record_steps: int = key(300, "stage 1: iterations fine-tuning the teacher's copy on the initial generator's "
+    record_steps: int = key(60, "stage 1: iterations fine-tuning the teacher's copy on the initial generator's "
                             "samples (>= path_checkpoints)", lo=1, hi=10**9, unit="steps")
-    hold_steps: int = key(150, "stage 2: iterations on each of s_{N-1}..s_1 before the teacher s_0 takes over",
+    hold_steps: int = key(100, "stage 2: iterations on each of s_{N-1}..s_1 before the teacher s_0 takes over",
                           lo=1, hi=10**9, unit="steps")
 
     def validate(self):
