@@ -491,6 +491,9 @@ class GeneratorConfig(AdapterKeys):
     experts: str | None = key(None, "K-step native student: per_step (one step network per step) | per_phase "
                               "(one per phase of the objective, e.g. phased_dmd); null: one shared network, or "
                               "per_phase when the objective trains experts", choices=("per_step", "per_phase"))
+    init_steps: int = key(0, "iterations of teacher score matching that first train a time-conditioned student's "
+                          "denoiser (generator.steps set) toward the teacher's, before distillation (MSD's small-"
+                          "student initialisation; docs/objectives/msd.md); 0: none", lo=0, hi=INT64_MAX)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from scoredistill.config import FakeScoreConfig, GeneratorConfig, TeacherConfig,
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.models.generators import DenoiserGenerator, DiscriminatorHead
-from scoredistill.models.mlp import MLPBackbone, MLPDenoiser, MLPGenerator
+from scoredistill.models.mlp import MLPBackbone, MLPDenoiser, MLPGenerator, ResidualDenoiser
 from scoredistill.models.registry import load_model, process_from_description
 from scoredistill.models.unet import UNetBackbone, UNetDenoiser
 from scoredistill.process.processes import make_process
@@ -279,9 +279,13 @@ def _build_fake(f: FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Den
         return build_diffusers_fake(dataclasses.asdict(f), teacher, sigma_data)
     if f.kind == "lora":
         raise ConfigError("fake_score.kind", "'lora' needs a diffusers teacher (teacher.kind: diffusers)")
+    if isinstance(teacher, GMMTeacher):  # no weights to copy: the exact score plus a correction starting at 0
+        sd = f.sigma_data if f.sigma_data is not None else sigma_data
+        delta = MLPDenoiser(teacher.process, dim, f.width, f.depth, teacher.num_classes, sd)
+        return ResidualDenoiser(copy.deepcopy(teacher), delta).train()
     if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
-        raise ConfigError("fake_score.kind", "'teacher' needs a learned teacher (teacher.kind: learned); "
-                          "accepted for exact-score teachers: mlp")
+        raise ConfigError("fake_score.kind", "'teacher' needs a learned or exact-score teacher (teacher.kind: "
+                          "learned or gmm); accepted here: mlp")
     return copy.deepcopy(teacher).requires_grad_(True).train()
 
 

@@ -11,6 +11,12 @@ the generator is updated when ``i % train.generator_every == 0``; auxiliary role
 discriminator) are updated on every other iteration, and also on generator iterations when
 ``train.fake_on_generator_steps`` is true (official DMD2: ``generator_every: 5`` => 5 fake updates
 per generator update; FastGen/rCM semantics: set it false => 4:1).
+
+Stages before distillation, each a fixed number of iterations so the stage is a function of the iteration
+(checkpointed with it, unchanged when a resumed run gets more steps): ``generator.init_steps`` of teacher
+score matching of the student's denoiser (MSD, arXiv 2410.23274), then, for an objective that requires
+``teacher_path``, the recording of the path (engine/teacher_path.py). The update schedule above counts
+iterations from the start of distillation.
 """
 
 from __future__ import annotations
@@ -40,9 +46,11 @@ from scoredistill.engine.precision import Precision
 from scoredistill.engine.report import write_report
 from scoredistill.engine.schedule import build_schedulers
 from scoredistill.errors import ConfigError, TrainingAborted  # noqa: F401 (re-exported)
+from scoredistill.models.denoiser import Denoiser
 from scoredistill.models.generators import EMA
 from scoredistill.models.registry import save_model
-from scoredistill.objectives.base import Batch, Roles, build_objective
+from scoredistill.objectives.base import DEFAULT_FAKE_TIME, Batch, Roles, build_objective
+from scoredistill.objectives.common import denoising_loss
 
 
 class Distiller(Loop):
@@ -86,6 +94,7 @@ class Distiller(Loop):
             self.device) if "fake_score" in req or "discriminator" in req else None
         self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
         self._check_rollout(req)
+        self._build_stages(cfg, req)
         # placed after the copies above: an offloaded teacher's weights live in its hooks, not its parameters
         self._place_teacher(tc["teacher_offload"])
         self.evaluator = build_evaluator(self.teacher, self.reference, tc["seed"], cfg["eval"])
@@ -133,6 +142,10 @@ class Distiller(Loop):
                                   "real samples; accepted: teacher, PATH.npy")
             self.real, self.real_cond = load_real_data(tc["real_data"], self.teacher, self.reference,
                                                        tc["real_pool"], tc["seed"], self.log)
+        self.init_pool = None
+        if self.init_steps:  # the teacher's samples that teacher score matching noises
+            self.init_pool = load_real_data("teacher", self.teacher, self.reference, tc["real_pool"], tc["seed"],
+                                            self.log)
         self.ode = None
         if "ode_pairs" in req:
             self.ode = make_ode_pairs(self.teacher, tc["ode_pairs"], tc["ode_steps"], tc["seed"],
@@ -177,6 +190,50 @@ class Distiller(Loop):
             raise ConfigError("generator.rollout", f"objective {name} needs re-noising by {' or '.join(modes)}, got "
                               f"{self.generator.rollout.mode!r}; accepted: {', '.join(modes)}")
 
+    def _build_stages(self, cfg: dict, req: set) -> None:
+        """The stages before distillation (module docstring), checked against ``train.steps``."""
+        steps = cfg["train"]["steps"]
+        self.init_steps = cfg["generator"]["init_steps"]
+        self.init_denoiser = None
+        if self.init_steps:
+            self.init_denoiser = getattr(self.generator, "denoiser", None)
+            if not isinstance(self.init_denoiser, Denoiser):
+                raise ConfigError("generator.init_steps", "teacher score matching trains the student's denoiser "
+                                  "D(x_t, t); accepted: 0, or a time-conditioned student (generator.steps >= 1 or "
+                                  "generator.kind: teacher)")
+            if self.init_steps >= steps:
+                raise ConfigError("generator.init_steps", f"must be below train.steps ({steps}), got "
+                                  f"{self.init_steps}")
+        self.plan = self.objective.path_plan() if "teacher_path" in req else None
+        self.path = None
+        if self.plan is None:
+            return
+        name = self.objective.name
+        if cfg["fake_score"]["kind"] not in ("teacher", "full"):
+            raise ConfigError("fake_score.kind", f"objective {name} fine-tunes the fake score away from the teacher "
+                              f"to record its path, so it starts as the teacher; accepted: teacher, full")
+        if self.init_steps + self.plan.length() >= steps:
+            field = "objective.hold_steps" if self.plan.checkpoints > 1 else "objective.record_steps"
+            raise ConfigError(field, f"the teacher path takes {self.plan.length()} iterations (record_steps + "
+                              f"(path_checkpoints - 1) x hold_steps) after generator.init_steps "
+                              f"({self.init_steps}) before the teacher is the real score; it must be below "
+                              f"train.steps ({steps})")
+        from scoredistill.engine.teacher_path import TeacherPath
+
+        self.path = TeacherPath(self.plan, self.teacher, self.fake, self.run_dir, self.dist.is_main,
+                                self.dist.barrier)
+
+    def _stage(self) -> tuple[str, int]:
+        """``(stage, iteration within it)`` of the current iteration: init, record or distill."""
+        i = self.step - self.init_steps
+        if i < 0:
+            return "init", self.step
+        if self.plan is not None:
+            if i < self.plan.record_steps:
+                return "record", i
+            i -= self.plan.record_steps
+        return "distill", i
+
     def _place_teacher(self, offload: bool) -> None:
         """Move the frozen teacher to the device, or with ``train.teacher_offload`` keep its weights in
         CPU memory and stream them to the device for each forward (accelerate's ``cpu_offload``): the
@@ -206,6 +263,9 @@ class Distiller(Loop):
         if self.target is not None:
             raise ConfigError("train.fsdp", f"objective {self.objective.name} keeps a target copy of the student, "
                               "which is not sharded yet; accepted: false")
+        if self.path is not None or self.init_steps:
+            raise ConfigError("train.fsdp", "the stages before distillation (generator.init_steps, a teacher path) "
+                              "are not sharded yet; accepted: false")
         for sec in ("generator", "fake_score"):
             if cfg[sec]["kind"] == "lora":  # a LoRA critic shares the (replicated) teacher's base weights
                 raise ConfigError("train.fsdp", f"{sec}.kind: lora is not supported with FSDP; accepted: "
@@ -233,9 +293,11 @@ class Distiller(Loop):
         self._replica_step = self.step
 
     # -- roles -------------------------------------------------------------------------------------
-    def roles(self) -> Roles:
-        return Roles(teacher=self.teacher, fake=self.fake, discriminator=self.disc, generator=self.generator,
-                     student=self.student_denoiser, target=self.target.model if self.target is not None else None)
+    def roles(self, teacher: Denoiser | None = None) -> Roles:
+        """The networks the objective reads; ``teacher`` replaces the real score (a teacher-path checkpoint)."""
+        return Roles(teacher=teacher if teacher is not None else self.teacher, fake=self.fake,
+                     discriminator=self.disc, generator=self.generator, student=self.student_denoiser,
+                     target=self.target.model if self.target is not None else None)
 
     def _params(self, name) -> list:
         """All parameters of role ``name`` (cached: walking the module tree every phase cost ~2 % of a
@@ -374,21 +436,45 @@ class Distiller(Loop):
 
     def train_step(self):
         tc = self.cfg["train"]
-        obj = self.objective
-        gen_step = self.step % tc["generator_every"] == 0
+        stage, i = self._stage()
         if hasattr(self.generator, "set_rollout_seed"):  # multi-step students: same rollout on every rank
             self.generator.set_rollout_seed(hash((tc["seed"], self.step, -1)) & (2**62 - 1))
-        do_aux = bool(self.aux_roles) and (not gen_step or tc["fake_on_generator_steps"])
-        roles = self.roles()
-        if do_aux:
-            def aux(rng, z, cond):
-                with torch.no_grad(), self.precision.autocast():
-                    x = self._generate(z, cond, rng)
-                with self.precision.autocast():
-                    return obj.auxiliary_losses(self._batch(x.float(), z, cond, rng), roles)
+        if stage == "init":
+            self._init_step()
+        elif stage == "record":  # the frozen initial generator's samples train the fake score only
+            self._aux_step(self.roles())
+            k = self.plan.recorded_after(i + 1)
+            if k is not None:
+                self.path.record(k, self.fake)
+        else:
+            if i == 0 and self.init_steps:
+                self._end_init()
+            self._distill_step(i, self.path.network(self.plan.index(i)) if self.path is not None else None)
+        self.step += 1
+        for sched in self.schedulers.values():
+            sched.step()
 
-            with self._frozen(["generator"]):
-                self._phase(self.aux_roles, 0, aux)
+    def _aux_step(self, roles: Roles) -> None:
+        obj = self.objective
+
+        def aux(rng, z, cond):
+            with torch.no_grad(), self.precision.autocast():
+                x = self._generate(z, cond, rng)
+            with self.precision.autocast():
+                return obj.auxiliary_losses(self._batch(x.float(), z, cond, rng), roles)
+
+        with self._frozen(["generator"]):
+            self._phase(self.aux_roles, 0, aux)
+
+    def _distill_step(self, i: int, real: Denoiser | None) -> None:
+        """Iteration ``i`` of distillation; ``real`` replaces the teacher as the real score."""
+        tc = self.cfg["train"]
+        obj = self.objective
+        gen_step = i % tc["generator_every"] == 0
+        do_aux = bool(self.aux_roles) and (not gen_step or tc["fake_on_generator_steps"])
+        roles = self.roles(real)
+        if do_aux:
+            self._aux_step(roles)
         if gen_step:
             def gen(rng, z, cond):
                 with self.precision.autocast():
@@ -401,9 +487,32 @@ class Distiller(Loop):
                 self.ema.update(self.generator)
             if stepped and self.target is not None:
                 self.target.update(self.student_denoiser)
-        self.step += 1
-        for sched in self.schedulers.values():
-            sched.step()
+
+    def _init_step(self) -> None:
+        """Teacher score matching (MSD, arXiv 2410.23274): the student's denoiser regresses the teacher's
+        ``D(x_t, t, c)`` at noised teacher samples ``x_t = a_t x0 + s_t eps``, ``t ~ U[0, 1]``, EDM-weighted."""
+        pool, pool_cond = self.init_pool
+        den = self.init_denoiser
+        sd = float(getattr(den, "sigma_data", 1.0))
+
+        def tsm(rng, z, cond):
+            idx = torch.randint(0, len(pool), (z.shape[0],), generator=rng)
+            x0 = pool[idx].to(self.device)
+            c = pool_cond[idx].to(self.device) if pool_cond is not None else None
+            t = DEFAULT_FAKE_TIME(len(idx), self.teacher.process, generator=rng, device=self.device)
+            with self.precision.autocast():
+                loss = denoising_loss(den, x0, c, t, rng, sd, target=self.teacher)
+            return {"loss": loss, "loss_init": loss.detach()}
+
+        with self._frozen(self.aux_roles):
+            self._phase(["generator"], 2, tsm)
+
+    def _end_init(self) -> None:
+        """Distillation starts from the initialised student with fresh optimizer moments (those of the
+        regression would scale the first distillation updates) and its EMA reset to it."""
+        self.optimizers["generator"].state.clear()
+        if self.ema is not None:
+            self.ema.model.load_state_dict(self.generator.state_dict())
 
     # -- evaluation ----------------------------------------------------------------------------------
     def student(self):
@@ -448,10 +557,19 @@ class Distiller(Loop):
         return self.fsdp.place if self.fsdp is not None else None
 
     def _extra_meta(self) -> dict:
-        return {"schedulers": {n: sc.state_dict() for n, sc in self.schedulers.items()}}
+        meta = {"schedulers": {n: sc.state_dict() for n, sc in self.schedulers.items()}}
+        if self.init_steps or self.path is not None:
+            stage, i = self._stage()
+            meta["stage"] = {"name": stage, "iteration": i}
+        if self.path is not None:
+            meta["teacher_path"] = {**self.path.state_dict(), "index": self.plan.index(i) if stage == "distill"
+                                    else None}
+        return meta
 
     def _load_extra(self, meta: dict, rngs: dict) -> None:
         self._replica_step = None
+        if self.path is not None:
+            self.path.load_state_dict(meta.get("teacher_path", {}))
         for n, sc in self.schedulers.items():
             if n in meta.get("schedulers", {}):
                 sc.load_state_dict(meta["schedulers"][n])

@@ -30,7 +30,7 @@ LOCK = ".lock"
 # everything a run (distill, optimize, demo, train-teacher, export) writes at the top of its folder
 OWN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "generator", "samples", "tb", "report.md",
                "comparison.png", "params.safetensors", "particles.npy", "renders.npy", "image.npy", "teacher",
-               ".export", "scene.ply", "renders", "turntable.gif", MARKER, LOCK)
+               ".export", "scene.ply", "renders", "turntable.gif", "teacher_path", MARKER, LOCK)
 _TEMP_PREFIXES = (".tmp-", ".old-")
 
 

@@ -207,3 +207,31 @@ class MLPGenerator(nn.Module):
         else:
             e = torch.zeros(b, self.emb_dim, device=z.device, dtype=z.dtype)
         return self.net(z.reshape(b, -1), e).reshape(b, *self.data_shape)
+
+
+class ResidualDenoiser(PrecondDenoiser):
+    """``D(x_t) = D_base(x_t) + c_out F(c_in y, e)``: a fixed base denoiser plus the learned part of an MLP
+    denoiser whose output layer starts at zero, so it starts as exactly the base. It is the trainable copy of a
+    teacher without weights (an exact-score mixture): ``fake_score.kind: teacher`` on such a teacher, which
+    DisBack fine-tunes from the teacher's score (docs/objectives/disback.md)."""
+
+    def __init__(self, base: PrecondDenoiser | nn.Module, delta: MLPDenoiser):
+        super().__init__()
+        self.base = base
+        self.delta = delta
+        self.process = delta.process
+        self.data_shape = delta.data_shape
+        self.num_classes = delta.num_classes
+        self.sigma_data = delta.sigma_data
+
+    def _precond(self, x_t, t, cond, r=None):
+        return self.delta._precond(x_t, t, cond)
+
+    def denoise(self, x_t, t, cond=None, r=None):
+        y, c_in, _, c_out, e = self._precond(x_t, t, cond)
+        f = self.delta.net((c_in * y).to(x_t.dtype), e)
+        base = self.base.denoise(x_t, t, cond).reshape(y.shape).double()
+        return (base + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)
+
+    def features(self, x_t, t, cond=None):
+        return self.delta.features(x_t, t, cond)

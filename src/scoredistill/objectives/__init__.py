@@ -8,6 +8,7 @@ from scoredistill.objectives import (  # noqa: F401
     cd,
     cds,
     csd,
+    disback,
     dmd,
     esd,
     fdistill,

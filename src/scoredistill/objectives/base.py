@@ -18,7 +18,10 @@ after every generator update, or an EMA at :meth:`Objective.target_decay`), ``tw
 step network also takes a jump's end time ``r``: ``D(x_t, t, cond, r)``, MeanFlow's flow map),
 ``signed_time_student`` (with ``two_time_student``: the step network also accepts negative times, a second
 branch of the same network, TwinFlow's fake trajectory), ``experts`` (a K-step student with one step network
-per phase of the noise range, the phases given by :meth:`Objective.phase_split`; Phased DMD).
+per phase of the noise range, the phases given by :meth:`Objective.phase_split`; Phased DMD),
+``teacher_path`` (the engine records the fake score's fine-tuning from the teacher toward the initial
+generator's samples as checkpoints ``s_0 = teacher, ..., s_N`` and then hands the objective ``s_k`` as
+``Roles.teacher`` on the schedule of :meth:`Objective.path_plan`, a :class:`PathPlan`; DisBack).
 
 An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
 ``state_dict()`` / ``load_state_dict()`` (JSON-serialisable) and ``state_tensors()`` /
@@ -42,7 +45,38 @@ from scoredistill.process.processes import Process
 from scoredistill.process.time import TimeSampler, Uniform, make_time_sampler
 
 REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional", "rollout",
-                "consistency_target", "two_time_student", "signed_time_student", "experts")
+                "consistency_target", "two_time_student", "signed_time_student", "experts",
+                "teacher_path")
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    """Schedule of the ``teacher_path`` requirement, in iterations counted from the start of its stages.
+
+    Stage 1 ("recording") takes ``record_steps`` iterations: only the fake score is trained (from the
+    teacher, on the frozen initial generator's samples) and checkpoint ``s_k`` is taken after iteration
+    ``ceil(k R / N)``, ``k = 1..N``. Stage 2 ("backtracking") trains as usual with ``s_{N-1}``,
+    ``s_{N-2}``, ..., ``s_1`` as the real score for ``hold_steps`` iterations each, then the teacher
+    ``s_0`` for the rest of the run. Fixed iteration counts (not shares of ``train.steps``) keep the
+    schedule unchanged when a resumed run is given more steps."""
+
+    checkpoints: int
+    record_steps: int
+    hold_steps: int
+
+    def recorded_after(self, i: int) -> int | None:
+        """The checkpoint index ``k`` taken after stage-1 iteration ``i`` (1-based), or ``None``."""
+        n, r = self.checkpoints, self.record_steps
+        k = (i - 1) * n // r + 1  # the smallest k with ceil(k r / n) >= i
+        return k if 1 <= k <= n and -(-k * r // n) == i else None
+
+    def index(self, j: int) -> int:
+        """The path index whose network is the real score at stage-2 iteration ``j`` (0-based)."""
+        return max(self.checkpoints - 1 - j // self.hold_steps, 0)
+
+    def length(self) -> int:
+        """Iterations before the teacher itself is the real score."""
+        return self.record_steps + (self.checkpoints - 1) * self.hold_steps
 
 
 @dataclass
@@ -131,6 +165,10 @@ class Objective:
         for a fully detached field (DMD, VSD, SDS); SiD-type losses read the teacher and the fake,
         GAN terms the fake and the discriminator."""
         return set()
+
+    def path_plan(self) -> PathPlan | None:
+        """``teacher_path``: the recording and backtracking schedule (see :class:`PathPlan`)."""
+        return None
 
     def target_decay(self) -> float:
         """``consistency_target``: the target's EMA rate per generator update (0: an exact copy)."""

@@ -27,15 +27,20 @@ def drop_condition(cond: torch.Tensor | None, p: float, rng: torch.Generator | N
 
 
 def denoising_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor,
-                   rng: torch.Generator | None, sigma_data: float) -> torch.Tensor:
+                   rng: torch.Generator | None, sigma_data: float, target: Denoiser | None = None) -> torch.Tensor:
     """EDM-weighted x0 denoising score matching ``E lambda(t) ||D(a x0 + s eps, t) - x0||^2``.
 
-    Used for the fake score (on detached generator samples) and for training toy teachers.
+    Used for the fake score (on detached generator samples) and for training toy teachers. With a frozen
+    ``target`` denoiser the regression target is ``target(x_t, t, cond)`` instead of ``x0``: teacher score
+    matching, ``E lambda(t) ||D(x_t, t) - D_target(x_t, t)||^2`` (MSD's student initialisation, arXiv 2410.23274).
     """
     noise = torch.randn(x0.shape, generator=rng, dtype=x0.dtype).to(x0.device)
     x_t = net.process.add_noise(x0, noise, t)
     d = net(x_t, t, cond)
     w = edm_weight(net.process, t, sigma_data, x0)
+    if target is not None:
+        with torch.no_grad():
+            x0 = target(x_t, t, cond).to(d.dtype)
     return (w * (d - x0) ** 2).mean()
 
 
