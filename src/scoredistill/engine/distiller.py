@@ -81,7 +81,8 @@ class Distiller(Loop):
         self.generator = build_generator(cfg["generator"], self.teacher, "two_time_student" in req).to(self.device)
         self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference)).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
-        self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
+        self.disc = build_discriminator(self.fake, **self.objective.discriminator_arch()).to(
+            self.device) if "discriminator" in req else None
         self._check_rollout(req)
         # placed after the copies above: an offloaded teacher's weights live in its hooks, not its parameters
         self._place_teacher(tc["teacher_offload"])

@@ -129,6 +129,10 @@ class Objective:
         GAN terms the fake and the discriminator."""
         return set()
 
+    def discriminator_arch(self) -> dict:
+        """Keyword arguments of the ``discriminator`` head the engine builds (``width``, ``depth``)."""
+        return {}
+
     def target_decay(self) -> float:
         """``consistency_target``: the target's EMA rate per generator update (0: an exact copy)."""
         return 0.0
