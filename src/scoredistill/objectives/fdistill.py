@@ -24,6 +24,12 @@ normalisation (10 equal-width bins over the process's t range, EMA of the per-bi
 ``h <- h / (mean_batch h + 1e-6)`` so the weights average to one. **Stop-gradients:** the field,
 ``r̂`` and ``h`` are detached; only the GAN generator term backpropagates (through the frozen fake
 network and head) into ``x``. The generator GAN term uses the logits at the same ``x_t`` (FastGen).
+
+The estimator's own settings: head capacity (``ratio_head_width/depth``, via :meth:`discriminator_arch`),
+``ratio_updates`` discriminator terms per fake step (fresh re-noisings, averaged), and an optional time
+range ``ratio_t_min..ratio_t_max`` for its re-noising, outside which ``r̂ = 1``; its learning rate is the
+engine's ``train.disc_lr``. ``scoredistill.bench.fdistill`` checks ``log r̂`` against the exact log ratio of
+a Gaussian student and a GMM teacher.
 """
 
 from __future__ import annotations
