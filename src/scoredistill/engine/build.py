@@ -289,7 +289,9 @@ def _build_fake(f: FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Den
     return copy.deepcopy(teacher).requires_grad_(True).train()
 
 
-def build_discriminator(fake: Denoiser) -> DiscriminatorHead:
+def build_discriminator(fake: Denoiser, width: int = 128, depth: int = 1) -> DiscriminatorHead:
+    """The discriminator head on ``fake.features``; ``width``/``depth`` from the objective's
+    :meth:`~scoredistill.objectives.base.Objective.discriminator_arch`."""
     if not hasattr(fake, "features"):
         raise ConfigError("fake_score.kind", "the discriminator head needs a fake network with features()")
     from scoredistill.models.denoiser import module_device
@@ -299,7 +301,7 @@ def build_discriminator(fake: Denoiser) -> DiscriminatorHead:
         x = torch.zeros(2, *fake.data_shape, device=dev)
         t = torch.full((2,), 0.5, dtype=torch.float64, device=dev)
         h = fake.features(x, t, None)
-    return DiscriminatorHead(int(np.prod(h.shape[1:])))
+    return DiscriminatorHead(int(np.prod(h.shape[1:])), width, depth)
 
 
 def load_real_data(spec, teacher: Denoiser, reference, n: int, seed: int, log=None):

@@ -92,7 +92,8 @@ class Distiller(Loop):
         split = getattr(getattr(self.generator, "denoiser", None), "split", None)  # a student with experts
         self.fake = build_fake(cfg["fake_score"], self.teacher, data_std(self.teacher, self.reference), split).to(
             self.device) if "fake_score" in req or "discriminator" in req else None
-        self.disc = build_discriminator(self.fake).to(self.device) if "discriminator" in req else None
+        self.disc = build_discriminator(self.fake, **self.objective.discriminator_arch()).to(
+            self.device) if "discriminator" in req else None
         self._check_rollout(req)
         self._build_stages(cfg, req)
         # placed after the copies above: an offloaded teacher's weights live in its hooks, not its parameters

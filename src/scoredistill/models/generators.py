@@ -31,10 +31,15 @@ class DenoiserGenerator(nn.Module):
 class DiscriminatorHead(nn.Module):
     """Small MLP on fake-network features -> one logit per sample (DMD2's ``cls_pred_branch``)."""
 
-    def __init__(self, in_features: int, width: int = 128):
+    def __init__(self, in_features: int, width: int = 128, depth: int = 1):
         super().__init__()
         self.arch = dict(in_features=in_features, width=width)
-        self.net = nn.Sequential(nn.Linear(in_features, width), nn.SiLU(), nn.Linear(width, 1))
+        layers = [nn.Linear(in_features, width), nn.SiLU()]
+        for _ in range(depth - 1):  # built after the first layer, so depth 1 draws DMD2's head's weights
+            layers += [nn.Linear(width, width), nn.SiLU()]
+        if depth > 1:
+            self.arch["depth"] = depth
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
 
     def forward(self, h):
         return self.net(h.reshape(h.shape[0], -1))

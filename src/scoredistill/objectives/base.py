@@ -170,6 +170,10 @@ class Objective:
         """``teacher_path``: the recording and backtracking schedule (see :class:`PathPlan`)."""
         return None
 
+    def discriminator_arch(self) -> dict:
+        """Keyword arguments of the ``discriminator`` head the engine builds (``width``, ``depth``)."""
+        return {}
+
     def target_decay(self) -> float:
         """``consistency_target``: the target's EMA rate per generator update (0: an exact copy)."""
         return 0.0

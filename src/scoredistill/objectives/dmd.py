@@ -135,6 +135,10 @@ class DMD2(DMD):
             return self.time(n, process, generator=batch.rng, device=device)
         return self._gan_t(batch, n, device)
 
+    def ratio_updates(self) -> int:
+        """Discriminator loss terms per fake step, each on a fresh re-noising (f-distill's estimator)."""
+        return 1
+
     def generator_loss(self, batch, roles):
         loss, diag, logits = self.dm_loss(batch, roles)
         if self.gan:
@@ -152,12 +156,19 @@ class DMD2(DMD):
         out = {"loss_fake": loss.detach()}
         if self.gan:
             x, real = batch.x.detach(), batch.real
-            t = self._disc_t(batch, x.shape[0], x.device, roles.process)
-            lf = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
-            t_r = self._disc_t(batch, real.shape[0], real.device, roles.process)
-            lr = gan_logits(roles.fake, roles.discriminator, real, batch.real_cond, t_r, noise_like(real, batch.rng))
-            dl = gan_discriminator_loss(lf, lr)
+            n = self.ratio_updates()
+            dl = acc = 0.0
+            for _ in range(n):
+                t = self._disc_t(batch, x.shape[0], x.device, roles.process)
+                lf = gan_logits(roles.fake, roles.discriminator, x, batch.cond, t, noise_like(x, batch.rng))
+                t_r = self._disc_t(batch, real.shape[0], real.device, roles.process)
+                lr = gan_logits(roles.fake, roles.discriminator, real, batch.real_cond, t_r,
+                                noise_like(real, batch.rng))
+                dl = dl + gan_discriminator_loss(lf, lr)
+                acc = acc + 0.5 * ((lf < 0).float().mean() + (lr > 0).float().mean())
+            if n > 1:
+                dl, acc = dl / n, acc / n
             out["loss_disc"] = dl.detach()
-            out["disc_acc"] = 0.5 * ((lf < 0).float().mean() + (lr > 0).float().mean())
+            out["disc_acc"] = acc
             loss = loss + self.p.gan_weight_disc * dl
         return {"loss": loss, **out}

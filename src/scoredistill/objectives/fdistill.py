@@ -24,6 +24,12 @@ normalisation (10 equal-width bins over the process's t range, EMA of the per-bi
 ``h <- h / (mean_batch h + 1e-6)`` so the weights average to one. **Stop-gradients:** the field,
 ``r̂`` and ``h`` are detached; only the GAN generator term backpropagates (through the frozen fake
 network and head) into ``x``. The generator GAN term uses the logits at the same ``x_t`` (FastGen).
+
+The estimator's own settings: head capacity (``ratio_head_width/depth``, via :meth:`discriminator_arch`),
+``ratio_updates`` discriminator terms per fake step (fresh re-noisings, averaged), and an optional time
+range ``ratio_t_min..ratio_t_max`` for its re-noising, outside which ``r̂ = 1``; its learning rate is the
+engine's ``train.disc_lr``. ``scoredistill.bench.fdistill`` checks ``log r̂`` against the exact log ratio of
+a Gaussian student and a GMM teacher.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from scoredistill.config import key
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import register
 from scoredistill.objectives.dmd import DMD2, DMD2Params
+from scoredistill.process.time import Uniform
 
 # h(r) up to a constant, r = p_real / q_fake (FastGen names in comments)
 WEIGHTS = {
@@ -65,10 +72,25 @@ class FDistillParams(DMD2Params):
     ratio_bins: int = key(10, "equal-width time bins of that mean", lo=1)
     ratio_ema_rate: float = key(0.0, "EMA of the per-bin mean (0: current batch only, FastGen default; 0.5 "
                                 "for ImageNet-64)", lo=0, hi=1, hi_open=True)
+    # the density-ratio estimator (discriminator head on the fake network's features)
+    ratio_head_width: int = key(128, "hidden width of the discriminator head (DMD2's GAN head: 128)", lo=1)
+    ratio_head_depth: int = key(1, "hidden layers of the discriminator head", lo=1, hi=8)
+    ratio_updates: int = key(1, "discriminator loss terms per fake step, each on a fresh re-noising of the "
+                             "same samples (more ratio signal per network update)", lo=1, hi=64)
+    ratio_t_min: float | None = key(None, "lower canonical time of the discriminator's re-noising and of the "
+                                    "ratio weights (null: the field's time sampler everywhere)", lo=0, hi=1)
+    ratio_t_max: float | None = key(None, "upper canonical time of that range; field samples outside it get "
+                                    "r = 1", lo=0, hi=1)
 
     def validate(self):
         DMD2Params.validate(self)
         self.divergence = ALIASES.get(self.divergence, self.divergence)
+        if (self.ratio_t_min is None) != (self.ratio_t_max is None):
+            raise ConfigError("objective.ratio_t_max", "objective.ratio_t_min and ratio_t_max are set together "
+                              f"(both null: the field's times), got {self.ratio_t_min} and {self.ratio_t_max}")
+        if self.ratio_t_min is not None and self.ratio_t_min >= self.ratio_t_max:
+            raise ConfigError("objective.ratio_t_max", f"must be > objective.ratio_t_min ({self.ratio_t_min}), "
+                              f"got {self.ratio_t_max}")
         if self.ratio_lower > self.ratio_upper:
             raise ConfigError("objective.ratio_lower", f"must be <= objective.ratio_upper ({self.ratio_upper}), "
                               f"got {self.ratio_lower}")
@@ -95,6 +117,23 @@ class FDistill(DMD2):
         super().__init__(params, time, fake_time)
         self.bins = torch.ones(int(params.ratio_bins), dtype=torch.float64)
 
+    # -- the density-ratio estimator ---------------------------------------------------------------------
+    def discriminator_arch(self) -> dict:
+        return {"width": self.p.ratio_head_width, "depth": self.p.ratio_head_depth}
+
+    def ratio_updates(self) -> int:
+        return self.p.ratio_updates
+
+    def _ratio_range(self) -> tuple[float, float] | None:
+        p = self.p
+        return None if p.ratio_t_min is None else (p.ratio_t_min, p.ratio_t_max)
+
+    def _disc_t(self, batch, n, device, process):
+        rng = self._ratio_range()
+        if rng is None:
+            return super()._disc_t(batch, n, device, process)
+        return Uniform(t_min=rng[0], t_max=rng[1])(n, process, generator=batch.rng, device=device)
+
     # -- state that must survive a resume (EMA of the per-bin mean ratio) ---------------------------------
     def state_dict(self) -> dict:
         return {"bins": self.bins.tolist()}
@@ -114,6 +153,10 @@ class FDistill(DMD2):
         """Mean-normalised ``h(r̂)`` per sample (detached, float64) and the clamped ratio ``r̂``."""
         p = self.p
         r = ratio_from_logits(logits, p.logit_clamp, p.ratio_lower, p.ratio_upper)
+        rng = self._ratio_range()
+        if rng is not None:  # the head is not trained outside its range: reverse-KL weight (r = 1) there
+            td = t.detach().to(r.device)
+            r = torch.where((td >= rng[0]) & (td <= rng[1]), r, torch.ones_like(r))
         ratio = r
         if p.ratio_normalization:
             idx = self._bin_index(t, process)
