@@ -92,6 +92,9 @@ class Distiller(Loop):
             else None
         self.target = EMA(self.student_denoiser, self.objective.target_decay()) if self.student_denoiser is not None \
             else None
+        # two-stage objectives: a frozen copy of the student as it was when the stage switched (checkpointed)
+        self.snapshot = EMA(self.student_denoiser, 0.0) if "stage_snapshot" in req and self.target is not None \
+            else None
         self.fsdp = self._shard(cfg) if self.dist.enabled else None
         self._gen = torch.compile(self.generator) if tc["compile"] else self.generator
 
@@ -121,6 +124,8 @@ class Distiller(Loop):
             self.modules["discriminator"] = self.disc
         if self.target is not None:
             self.modules["target"] = self.target
+        if self.snapshot is not None:
+            self.modules["snapshot"] = self.snapshot
 
         # data the objective declared; drawn from separately seeded generators so a resume rebuilds them
         self.real = self.real_cond = None
@@ -232,7 +237,8 @@ class Distiller(Loop):
     # -- roles -------------------------------------------------------------------------------------
     def roles(self) -> Roles:
         return Roles(teacher=self.teacher, fake=self.fake, discriminator=self.disc, generator=self.generator,
-                     student=self.student_denoiser, target=self.target.model if self.target is not None else None)
+                     student=self.student_denoiser, target=self.target.model if self.target is not None else None,
+                     snapshot=self.snapshot.model if self.snapshot is not None else None)
 
     def _params(self, name) -> list:
         """All parameters of role ``name`` (cached: walking the module tree every phase cost ~2 % of a
@@ -398,6 +404,8 @@ class Distiller(Loop):
                 self.ema.update(self.generator)
             if stepped and self.target is not None:
                 self.target.update(self.student_denoiser)
+            if stepped and self.snapshot is not None and self.step < obj.snapshot_step():
+                self.snapshot.update(self.student_denoiser)
         self.step += 1
         for sched in self.schedulers.values():
             sched.step()

@@ -12,6 +12,7 @@ from scoredistill.objectives import (  # noqa: F401
     esd,
     fdistill,
     flash_dmd,
+    hypersd,
     ict,
     ism,
     meanflow,
@@ -22,6 +23,8 @@ from scoredistill.objectives import (  # noqa: F401
     sid,
     sim,
     swiftbrush,
+    tbcm,
+    tcm,
     tdm,
     vsd,
 )

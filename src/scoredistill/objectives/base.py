@@ -15,7 +15,10 @@ trained step, :class:`~scoredistill.models.rollout.StepOutput`, arrives as ``Bat
 may restrict the student's re-noising with ``rollout_modes``), ``consistency_target`` (the student
 as a denoiser ``f(x_t, t, cond)`` plus a frozen target copy of it that the engine keeps: an exact copy
 after every generator update, or an EMA at :meth:`Objective.target_decay`), ``two_time_student`` (its
-step network also takes a jump's end time ``r``: ``D(x_t, t, cond, r)``, MeanFlow's flow map).
+step network also takes a jump's end time ``r``: ``D(x_t, t, cond, r)``, MeanFlow's flow map), ``stage_snapshot``
+(with ``consistency_target``: a frozen copy of the student's denoiser, ``Roles.snapshot``, that the engine
+refreshes after every generator update before :meth:`Objective.snapshot_step` and then keeps, checkpointed:
+the stage-1 network of a two-stage method such as TCM).
 
 An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
 ``state_dict()`` / ``load_state_dict()`` (JSON-serialisable) and ``state_tensors()`` /
@@ -39,7 +42,7 @@ from scoredistill.process.processes import Process
 from scoredistill.process.time import TimeSampler, Uniform, make_time_sampler
 
 REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional", "rollout",
-                "consistency_target", "two_time_student")
+                "consistency_target", "two_time_student", "stage_snapshot")
 
 
 @dataclass
@@ -78,6 +81,8 @@ class Roles:
     # ``consistency_target``: the student's denoiser f_theta (trained) and its frozen target copy
     student: Denoiser | None = None
     target: Denoiser | None = None
+    # ``stage_snapshot``: the student's denoiser as it was at the objective's snapshot step (frozen)
+    snapshot: Denoiser | None = None
 
     @property
     def process(self) -> Process:
@@ -132,6 +137,11 @@ class Objective:
     def target_decay(self) -> float:
         """``consistency_target``: the target's EMA rate per generator update (0: an exact copy)."""
         return 0.0
+
+    def snapshot_step(self) -> int:
+        """``stage_snapshot``: the generator step from which ``Roles.snapshot`` stays frozen (the engine copies
+        the student into it after each generator update of an earlier step)."""
+        return 0
 
     def check_teacher(self, teacher: Denoiser) -> None:
         """Raise a one-line :class:`ConfigError` if this objective cannot work with ``teacher`` (called once,
