@@ -14,7 +14,8 @@ parameter optimizer). What each test fixes:
 Consistency objectives (requirement ``consistency_target``) train the student's denoiser ``f_theta`` on their
 own noisy points instead of reading the generator's samples, so for them (a) starts ``f_theta`` at the wrong
 place and asks that its loss gradient move it toward the teacher ODE's target, and (b)-(d) take the gradient
-with respect to the student's parameters (it must reach them and never the target copy).
+with respect to the student's parameters (it must reach them and never the target copy, nor the frozen stage copy
+of a ``stage_snapshot`` objective, which (c) reads at a step past every stage switch).
 """
 
 from __future__ import annotations
@@ -105,17 +106,30 @@ class ConstRaw(Denoiser):
         return (c_skip * x_t.double() / a + c_out * self.theta.double()).to(x_t.dtype)
 
 
-def _student_roles(process, num_classes=4, two_time=False, signed_time=False):
-    """A student denoiser with random outputs and its target copy (the engine's ``consistency_target``);
-    ``two_time`` / ``signed_time`` for objectives that require a ``two_time_student`` / ``signed_time_student``
-    (the engine builds it so)."""
+def _student_roles(roles, obj):
+    """``roles`` with a student denoiser of random outputs and its target copy (the engine's
+    ``consistency_target``), two-time / signed-time for objectives that require a ``two_time_student`` /
+    ``signed_time_student`` (the engine builds it so), and a frozen stage copy for ``stage_snapshot``. The
+    copies require grad here, so a gradient leaking into them is seen."""
     torch.manual_seed(1)
-    student = MLPDenoiser(process, 2, 32, 2, num_classes=num_classes, sigma_data=0.5, two_time=two_time,
-                          signed_time=signed_time)
-    if signed_time:  # a twin branch that differs from the real one, so a gradient through it is seen
+    student = MLPDenoiser(roles.teacher.process, 2, 32, 2, num_classes=4, sigma_data=0.5, two_time=_two_time(obj),
+                          signed_time=_signed_time(obj))
+    if _signed_time(obj):  # a twin branch that differs from the real one, so a gradient through it is seen
         torch.nn.init.normal_(student.twin_mlp[2].weight, std=0.2)
     torch.nn.init.normal_(student.net.out.weight, std=0.2)
-    return student, copy.deepcopy(student)  # requires grad here, so a gradient leaking into it is seen
+    roles = copy.copy(roles)
+    roles.student, roles.target = student, copy.deepcopy(student)
+    if "stage_snapshot" in obj.requirements():
+        roles.snapshot = _perturbed_copy(student)
+    return roles
+
+
+def _perturbed_copy(net):
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=_rng(11)))
+    return other
 
 
 def test_every_objective_has_a_recipe_and_known_requirements():
@@ -216,9 +230,7 @@ def _run(obj, roles, x, cond, seed=3, step=10):
     b = _batch(xx, cond, REF, seed, step, **extra)
     b.z = torch.randn(N, 2, generator=_rng(7))
     if _consistency(obj):
-        roles = copy.copy(roles)
-        roles.student, roles.target = _student_roles(roles.teacher.process, two_time=_two_time(obj),
-                                                     signed_time=_signed_time(obj))
+        roles = _student_roles(roles, obj)
         out = obj.generator_loss(b, roles)
         grads = torch.autograd.grad(out["loss"], list(roles.student.parameters()))
         return out["loss"].detach(), torch.cat([g.reshape(-1) for g in grads])
@@ -279,8 +291,8 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
     extra = {"view": torch.arange(N) % 8, "index": torch.arange(N), "num_items": N}
     if _consistency(obj):  # past every warm-up (rCM's pure-sCM phase)
         extra["step"] = 10**6
-    if _consistency(obj):  # the student's denoiser is trained; its target copy is never reached
-        roles.student, roles.target = _student_roles(proc, two_time=_two_time(obj), signed_time=_signed_time(obj))
+    if _consistency(obj):  # the student's denoiser is trained; its target (and stage) copies are never reached
+        roles = _student_roles(roles, obj)
     out = obj.generator_loss(_batch(xx, cond, REF, **extra), roles)
     declared = obj.differentiates_through()
     assert declared <= {"teacher", "fake", "discriminator"}, declared
@@ -289,6 +301,8 @@ def test_c_gradients_reach_x_and_only_the_declared_networks(name):
     if _consistency(obj):
         assert _reached(out["loss"], list(roles.student.parameters())), name
         assert not _reached(out["loss"], list(roles.target.parameters())), name
+        if roles.snapshot is not None:
+            assert not _reached(out["loss"], list(roles.snapshot.parameters())), name
         # a term on the generator's samples (rCM's DMD) reaches x; pure consistency losses never read x
         assert _reached(out["loss"], [xx]) == obj.uses_generator_samples, name
     if not _consistency(obj) or obj.uses_generator_samples:

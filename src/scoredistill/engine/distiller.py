@@ -105,6 +105,9 @@ class Distiller(Loop):
             else None
         self.target = EMA(self.student_denoiser, self.objective.target_decay()) if self.student_denoiser is not None \
             else None
+        # two-stage objectives: a frozen copy of the student as it was when the stage switched (checkpointed)
+        self.snapshot = EMA(self.student_denoiser, 0.0) if "stage_snapshot" in req and self.target is not None \
+            else None
         self.fsdp = self._shard(cfg) if self.dist.enabled else None
         self._gen = torch.compile(self.generator) if tc["compile"] else self.generator
 
@@ -134,6 +137,8 @@ class Distiller(Loop):
             self.modules["discriminator"] = self.disc
         if self.target is not None:
             self.modules["target"] = self.target
+        if self.snapshot is not None:
+            self.modules["snapshot"] = self.snapshot
 
         # data the objective declared; drawn from separately seeded generators so a resume rebuilds them
         self.real = self.real_cond = None
@@ -298,7 +303,8 @@ class Distiller(Loop):
         """The networks the objective reads; ``teacher`` replaces the real score (a teacher-path checkpoint)."""
         return Roles(teacher=teacher if teacher is not None else self.teacher, fake=self.fake,
                      discriminator=self.disc, generator=self.generator, student=self.student_denoiser,
-                     target=self.target.model if self.target is not None else None)
+                     target=self.target.model if self.target is not None else None,
+                     snapshot=self.snapshot.model if self.snapshot is not None else None)
 
     def _params(self, name) -> list:
         """All parameters of role ``name`` (cached: walking the module tree every phase cost ~2 % of a
@@ -488,6 +494,8 @@ class Distiller(Loop):
                 self.ema.update(self.generator)
             if stepped and self.target is not None:
                 self.target.update(self.student_denoiser)
+            if stepped and self.snapshot is not None and self.step < obj.snapshot_step():
+                self.snapshot.update(self.student_denoiser)
 
     def _init_step(self) -> None:
         """Teacher score matching (MSD, arXiv 2410.23274): the student's denoiser regresses the teacher's

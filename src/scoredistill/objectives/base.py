@@ -21,7 +21,10 @@ branch of the same network, TwinFlow's fake trajectory), ``experts`` (a K-step s
 per phase of the noise range, the phases given by :meth:`Objective.phase_split`; Phased DMD),
 ``teacher_path`` (the engine records the fake score's fine-tuning from the teacher toward the initial
 generator's samples as checkpoints ``s_0 = teacher, ..., s_N`` and then hands the objective ``s_k`` as
-``Roles.teacher`` on the schedule of :meth:`Objective.path_plan`, a :class:`PathPlan`; DisBack).
+``Roles.teacher`` on the schedule of :meth:`Objective.path_plan`, a :class:`PathPlan`; DisBack), ``stage_snapshot``
+(with ``consistency_target``: a frozen copy of the student's denoiser, ``Roles.snapshot``, that the engine
+refreshes after every generator update before :meth:`Objective.snapshot_step` and then keeps, checkpointed:
+the stage-1 network of a two-stage method such as TCM).
 
 An objective that keeps running statistics (f-distill's per-time-bin ratio EMA) exposes them with
 ``state_dict()`` / ``load_state_dict()`` (JSON-serialisable) and ``state_tensors()`` /
@@ -46,7 +49,7 @@ from scoredistill.process.time import TimeSampler, Uniform, make_time_sampler
 
 REQUIREMENTS = ("fake_score", "discriminator", "real_data", "ode_pairs", "class_conditional", "rollout",
                 "consistency_target", "two_time_student", "signed_time_student", "experts",
-                "teacher_path")
+                "teacher_path", "stage_snapshot")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ class Roles:
     # ``consistency_target``: the student's denoiser f_theta (trained) and its frozen target copy
     student: Denoiser | None = None
     target: Denoiser | None = None
+    # ``stage_snapshot``: the student's denoiser as it was at the objective's snapshot step (frozen)
+    snapshot: Denoiser | None = None
 
     @property
     def process(self) -> Process:
@@ -183,6 +188,11 @@ class Objective:
         ``times`` into phases, one expert each; raise a one-line :class:`ConfigError` for a split that does not
         fit those times."""
         raise NotImplementedError(f"objective {self.name} has no phases")
+
+    def snapshot_step(self) -> int:
+        """``stage_snapshot``: the generator step from which ``Roles.snapshot`` stays frozen (the engine copies
+        the student into it after each generator update of an earlier step)."""
+        return 0
 
     def check_teacher(self, teacher: Denoiser) -> None:
         """Raise a one-line :class:`ConfigError` if this objective cannot work with ``teacher`` (called once,

@@ -65,7 +65,9 @@ class CD(ConsistencyObjective):
     name = "cd"
     Params = CDParams
 
-    def generator_loss(self, batch, roles):
+    def pairs(self, batch, roles):
+        """CD's training pairs: ``(student, target, cond, levels, n, t_hi, x_hi, t_lo, x_lo)`` with ``n`` uniform,
+        ``x_hi`` a real sample noised to level ``n + 1`` and ``x_lo`` the teacher's ODE step from it to level ``n``."""
         student, target, x0, cond, eps = self.inputs(batch, roles)
         teacher, p = roles.teacher, roles.teacher.process
         levels = self.levels(p, self.p.levels)
@@ -73,6 +75,10 @@ class CD(ConsistencyObjective):
         t_hi, t_lo = self.pair_times(p, levels, n, x0.device)
         x_hi = noised(p, x0, eps, t_hi)
         x_lo = cc.teacher_ode_step(teacher, x_hi, t_hi, t_lo, self.p.solver, cond, self.p.guidance_scale)
+        return student, target, cond, levels, n, t_hi, x_hi, t_lo, x_lo
+
+    def generator_loss(self, batch, roles):
+        student, target, cond, _, _, t_hi, x_hi, t_lo, x_lo = self.pairs(batch, roles)
         with torch.no_grad():
             tgt = target(x_lo, t_lo, cond)
         d = distance(self.p.distance, student(x_hi, t_hi, cond), tgt)
