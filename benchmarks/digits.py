@@ -9,10 +9,11 @@ Usage:
   python benchmarks/digits.py [--dataset digits|mnist] [--n 1200] [--threads 2] [--teacher PATH]
                               [--grid docs/images/digits_teacher.png]
                               [--distill recipes/digits/dmd2.yaml ...] [--set KEY=VALUE ...] [--runs DIR]
-                              [--students RUN_DIR ...] [--json out.json]
+                              [--students RUN_DIR ...] [--steps-eval 1,2,4] [--json out.json]
 Without ``--teacher`` the bundled teacher is used; ``--teacher`` takes a `train-teacher` folder
 (or a snapshot of one). ``--distill`` runs each recipe with ``scoredistill``'s Distiller (wall time
-measured) and adds its 1-step student to the table.
+measured) and adds its student to the table; ``--steps-eval 1,2,4`` samples each few-step student with 1, 2
+and 4 of its steps (one row each, docs/fewstep.md's subset rule).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import torch
 
 from scoredistill.bench.digits import DATASETS, markdown, run_digits_suite
+from scoredistill.bench.steps_eval import parse_steps_eval
 from scoredistill.bench.tables import write_json
 
 
@@ -38,13 +40,15 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="override for every --distill recipe")
     ap.add_argument("--runs", default="/tmp/scoredistill_image_runs")
     ap.add_argument("--students", nargs="*", default=[], help="finished run folders to evaluate (RUN_DIR/generator)")
+    ap.add_argument("--steps-eval", default=None, help="K' list: few-step students sampled with K' of their steps")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = run_digits_suite(a.dataset, n=a.n, nfe=[int(v) for v in a.nfe.split(",")], seed=a.seed,
                             teacher_path=a.teacher, grid=a.grid, distill=a.distill, overrides=a.set, runs=a.runs,
-                            students=a.students, log=lambda m: print(m, flush=True))
+                            students=a.students, log=lambda m: print(m, flush=True),
+                            steps_eval=parse_steps_eval(a.steps_eval))
     print(markdown(rows))
     if a.json:
         write_json(a.json, rows)

@@ -49,14 +49,39 @@ def markdown(rows) -> str:
     return "\n".join(markdown_table(rows, MARKDOWN))
 
 
+def _student_rows(name: str, gen, z, cond, ev, steps_eval: Sequence[int] | None, device=None) -> list[dict]:
+    """The rows of one student: sampled with all its steps (one row, NFE = its steps), or with each ``K'`` of
+    ``steps_eval`` (bench/steps_eval.py; NFE = K', the name says "K' of K steps")."""
+    from scoredistill.bench.steps_eval import sample_steps, steps_for
+    from scoredistill.engine.report import student_steps
+
+    k = student_steps(gen)
+    out = []
+    for s in steps_for(steps_eval, k, name) if steps_eval else [None]:
+        t0 = time.time()
+        if s is None:
+            with torch.no_grad():
+                x = gen(z.to(device) if device is not None else z, cond).cpu()
+        else:
+            x = sample_steps(gen, z, cond, s, device)
+        dt = time.time() - t0
+        label = name if s is None else f"{name}, {s} of {k} steps"
+        out.append(row(label, s or k, ev.metrics(x, cond), dt))
+    return out
+
+
 def run_digits_suite(dataset: str = "digits", n: int = 1200, nfe: Sequence[int] = (35, 9, 1), seed: int = 0,
                      teacher_path: str | None = None, grid: str | None = None, distill: Sequence[str] = (),
                      overrides: Sequence[str] = (), runs: str = "/tmp/scoredistill_image_runs",
-                     students: Sequence[str] = (), out_dir: str | None = None, log=print) -> list[dict]:
+                     students: Sequence[str] = (), out_dir: str | None = None, log=print,
+                     steps_eval: Sequence[int] | None = None) -> list[dict]:
     """Evaluate the floor, the teacher at each ``nfe`` (Heun; 1 = one naive Euler step from sigma_max),
     the ``distill`` recipes and the ``students`` run folders; with ``out_dir`` write ``results.md``,
-    ``results.csv`` and ``results.json``. Returns the rows. ``log`` receives one JSON line per row."""
+    ``results.csv`` and ``results.json``. Returns the rows. ``log`` receives one JSON line per row.
+    ``steps_eval`` (K' list) samples each few-step student with K' of its steps, one row each (a one-step
+    student gives its one row); a K' above a few-step student's K is a ConfigError naming ``--steps-eval``."""
     from scoredistill.engine.build import build_teacher
+    from scoredistill.engine.report import student_steps
     from scoredistill.metrics.images import ImageEvaluator
     from scoredistill.sampling import teacher_sample
 
@@ -99,13 +124,19 @@ def run_digits_suite(dataset: str = "digits", n: int = 1200, nfe: Sequence[int] 
         d.train()
         wall = time.time() - t0
         z = torch.randn(n, *teacher.data_shape, generator=torch.Generator().manual_seed(seed + 999))
-        t0 = time.time()
-        x = d.sample(z, cond)
-        dt = time.time() - t0
-        r = row(f"{name} student ({cfg['train']['steps']} it, train wall {wall:.0f} s)", 1, ev.metrics(x, cond), dt)
-        r["train_wall_s"] = round(wall, 1)
-        rows.append(r)
-        say(json.dumps(r))
+        if steps_eval:
+            new = _student_rows(f"{name} student ({cfg['train']['steps']} it, train wall {wall:.0f} s)",
+                                d.student(), z, cond, ev, steps_eval, d.device)
+        else:
+            t0 = time.time()
+            x = d.sample(z, cond)
+            dt = time.time() - t0
+            new = [row(f"{name} student ({cfg['train']['steps']} it, train wall {wall:.0f} s)",
+                       student_steps(d.student()), ev.metrics(x, cond), dt)]
+        for r in new:
+            r["train_wall_s"] = round(wall, 1)
+            rows.append(r)
+            say(json.dumps(r))
     for run in students:
         from scoredistill.config import load_yaml
         from scoredistill.models.registry import load_model
@@ -114,13 +145,10 @@ def run_digits_suite(dataset: str = "digits", n: int = 1200, nfe: Sequence[int] 
         gen.eval()
         cfg = load_yaml(os.path.join(run, "config.yaml"))
         z = torch.randn(n, *teacher.data_shape, generator=torch.Generator().manual_seed(seed + 999))
-        t0 = time.time()
-        with torch.no_grad():
-            x = gen(z, cond)
-        dt = time.time() - t0
         name = f"{cfg['objective']['name']} student ({cfg['train']['steps']} it, {os.path.basename(run.rstrip('/'))})"
-        rows.append(row(name, 1, ev.metrics(x, cond), dt))
-        say(json.dumps(rows[-1]))
+        for r in _student_rows(name, gen, z, cond, ev, steps_eval):
+            rows.append(r)
+            say(json.dumps(r))
     if out_dir:
         header = [f"# {dataset} bench: {n} class-balanced samples per sampler, seed {seed}", ""]
         write_tables(out_dir, rows, COLUMNS, header + markdown_table(rows, MARKDOWN), json_name="results.json")

@@ -53,8 +53,10 @@ def discover(recipe_dir: Path) -> dict[str, tuple[Path, str]]:
 
 def run_one(method: str, recipe: Path, teacher: str, seed: int, run_dir: str, plot_path: str | None, *,
             steps: int | None = None, budget_seconds: float | None = None, n_eval: int = 2000,
-            overrides: Sequence[str] = ()) -> dict:
-    """Train one recipe on one teacher; returns a result row (never raises for bad combinations)."""
+            overrides: Sequence[str] = (), steps_eval: Sequence[int] | None = None) -> dict:
+    """Train one recipe on one teacher; returns a result row (never raises for bad combinations). With
+    ``steps_eval`` the row also holds ``by_steps``: the metrics of the student sampled with each ``K'`` of its
+    steps (bench/steps_eval.py; :func:`expand_steps` turns it into one row per ``K'``)."""
     from scoredistill.config import load_yaml, resolve
     from scoredistill.engine.distiller import Distiller
 
@@ -93,6 +95,8 @@ def run_one(method: str, recipe: Path, teacher: str, seed: int, run_dir: str, pl
         for k in METRICS:
             row[k] = res.get(k)
         row["skipped_steps"] = int(sum(d.nonfinite.values()))
+        if steps_eval:
+            row.update(_by_steps(d, steps_eval, method))
         if plot_path:
             x = d.sample(d.eval_z, d.eval_cond)
             ref = d.evaluator.reference(len(x), d.eval_cond, seed=seed)
@@ -107,6 +111,30 @@ def run_one(method: str, recipe: Path, teacher: str, seed: int, run_dir: str, pl
         row["status"] = f"aborted: {str(e).splitlines()[0]}"
     row["wall_s"] = round(time.time() - t0, 1)
     return row
+
+
+def _by_steps(d, steps_eval: Sequence[int], method: str) -> dict:
+    """``{"student_steps": K, "by_steps": {K': metrics}}`` of a finished Distiller's (EMA) student."""
+    from scoredistill.bench.steps_eval import sample_steps, steps_for
+    from scoredistill.engine.report import student_steps
+
+    gen = d.student()
+    k = student_steps(gen)
+    by = {}
+    for s in steps_for(steps_eval, k, method):
+        m = d.evaluator.metrics(sample_steps(gen, d.eval_z, d.eval_cond, s, d.device), d.eval_cond)
+        by[str(s)] = {name: m.get(name) for name in METRICS}
+    return {"student_steps": k, "by_steps": by}
+
+
+def expand_steps(row: dict) -> list[dict]:
+    """One row per sampling-step count of ``row["by_steps"]`` (``sampling_steps`` = K', the metrics of that
+    sampler); a row without it (no ``--steps-eval``, a floor or n/a row) stays as it is."""
+    by = row.get("by_steps")
+    if not by:
+        return [row]
+    base = {k: v for k, v in row.items() if k != "by_steps"}
+    return [{**base, **metrics, "sampling_steps": int(s)} for s, metrics in by.items()]
 
 
 def floor_row(teacher: str, n: int, seed: int) -> dict:
@@ -149,25 +177,46 @@ MARKDOWN = [
 ]
 
 
+SAMPLING = Column("sampling steps", lambda r: f"{r['sampling_steps']} of {r['student_steps']}"
+                  if r.get("sampling_steps") is not None else "–")
+STEPS_COLUMNS = ["sampling_steps", "student_steps"]  # CSV fields added by --steps-eval
+
+
+def _has_steps(rows: list[dict]) -> bool:
+    return any(r.get("sampling_steps") is not None for r in rows)
+
+
 def markdown(rows: list[dict], header: list[str]) -> list[str]:
-    """``header``, then one table per teacher (in order of first appearance)."""
+    """``header``, then one table per teacher (in order of first appearance); rows of a ``--steps-eval``
+    bench get a "sampling steps" column (K' of the student's K) after the method."""
     md = list(header)
+    columns = MARKDOWN
+    if _has_steps(rows):
+        i = next(j for j, c in enumerate(MARKDOWN) if c.title == "method") + 1
+        columns = MARKDOWN[:i] + [SAMPLING] + MARKDOWN[i:]
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
-        md += ["", f"### {teacher}", ""] + markdown_table([r for r in rows if r["teacher"] == teacher], MARKDOWN)
+        md += ["", f"### {teacher}", ""] + markdown_table([r for r in rows if r["teacher"] == teacher], columns)
     return md
+
+
+def csv_columns(rows: list[dict]) -> list[str]:
+    return COLUMNS + STEPS_COLUMNS if _has_steps(rows) else COLUMNS
 
 
 def run_toy_suite(out: str, recipes: dict[str, tuple[Path, str]], methods: Sequence[str], teachers: Sequence[str],
                   seeds: Sequence[int], *, steps: int | None = None, budget_seconds: float | None = None,
                   n_eval: int = 2000, overrides: Sequence[str] = (), fresh: bool = False,
-                  header: Sequence[str] = (), log=print) -> list[dict]:
+                  header: Sequence[str] = (), log=print, steps_eval: Sequence[int] | None = None) -> list[dict]:
     """Run every (teacher, method, seed) of the suite, reusing finished runs unless ``fresh``; write the
-    tables after each run and return the rows (floor rows included)."""
+    tables after each run and return the rows (floor rows included). ``steps_eval`` (K' list) gives each
+    few-step student one row per K' (a one-step student its one row)."""
     os.makedirs(out, exist_ok=True)
     rows = []
     total = len(methods) * len(teachers) * len(seeds)
     i = 0
     cache_key = {"steps": steps, "budget": budget_seconds, "set": list(overrides), "n_eval": n_eval}
+    if steps_eval:  # only then: the runs cached by a bench without it stay valid
+        cache_key["steps_eval"] = list(steps_eval)
     for teacher in teachers:
         for seed in seeds:
             rows.append(floor_row(teacher, n_eval, seed))
@@ -186,15 +235,19 @@ def run_toy_suite(out: str, recipes: dict[str, tuple[Path, str]], methods: Seque
                 if row is None:
                     plot = os.path.join(out, "plots", f"{method}__{teacher}.png") if seed == seeds[0] else None
                     row = run_one(method, recipe, teacher, seed, run_dir, plot, steps=steps,
-                                  budget_seconds=budget_seconds, n_eval=n_eval, overrides=overrides)
+                                  budget_seconds=budget_seconds, n_eval=n_eval, overrides=overrides,
+                                  steps_eval=steps_eval)
                     with open(cache, "w") as f:
                         json.dump({"key": cache_key, "row": row}, f)
-                rows.append(row)
-                msg = row["status"] if not _ok(row) else (
-                    f"precision {row['precision']:.3f}, modes {row['modes_covered']}/{row['num_modes']}, "
-                    f"TV {row['weight_tv']:.3f}, SW2 {row['sw2']:.3f}, {row['steps']} steps")
-                if log:
-                    log(f"[{i}/{total}] {method} on {teacher} (seed {seed}): {msg} ({row['wall_s']} s)")
-                write_tables(out, rows, COLUMNS, markdown(rows, list(header)))
-    write_tables(out, rows, COLUMNS, markdown(rows, list(header)))
+                for r in expand_steps(row):
+                    rows.append(r)
+                    msg = r["status"] if not _ok(r) else (
+                        f"precision {r['precision']:.3f}, modes {r['modes_covered']}/{r['num_modes']}, "
+                        f"TV {r['weight_tv']:.3f}, SW2 {r['sw2']:.3f}, {r['steps']} steps")
+                    if r.get("sampling_steps") is not None:
+                        msg += f", sampled with {r['sampling_steps']} of {r['student_steps']} steps"
+                    if log:
+                        log(f"[{i}/{total}] {method} on {teacher} (seed {seed}): {msg} ({r['wall_s']} s)")
+                write_tables(out, rows, csv_columns(rows), markdown(rows, list(header)))
+    write_tables(out, rows, csv_columns(rows), markdown(rows, list(header)))
     return rows

@@ -38,6 +38,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
     b.add_argument("--fresh", action="store_true", help="rerun runs that already have a result")
     b.add_argument("--out", default=None, help="output folder (default bench/<suite>)")
+    b.add_argument("--steps-eval", default=None, metavar="K1,K2,...",
+                   help="toy/digits: sample each few-step student with K' of its K steps (evenly strided from the "
+                   "first, docs/fewstep.md), one row per K'; one-step students give their one row")
     b.set_defaults(fn=cmd_bench)
 
 
@@ -89,6 +92,8 @@ def _command(args, methods, teachers, seeds) -> str:
     parts.append(f"--steps {args.steps}" if args.steps else
                  f"--budget-seconds {args.budget_seconds if args.budget_seconds is not None else DEFAULT_BUDGET_S:g}")
     parts += [f"--seeds {','.join(map(str, seeds))}", f"--n-eval {args.n_eval}"]
+    if getattr(args, "steps_eval_list", None):
+        parts.append(f"--steps-eval {','.join(map(str, args.steps_eval_list))}")
     parts += [f"--set {s}" for s in args.set]
     parts.append(f"--out {args.out}")
     return " ".join(parts)
@@ -105,6 +110,12 @@ def cmd_bench(args):
         raise ConfigError("--budget-seconds", "must be > 0")
     if args.n_eval < 16:
         raise ConfigError("--n-eval", "must be >= 16")
+    from scoredistill.bench.steps_eval import parse_steps_eval
+
+    args.steps_eval_list = parse_steps_eval(args.steps_eval)
+    if args.steps_eval_list and args.suite not in ("toy", "digits"):
+        raise ConfigError("--steps-eval", f"the {args.suite} suite has no generators to sample; accepted with "
+                          "--suite toy or digits")
     {"toy": _bench_toy, "sds": _bench_sds, "digits": _bench_digits, "3d": _bench_3d}[args.suite](args)
 
 
@@ -118,6 +129,9 @@ def _bench_toy(args):
     methods = _choose(args.methods, list(recipes), recipes, "--methods")
     teachers = _choose(args.teachers, list(PRESETS), SUITES["toy"], "--teachers")
     seeds = _seeds(args)
+    from scoredistill.bench.steps_eval import check_recipes
+
+    check_recipes({m: str(recipes[m][0]) for m in methods}, args.steps_eval_list, args.set)
     budget = (f"{args.steps} steps per run" if args.steps else
               f"{args.budget_seconds if args.budget_seconds is not None else DEFAULT_BUDGET_S:g} s of training per run "
               "(steps derived from timed iterations)")
@@ -129,7 +143,7 @@ def _bench_toy(args):
               "share, weight TV between the precise samples' component frequencies and the weights, sliced W2"]
     run_toy_suite(args.out, recipes, methods, teachers, seeds, steps=args.steps, budget_seconds=args.budget_seconds,
                   n_eval=args.n_eval, overrides=args.set, fresh=args.fresh, header=header,
-                  log=lambda m: print(m, flush=True))
+                  log=lambda m: print(m, flush=True), steps_eval=args.steps_eval_list)
     print(f"wrote {os.path.join(args.out, 'results.md')} and results.csv")
 
 
@@ -162,10 +176,13 @@ def _bench_digits(args):
     available = sorted(p.stem for p in folder.glob("*.yaml"))
     methods = _choose(args.methods, available, (), "--methods")
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps else [])
+    from scoredistill.bench.steps_eval import check_recipes
+
+    check_recipes({m: str(folder / f"{m}.yaml") for m in methods}, args.steps_eval_list, overrides)
     rows = run_digits_suite(dataset[0], n=args.n_eval, seed=_seeds(args)[0],
                             distill=[str(folder / f"{m}.yaml") for m in methods], overrides=overrides,
                             runs=os.path.join(args.out, "runs"), out_dir=args.out,
-                            log=lambda m: print(m, flush=True))
+                            log=lambda m: print(m, flush=True), steps_eval=args.steps_eval_list)
     print(f"wrote {len(rows)} rows to {os.path.join(args.out, 'results.md')}")
 
 
