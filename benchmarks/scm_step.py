@@ -18,7 +18,11 @@ Timing: each candidate is warmed up, then timed in ``--rounds`` interleaved roun
 calls (the order rotates each round); a time is the fastest round's mean (other jobs only ever add
 time), a ratio the quotient of two such times.
 
-Usage: python benchmarks/scm_step.py [--models mlp,unet] [--iters 5] [--rounds 7] [--threads 1]
+``--breakdown`` also times each stage of the JVP step (teacher pass, JVP, student pass, loss, backward),
+a plain no-grad forward of the student for scale, and the same JVP by ``torch.autograd.forward_ad`` dual
+tensors (a candidate: cheaper on CPU, but not bit-identical to ``torch.func.jvp``).
+
+Usage: python benchmarks/scm_step.py [--models mlp,unet] [--iters 5] [--rounds 7] [--threads 1] [--breakdown]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import copy
 import time
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.models.unet import UNetDenoiser
@@ -52,14 +57,19 @@ def build(model: str, width: int):
     return p, net, teacher, shape, batch
 
 
-def steps(p, net, teacher, shape, batch):
+def batch_inputs(p, shape, batch):
+    """Fixed-seed ``(trig, x0, z, t, tau, x_tau)`` of one sCM batch."""
     trig = TrigFlow(p, 0.5)
     g = torch.Generator().manual_seed(1)
     x0 = 0.5 * torch.randn(batch, *shape, generator=g)
     z = torch.randn(batch, *shape, generator=g)
     t = p.t_from_rho(torch.exp(-1.0 + 1.4 * torch.randn(batch, generator=g, dtype=torch.float64)))
     tau = trig.tau(t)
-    x_tau = trig.add_noise(x0, z, tau)
+    return trig, x0, z, t, tau, trig.add_noise(x0, z, tau)
+
+
+def steps(p, net, teacher, shape, batch):
+    trig, x0, z, t, tau, x_tau = batch_inputs(p, shape, batch)
     t_max = torch.full((batch,), p.t_max, dtype=torch.float64)
     t_fake = torch.full((batch,), 0.5, dtype=torch.float64)
 
@@ -87,6 +97,45 @@ def steps(p, net, teacher, shape, batch):
     return {"dmd2": dmd2, "scm_jvp": scm("torch"), "scm_fd": scm("fd")}
 
 
+def dual_derivative(F, net, primals, tangents) -> torch.Tensor:
+    """The JVP's derivative from ``torch.autograd.forward_ad`` dual tensors instead of ``torch.func.jvp``
+    (a candidate only: it differs from the library's tangent at float32 rounding)."""
+    with fwAD.dual_level():
+        out = F(net, *[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
+        return fwAD.unpack_dual(out).tangent.double()
+
+
+def breakdown(p, net, teacher, shape, batch, reps: int = 20) -> dict[str, float]:
+    """Seconds of each stage of one ``scm_jvp`` step (fastest of ``reps``), plus a plain no-grad forward
+    of the student for scale: where the JVP path's time goes."""
+    trig, _, _, t, tau, x_tau = batch_inputs(p, shape, batch)
+    tangent = cc.Tangent("torch")
+    best: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kw):
+        t0 = CLOCK()
+        out = fn(*args, **kw)
+        best[name] = min(best.get(name, float("inf")), CLOCK() - t0)
+        return out
+
+    def loss_of(out, dF, dx):
+        g = cc.normalize_tangent(cc.scm_tangent(trig, out, dF, x_tau, dx, tau))
+        return cc.scm_loss(out, g, cc.scm_prior_weight(trig, tau)).mean()
+
+    for _ in range(reps + 2):
+        net.zero_grad(set_to_none=True)
+        dx = timed("teacher fwd", cc.teacher_velocity, trig, teacher, x_tau, t)
+        F, primals, tangents, scale = cc._scm_jvp_args(trig, x_tau, t, dx, None)
+        dF = timed("jvp (no grad)", tangent.derivative, F, net, primals, tangents, step_scale=scale)
+        out = timed("student fwd", F, net, *primals)
+        timed("backward", timed("tangent+loss", loss_of, out, dF, dx).backward)
+        with torch.no_grad():
+            timed("(plain fwd, no grad)", F, net, *primals)
+            dual = timed("(jvp by forward_ad dual tensors)", dual_derivative, F, net, primals, tangents)
+    best["(dual vs jvp tangent, rel. diff)"] = float((dual - dF).norm() / dF.norm())
+    return best
+
+
 def interleaved(fns: dict, iters: int, rounds: int, warmup: int = 2) -> dict[str, float]:
     for fn in fns.values():
         for _ in range(warmup):
@@ -109,6 +158,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mlp-width", type=int, default=256)
+    ap.add_argument("--breakdown", action="store_true", help="also time each stage of the JVP step")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), fastest of {args.rounds} rounds x {args.iters}")
@@ -118,6 +168,12 @@ def main(argv=None):
         d = best["dmd2"]
         print(f"{model:6} {1e3 * d:9.2f} {1e3 * best['scm_jvp']:11.2f} {1e3 * best['scm_fd']:10.2f} "
               f"{best['scm_jvp'] / d:9.2f} {best['scm_fd'] / d:8.2f}")
+    if args.breakdown:
+        for model in args.models.split(","):
+            parts = breakdown(*build(model, args.mlp_width))
+            rel = parts.pop("(dual vs jvp tangent, rel. diff)")
+            print(f"{model} scm_jvp stages (ms, fastest of 20): "
+                  + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in parts.items()) + f"; dual tangent rel. diff {rel:.1e}")
 
 
 if __name__ == "__main__":
