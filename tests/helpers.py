@@ -84,3 +84,26 @@ def _rounded(v):
     if isinstance(v, dict):
         return {k: _rounded(x) for k, x in v.items()}
     return round(v, 4) if isinstance(v, float) else v
+
+
+#: small networks and a short evaluation for training a toy recipe through the driver in a test
+SMALL_TOY = ["train.batch_size=32", "generator.width=32", "generator.depth=2", "eval.n_samples=64",
+             "eval.every=1000", "eval.plots=false", "train.real_pool=256", "train.progress=false",
+             "train.checkpoint_every=2"]
+
+
+def distill_toy(name, run, steps, resume=False, extra=()):
+    """Train ``recipes/toy/NAME.yaml`` with :data:`SMALL_TOY` through the driver (the CLI's report plot would
+    cost more than the training)."""
+    from scoredistill.config import load_yaml, resolve
+    from scoredistill.engine.distiller import Distiller
+
+    cfg = resolve(load_yaml(f"recipes/toy/{name}.yaml"), SMALL_TOY + [f"train.steps={steps}", *extra])
+    Distiller(cfg, str(run), log=lambda *a: None).run(resume=resume)
+
+
+def last_checkpoint_tensors(run):
+    """The tensors of the newest checkpoint of ``run``."""
+    from scoredistill.engine.io import list_checkpoints, read_checkpoint
+
+    return read_checkpoint(list_checkpoints(str(run))[-1])[0]

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import distill_toy, last_checkpoint_tensors
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
 from scoredistill.models.mlp import MLPDenoiser
@@ -157,23 +158,6 @@ def test_teacher_without_trigflow_form_is_one_line():
 
 
 # -- the engine: target role, checkpoint, resume, sampling ------------------------------------------------------
-SMALL = ["train.batch_size=32", "generator.width=32", "generator.depth=2", "eval.n_samples=64", "eval.every=1000",
-         "eval.plots=false", "train.real_pool=256", "train.progress=false", "train.checkpoint_every=2"]
-
-
-def _distill(name, run, steps, resume=False, extra=()):
-    """Train through the driver (the CLI's report plot would cost more than the training)."""
-    from scoredistill.config import load_yaml, resolve
-    from scoredistill.engine.distiller import Distiller
-
-    cfg = resolve(load_yaml(f"recipes/toy/{name}.yaml"), SMALL + [f"train.steps={steps}", *extra])
-    Distiller(cfg, str(run), log=lambda *a: None).run(resume=resume)
-
-
-def _tensors(run):
-    from scoredistill.engine.io import list_checkpoints, read_checkpoint
-
-    return read_checkpoint(list_checkpoints(str(run))[-1])[0]
 
 
 def _split(tensors):
@@ -191,10 +175,10 @@ def test_target_copy_is_checkpointed_and_resumed_bit_identically(tmp_path):
     from scoredistill.cli.main import main
 
     warm = ["objective.warmup_steps=3"]
-    _distill("scm", tmp_path / "full", 4, extra=warm)
-    _distill("scm", tmp_path / "part", 2, extra=warm)
-    _distill("scm", tmp_path / "part", 4, resume=True, extra=warm)
-    a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "part")
+    distill_toy("scm", tmp_path / "full", 4, extra=warm)
+    distill_toy("scm", tmp_path / "part", 2, extra=warm)
+    distill_toy("scm", tmp_path / "part", 4, resume=True, extra=warm)
+    a, b = last_checkpoint_tensors(tmp_path / "full"), last_checkpoint_tensors(tmp_path / "part")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     gen, tgt = _split(a)
     assert all(torch.equal(gen[k], tgt[k]) for k in gen)
@@ -208,8 +192,8 @@ def test_target_copy_is_checkpointed_and_resumed_bit_identically(tmp_path):
 
 def test_target_ema_lags_the_student(tmp_path):
     """``cd`` with ``target_ema: 0.5``: the checkpointed target is an average, not a copy, of the student."""
-    _distill("cd", tmp_path / "r", 2, extra=["objective.target_ema=0.5"])
-    gen, tgt = _split(_tensors(tmp_path / "r"))
+    distill_toy("cd", tmp_path / "r", 2, extra=["objective.target_ema=0.5"])
+    gen, tgt = _split(last_checkpoint_tensors(tmp_path / "r"))
     assert not all(torch.equal(gen[k], tgt[k]) for k in gen)
     assert all(torch.isfinite(v).all() for v in tgt.values())
 

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 
+from helpers import distill_toy, last_checkpoint_tensors
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser, expand_t
 from scoredistill.models.mlp import MLPDenoiser
@@ -208,22 +209,6 @@ def test_bad_input_is_one_line(cfg, field):
 
 
 # -- the engine: the stage snapshot, checkpoint and resume across the switch --------------------------------------
-SMALL = ["train.batch_size=32", "generator.width=32", "generator.depth=2", "eval.n_samples=64", "eval.every=1000",
-         "eval.plots=false", "train.real_pool=256", "train.progress=false", "train.checkpoint_every=2"]
-
-
-def _distill(name, run, steps, resume=False, extra=()):
-    from scoredistill.config import load_yaml, resolve
-    from scoredistill.engine.distiller import Distiller
-
-    cfg = resolve(load_yaml(f"recipes/toy/{name}.yaml"), SMALL + [f"train.steps={steps}", *extra])
-    Distiller(cfg, str(run), log=lambda *a: None).run(resume=resume)
-
-
-def _tensors(run):
-    from scoredistill.engine.io import list_checkpoints, read_checkpoint
-
-    return read_checkpoint(list_checkpoints(str(run))[-1])[0]
 
 
 def _role(tensors, prefix):
@@ -236,11 +221,11 @@ def test_resume_across_the_switch_is_bit_identical(name, extra, tmp_path):
     """4 iterations straight and 2 + resume to 4 give the same checkpoint, snapshot included. TCM switches at
     step 2: its snapshot is the student of the checkpoint at step 2 (after 2 updates), restored on resume and
     frozen from there on; Hyper-SD switches from 4 to 2 segments at step 3, after the resume."""
-    _distill(name, tmp_path / "full", 4, extra=extra)
-    _distill(name, tmp_path / "part", 2, extra=extra)
-    at2 = _tensors(tmp_path / "part")
-    _distill(name, tmp_path / "part", 4, resume=True, extra=extra)
-    a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "part")
+    distill_toy(name, tmp_path / "full", 4, extra=extra)
+    distill_toy(name, tmp_path / "part", 2, extra=extra)
+    at2 = last_checkpoint_tensors(tmp_path / "part")
+    distill_toy(name, tmp_path / "part", 4, resume=True, extra=extra)
+    a, b = last_checkpoint_tensors(tmp_path / "full"), last_checkpoint_tensors(tmp_path / "part")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     snap = _role(a, "model/snapshot/model.")
     assert bool(snap) == (name == "tcm")
