@@ -1,6 +1,6 @@
-"""Cost of one sCM (sCD) student loss + backward with the tangent by ``torch.func.jvp`` and by float64
-central finite differences, each as a ratio to a DMD2-style loss + backward on the same network
-(issue 15: goal <= 2.0 for the JVP path).
+"""Cost of one sCM (sCD) student loss + backward with the tangent by forward-mode AD and by float64 central
+finite differences, each as a ratio to a DMD2-style loss + backward on the same network (issue 15: goal <= 2.0
+for the JVP path).
 
 Networks (as in benchmarks/step_overhead.py): ``mlp`` -- the toy MLPDenoiser (256 wide, 4 blocks, 2-D
 data, batch 256); ``unet`` -- the digits UNetDenoiser ((1, 8, 8), channels (32, 64), batch 64). The
@@ -9,20 +9,25 @@ teacher is a frozen copy of the student's network.
 * ``dmd2``: two network passes + backward -- the student as a one-step generator
   ``x = D_theta(rho_max z, t_max)`` (with grad), one frozen score pass at a re-noised ``x_t`` (no
   grad), the injected field ``x - D(x_t)`` and the backward through the generator.
-* ``scm_jvp``: teacher PF-ODE velocity at ``x_tau`` (no grad), ``F_theta`` and
-  ``cos sin dF/dtau`` from one ``torch.func.jvp`` (its primal carries the graph), the normalised
-  tangent, the sCM loss with prior weight, backward.
-* ``scm_fd``: the same with the tangent from two extra float64 passes (plus the primal pass).
+* ``scm_jvp``: teacher PF-ODE velocity at ``x_tau`` (no grad), ``cos sin dF/dtau`` by the library's JVP
+  (``Tangent("torch")``: dual tensors with the closed-form rules of ``models/tangent.py``, no grad),
+  ``F_theta`` by a student pass with grad, the normalised tangent, the sCM loss with prior weight, backward
+  -- the work of the ``scm`` objective's step (its JVP runs on the target copy, the same network).
+* ``scm_fd``: the same with the tangent from two extra float64 passes.
+* ``scm_native`` (``--native-jvp``): the same with ``torch.func.jvp`` and torch's own forward-mode rules
+  (the path before the closed-form rules).
 
 Timing: each candidate is warmed up, then timed in ``--rounds`` interleaved rounds of ``--iters``
 calls (the order rotates each round); a time is the fastest round's mean (other jobs only ever add
-time), a ratio the quotient of two such times.
+time), a ratio the quotient of two such times. ``--clock cpu`` uses the process CPU time (steadier on a
+shared machine with one thread).
 
 ``--breakdown`` also times each stage of the JVP step (teacher pass, JVP, student pass, loss, backward),
-a plain no-grad forward of the student for scale, and the same JVP by ``torch.autograd.forward_ad`` dual
-tensors (a candidate: cheaper on CPU, but not bit-identical to ``torch.func.jvp``).
+a plain no-grad forward of the student for scale, and the JVP by ``torch.func.jvp`` with torch's rules,
+with the relative difference of the two tangents.
 
-Usage: python benchmarks/scm_step.py [--models mlp,unet] [--iters 5] [--rounds 7] [--threads 1] [--breakdown]
+Usage: python benchmarks/scm_step.py [--models mlp,unet] [--iters 5] [--rounds 7] [--threads 1] [--clock wall|cpu]
+       [--native-jvp] [--breakdown]
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import copy
 import time
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.models.unet import UNetDenoiser
@@ -82,9 +86,7 @@ def steps(p, net, teacher, shape, batch):
         loss = 0.5 * ((x - (x - field).detach()) ** 2).mean()
         loss.backward()
 
-    def scm(mode):
-        tangent = cc.Tangent(mode)
-
+    def scm(tangent):
         def step():
             net.zero_grad(set_to_none=True)
             dx = cc.teacher_velocity(trig, teacher, x_tau, t)
@@ -94,22 +96,15 @@ def steps(p, net, teacher, shape, batch):
 
         return step
 
-    return {"dmd2": dmd2, "scm_jvp": scm("torch"), "scm_fd": scm("fd")}
-
-
-def dual_derivative(F, net, primals, tangents) -> torch.Tensor:
-    """The JVP's derivative from ``torch.autograd.forward_ad`` dual tensors instead of ``torch.func.jvp``
-    (a candidate only: it differs from the library's tangent at float32 rounding)."""
-    with fwAD.dual_level():
-        out = F(net, *[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
-        return fwAD.unpack_dual(out).tangent.double()
+    return {"dmd2": dmd2, "scm_jvp": scm(cc.Tangent("torch")), "scm_fd": scm(cc.Tangent("fd")),
+            "scm_native": scm(cc.Tangent("torch", native=True))}
 
 
 def breakdown(p, net, teacher, shape, batch, reps: int = 20) -> dict[str, float]:
     """Seconds of each stage of one ``scm_jvp`` step (fastest of ``reps``), plus a plain no-grad forward
     of the student for scale: where the JVP path's time goes."""
     trig, _, _, t, tau, x_tau = batch_inputs(p, shape, batch)
-    tangent = cc.Tangent("torch")
+    tangent, native = cc.Tangent("torch"), cc.Tangent("torch", native=True)
     best: dict[str, float] = {}
 
     def timed(name, fn, *args, **kw):
@@ -131,8 +126,8 @@ def breakdown(p, net, teacher, shape, batch, reps: int = 20) -> dict[str, float]
         timed("backward", timed("tangent+loss", loss_of, out, dF, dx).backward)
         with torch.no_grad():
             timed("(plain fwd, no grad)", F, net, *primals)
-            dual = timed("(jvp by forward_ad dual tensors)", dual_derivative, F, net, primals, tangents)
-    best["(dual vs jvp tangent, rel. diff)"] = float((dual - dF).norm() / dF.norm())
+            ref = timed("(jvp by torch.func.jvp)", native.derivative, F, net, primals, tangents, step_scale=scale)
+    best["(rel. diff)"] = float((ref - dF).norm() / ref.norm())
     return best
 
 
@@ -152,28 +147,37 @@ def interleaved(fns: dict, iters: int, rounds: int, warmup: int = 2) -> dict[str
 
 
 def main(argv=None):
+    global CLOCK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mlp,unet")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--mlp-width", type=int, default=256)
+    ap.add_argument("--native-jvp", action="store_true", help="also time the step with torch.func.jvp's own rules")
     ap.add_argument("--breakdown", action="store_true", help="also time each stage of the JVP step")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), fastest of {args.rounds} rounds x {args.iters}")
-    print(f"{'model':6} {'dmd2 ms':>9} {'scm_jvp ms':>11} {'scm_fd ms':>10} {'jvp/dmd2':>9} {'fd/dmd2':>8}")
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, "
+          f"fastest of {args.rounds} rounds x {args.iters}")
+    cols = ["dmd2", "scm_jvp", "scm_fd"] + (["scm_native"] if args.native_jvp else [])
+    print(f"{'model':6} " + " ".join(f"{c + ' ms':>13}" for c in cols) + " "
+          + " ".join(f"{c.removeprefix('scm_') + '/dmd2':>12}" for c in cols[1:]))
     for model in args.models.split(","):
-        best = interleaved(steps(*build(model, args.mlp_width)), args.iters, args.rounds)
+        fns = steps(*build(model, args.mlp_width))
+        best = interleaved({c: fns[c] for c in cols}, args.iters, args.rounds)
         d = best["dmd2"]
-        print(f"{model:6} {1e3 * d:9.2f} {1e3 * best['scm_jvp']:11.2f} {1e3 * best['scm_fd']:10.2f} "
-              f"{best['scm_jvp'] / d:9.2f} {best['scm_fd'] / d:8.2f}")
+        print(f"{model:6} " + " ".join(f"{1e3 * best[c]:13.2f}" for c in cols) + " "
+              + " ".join(f"{best[c] / d:12.2f}" for c in cols[1:]))
     if args.breakdown:
         for model in args.models.split(","):
             parts = breakdown(*build(model, args.mlp_width))
-            rel = parts.pop("(dual vs jvp tangent, rel. diff)")
+            rel = parts.pop("(rel. diff)")
             print(f"{model} scm_jvp stages (ms, fastest of 20): "
-                  + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in parts.items()) + f"; dual tangent rel. diff {rel:.1e}")
+                  + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in parts.items())
+                  + f"; tangent vs torch.func.jvp rel. diff {rel:.1e}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch import nn
 
 from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import Denoiser
+from scoredistill.models.tangent import dual_jvp
 from scoredistill.process.processes import Process
 from scoredistill.process.trigflow import TrigFlow
 from scoredistill.sampling import get_rhos_karras
@@ -241,9 +242,13 @@ def _innermost_failing(fn, module: nn.Module, primals, tangents) -> str:
 class Tangent:
     """Directional derivative ``d/ds fn(module, p + s dp)`` at ``s = 0`` (a JVP), by mode:
 
-    * ``torch`` -- ``torch.func.jvp`` in the network's own dtype (exact up to its rounding). A module
-      without a forward-mode rule (a custom autograd Function or fused attention kernel without
-      ``jvp``) raises a one-line :class:`ConfigError` on ``objective.jvp`` naming it.
+    * ``torch`` -- forward-mode AD in the network's own dtype (exact up to its rounding): dual tensors with
+      the closed-form tangent rules of :mod:`scoredistill.models.tangent` for linear, convolution, SiLU,
+      LayerNorm, GroupNorm and constant arithmetic (~2x cheaper than ``torch.func.jvp`` with torch's own
+      rules, the same tangent to float rounding); ``native=True``, or a network the dual pass fails on,
+      takes ``torch.func.jvp``. A module without a forward-mode rule (a custom autograd Function or fused
+      attention kernel without ``jvp``) raises a one-line :class:`ConfigError` on ``objective.jvp``
+      naming it.
     * ``fd`` -- central finite difference ``(fn(p + h dp) - fn(p - h dp)) / 2h`` with the module's
       parameters and floating inputs cast to float64 (``torch.func.functional_call``, the weights are
       not touched) and the RNG state replayed so dropout masks agree (sCM's fallback, arXiv 2410.11081).
@@ -258,7 +263,9 @@ class Tangent:
     mode: str = "auto"
     fd_step: float = 1e-4
     log: Callable[[str], None] | None = None
+    native: bool = False
     fell_back: bool = field(default=False, init=False)
+    _dual_failed: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         if self.mode not in JVP_MODES:
@@ -280,7 +287,7 @@ class Tangent:
         evaluates the primal separately (same RNG state as the differences)."""
         if self.active == "torch":
             try:
-                out, dout = torch.func.jvp(lambda *p: fn(module, *p), primals, tangents)
+                out, dout = self._jvp(fn, module, primals, tangents)
                 return out, dout.detach().double()
             except (RuntimeError, NotImplementedError, TypeError) as e:
                 self._failed(e, fn, module, primals, tangents)
@@ -298,10 +305,26 @@ class Tangent:
         if self.active == "torch":
             try:
                 with torch.no_grad(), _same_rng(device):
-                    return torch.func.jvp(lambda *p: fn(module, *p), primals, tangents)[1].double()
+                    return self._jvp(fn, module, primals, tangents)[1].double()
             except (RuntimeError, NotImplementedError, TypeError) as e:
                 self._failed(e, fn, module, primals, tangents)
         return self._fd(fn, module, primals, tangents, step_scale)
+
+    def _jvp(self, fn, module, primals, tangents):
+        """The ``torch`` path: the dual-tensor pass unless ``native``; after a failure of the dual pass (once,
+        with the RNG state rewound, so dropout masks are drawn as by one pass) ``torch.func.jvp``."""
+        f = lambda *p: fn(module, *p)  # noqa: E731
+        if not (self.native or self._dual_failed):
+            device = _device(primals)
+            rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+            try:
+                return dual_jvp(f, primals, tangents)
+            except (RuntimeError, NotImplementedError, TypeError):
+                self._dual_failed = True
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state(rng[1], device)
+        return torch.func.jvp(f, primals, tangents)
 
     def _failed(self, e: Exception, fn, module, primals, tangents) -> None:
         """Raise the one-line error (``torch``) or log the one fallback line (``auto``)."""
