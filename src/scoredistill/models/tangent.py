@@ -92,7 +92,12 @@ def _silu(args, kwargs, p, dp):
 def _layer_norm(args, kwargs, p, dp):
     shape = tuple(_arg(args, kwargs, 1, "normalized_shape"))
     w, b, eps = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5)
-    y, mu, rstd = torch.native_layer_norm(p, shape, w, b, eps)
+    if torch.is_autocast_enabled(p.device.type):  # autocast picks the norm's dtype at ``layer_norm``
+        y = F.layer_norm(p, shape, w, b, eps)
+        p, dp = p.detach().to(y.dtype), dp.to(y.dtype)
+        mu, rstd = torch.native_layer_norm(p, shape, None, None, eps)[1:]
+    else:
+        y, mu, rstd = torch.native_layer_norm(p, shape, w, b, eps)
     with torch.no_grad():
         dy = torch.ops.aten.native_layer_norm_backward(dp, p, shape, mu, rstd, None, None, [True, False, False])[0]
         return y, dy if w is None else dy * w
@@ -103,7 +108,12 @@ def _group_norm(args, kwargs, p, dp):
     w, b, eps = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5)
     n, c = p.shape[:2]
     hw = p[0, 0].numel()
-    y, mu, rstd = torch.native_group_norm(p, w, b, n, c, hw, g, eps)
+    if torch.is_autocast_enabled(p.device.type):
+        y = F.group_norm(p, g, w, b, eps)
+        p, dp = p.detach().to(y.dtype), dp.to(y.dtype)
+        mu, rstd = torch.native_group_norm(p, None, None, n, c, hw, g, eps)[1:]
+    else:
+        y, mu, rstd = torch.native_group_norm(p, w, b, n, c, hw, g, eps)
     with torch.no_grad():
         dy = torch.ops.aten.native_group_norm_backward(dp, p, mu, rstd, None, n, c, hw, g, [True, False, False])[0]
         return y, dy if w is None else dy * w.reshape(1, c, *[1] * (p.dim() - 2))
