@@ -299,8 +299,8 @@ class Tangent:
     def derivative(self, fn, module: nn.Module, primals: tuple, tangents: tuple,
                    step_scale: Tensor | None = None) -> Tensor:
         """Only the derivative (no graph, float64), with the RNG state left as it was on entry, so a
-        following primal pass sees the same dropout masks. Cheaper than :meth:`__call__` when the
-        primal is needed with grad anyway: a ``jvp`` recorded for backward costs twice one without."""
+        following primal pass (of this network or of a copy, such as the sCM student beside its target)
+        sees the same dropout masks."""
         device = _device(primals)
         if self.active == "torch":
             try:
