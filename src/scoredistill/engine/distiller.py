@@ -518,10 +518,12 @@ class Distiller(Loop):
 
     def _end_init(self) -> None:
         """Distillation starts from the initialised student with fresh optimizer moments (those of the
-        regression would scale the first distillation updates) and its EMA reset to it."""
+        regression would scale the first distillation updates) and its EMA and consistency target reset to it."""
         self.optimizers["generator"].state.clear()
         if self.ema is not None:
             self.ema.model.load_state_dict(self.generator.state_dict())
+        if self.target is not None:  # else the first consistency targets come from the untrained student
+            self.target.model.load_state_dict(self.student_denoiser.state_dict())
 
     # -- evaluation ----------------------------------------------------------------------------------
     def student(self):

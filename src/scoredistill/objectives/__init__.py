@@ -10,6 +10,7 @@ from scoredistill.objectives import (  # noqa: F401
     csd,
     disback,
     dmd,
+    ect,
     esd,
     fdistill,
     flash_dmd,

@@ -110,9 +110,12 @@ def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
     """Per-sample ``sqrt(||x - y||^2 + c^2) - c`` (arXiv 2310.14189), shape ``(B,)``.
 
     Written as ``r^2 / (sqrt(r^2 + c^2) + c)`` (the same number) so small residuals do not cancel:
-    ``~ r^2 / (2c)`` for ``r << c`` (L2 scaled by ``1/2c``), ``~ r - c`` for ``r >> c`` (L1-like).
+    ``~ r^2 / (2c)`` for ``r << c`` (L2 scaled by ``1/2c``), ``~ r - c`` for ``r >> c`` (L1-like);
+    ``c = 0`` is the L2 norm ``||x - y||`` (ECT, arXiv 2406.14548), finite with a finite gradient at ``x = y``.
     """
     r2 = (x - y).reshape(x.shape[0], -1).pow(2).sum(1)
+    # c = 0 (ECT's plain L2 norm) would be 0/0 at a zero residual; below the dtype's tiny the value is 0 anyway
+    r2 = r2.clamp(min=torch.finfo(r2.dtype).tiny)
     return r2 / ((r2 + c * c).sqrt() + c)
 
 
@@ -157,6 +160,33 @@ def pair_weight(levels: Tensor, idx: Tensor) -> Tensor:
 def level_times(process: Process, levels: Tensor) -> Tensor:
     """Canonical times of noise levels (``process.t_from_rho``; exactly the uniform grid for EDM)."""
     return process.t_from_rho(levels)
+
+
+# ====================================================================================================
+# ECT: continuous-time consistency training with a shrinking gap (arXiv 2406.14548)
+# ====================================================================================================
+def ect_stage(step: int, stage_steps: int) -> int:
+    """ECT's stage ``floor(step / stage_steps)``: the gap ``t - r`` shrinks by ``q`` at every stage."""
+    return int(step) // int(stage_steps)
+
+
+def ect_rho_r(rho_t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
+    """ECT's mapping ``r(t) = max(0, t (1 - q^-(stage+1) (1 + k sigmoid(-b t))))`` on VE levels (float64).
+
+    ``r < t`` always, and ``(t - r)/t = q^-(stage+1) (1 + k sigmoid(-b t))`` falls by ``q`` per stage
+    (``dt -> 0``: the continuous-time limit); the sigmoid widens the gap at small ``t``, where at early stages
+    ``r`` reaches 0 and the pair's target is the clean sample (arXiv 2406.14548, the "sigmoid" mapping).
+    """
+    rho_t = rho_t.to(torch.float64)
+    gap = (1.0 + k * torch.sigmoid(-b * rho_t)) / float(q) ** (stage + 1)
+    return (rho_t * (1.0 - gap)).clamp(min=0.0)
+
+
+def sample_lognormal_levels(n: int, p_mean: float, p_std: float, lo: float, hi: float,
+                            generator: torch.Generator | None = None) -> Tensor:
+    """``n`` VE levels with ``ln rho ~ N(p_mean, p_std^2)``, clamped to ``[lo, hi]`` (float64, CPU)."""
+    z = torch.randn(n, generator=generator, dtype=torch.float64)
+    return (p_mean + p_std * z).exp().clamp(lo, hi)
 
 
 # ====================================================================================================
