@@ -12,9 +12,9 @@ count) runs during training only, never during evaluation.
     ``teacher.preset`` set and any ``--set KEY=VALUE`` overrides;
 (b) ``plain``: DMD2 (arXiv 2405.14867) written out here on the exact-score teacher: a plain 4-layer
     SiLU MLP generator ``z -> x`` and an EDM-preconditioned plain MLP fake score (time features
-    concatenated to the input), the same batch, optimizers (Adam, lr, betas), gradient clip, EMA,
-    time range ``t ~ U[0.02, 0.98]`` for the field and the fake loss, and 5 fake updates per generator
-    update (a fake update on every iteration, the generator on every fifth).
+    concatenated to the input), the same batch, optimizers (Adam, lr, betas), gradient clip, EMA, the
+    recipe's field time range ``objective.time`` (uniform), ``t ~ U[0.02, 0.98]`` for the fake loss, and the
+    recipe's fake updates per generator update (a fake update on every iteration, the generator on every fifth).
 
 Printed: per evaluation the training seconds, within-mode std, modes covered, weight TV; then per
 mixture the seconds to quality of both loops and their ratio (goal engine / plain <= 1.2), and, when a
@@ -89,8 +89,9 @@ class PlainFake(nn.Module):
         return sd * sd / (s * s + sd * sd) * x + s * sd / (s * s + sd * sd).sqrt() * self.net(h)
 
 
-def plain_loop(teacher, tc: dict, width: int, depth: int, seed: int):
-    """``(step(), sample(z))`` of a minimal DMD2 loop with the recipe's train settings ``tc``."""
+def plain_loop(teacher, tc: dict, width: int, depth: int, seed: int, field_t: tuple[float, float] = (0.02, 0.98)):
+    """``(step(), sample(z))`` of a minimal DMD2 loop with the recipe's train settings ``tc``; the field's
+    canonical times ``t ~ U[field_t]`` (the recipe's ``objective.time``), the fake score's ``U[0.02, 0.98]``."""
     torch.manual_seed(seed)
     dim, p = teacher.dim, teacher.process
     sd = teacher.data_std()
@@ -102,8 +103,8 @@ def plain_loop(teacher, tc: dict, width: int, depth: int, seed: int):
     b, every, clip, decay = tc["batch_size"], tc["generator_every"], tc["grad_clip"], tc["ema"]
     it = [0]
 
-    def sigmas():  # canonical t ~ U[0.02, 0.98] -> the EDM process's noise level
-        return p.sigma(0.02 + 0.96 * torch.rand(b, dtype=torch.float64)).float()
+    def sigmas(lo=0.02, hi=0.98):  # canonical t ~ U[lo, hi] -> the EDM process's noise level
+        return p.sigma(lo + (hi - lo) * torch.rand(b, dtype=torch.float64)).float()
 
     def step():
         with torch.no_grad():
@@ -116,7 +117,7 @@ def plain_loop(teacher, tc: dict, width: int, depth: int, seed: int):
         of.step()
         if it[0] % every == 0:
             x = G(torch.randn(b, dim))
-            s = sigmas()
+            s = sigmas(*field_t)
             with torch.no_grad():
                 x_t = (x + s[:, None] * torch.randn_like(x)).double()
                 d_real = teacher.denoise(x_t, p.t_from_rho(s.double())).float()
@@ -136,6 +137,14 @@ def plain_loop(teacher, tc: dict, width: int, depth: int, seed: int):
             return ema(z)
 
     return step, sample
+
+
+def field_time(objective: dict) -> tuple[float, float]:
+    """The recipe's ``objective.time`` range for the minimal loop's field (it draws uniform times only)."""
+    tm = objective.get("time") or {"kind": "uniform"}
+    if tm.get("kind") != "uniform":
+        raise SystemExit(f"the plain loop draws uniform field times; the recipe has objective.time {tm}")
+    return float(tm.get("t_min", 0.02)), float(tm.get("t_max", 0.98))
 
 
 # -- driver ----------------------------------------------------------------------------------------------
@@ -202,7 +211,8 @@ def main():
             if name == "engine":
                 step, sample = engine_loop(cfg)
             else:
-                step, sample = plain_loop(teacher, cfg["train"], args.plain_width, args.plain_depth, args.seed)
+                step, sample = plain_loop(teacher, cfg["train"], args.plain_width, args.plain_depth, args.seed,
+                                          field_time(cfg["objective"]))
             res[name] = race(name, step, sample, teacher, z, args.every, args.max_steps, clock)
         table.append((preset, res))
     print("\n| mixture | loop | ms / iteration | iterations to quality | seconds to quality | best seen "

@@ -4,6 +4,7 @@ ones, and its hand-written DMD2 loop runs on the exact teacher."""
 import importlib.util
 import os
 
+import pytest
 import torch
 
 from scoredistill.metrics.gmm import gmm_metrics
@@ -46,3 +47,11 @@ def test_plain_loop_steps_and_samples():
         step()
     after = sample(z)
     assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_plain_loop_draws_the_recipes_field_times():
+    b = bench()
+    assert b.field_time({"time": {"kind": "uniform", "t_min": 0.2, "t_max": 0.98}}) == (0.2, 0.98)
+    assert b.field_time({}) == (0.02, 0.98)
+    with pytest.raises(SystemExit, match="uniform"):
+        b.field_time({"time": {"kind": "lognormal", "p_mean": -1.2, "p_std": 1.2}})
