@@ -53,7 +53,18 @@ def test_plain_networks_round_trip_and_start_as_c_skip(tmp_path):
     assert isinstance(g, MLPGenerator)
 
 
-@pytest.mark.parametrize("section,value", [("generator", {"kind": "mlp", "blocks": "plain", "steps": 2}),
+def test_plain_k_step_student_uses_the_plain_step_network():
+    """A recipe with plain blocks keeps them when ``generator.steps`` makes its student K-step."""
+    cfg = resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, "objective": {"name": "dmd2"},
+                   "generator": {"kind": "mlp", "blocks": "plain", "steps": 4, "width": 32}})
+    teacher, _ = build_teacher(cfg["teacher"])
+    gen = build_generator(cfg["generator"], teacher)
+    assert gen.num_steps == 4
+    assert isinstance(gen.denoiser.net, PlainBackbone)
+    assert torch.isfinite(gen.sample(torch.randn(8, 2))).all()
+
+
+@pytest.mark.parametrize("section,value", [("generator", {"kind": "multi", "blocks": "plain", "steps": 2}),
                                            ("fake_score", {"kind": "teacher", "blocks": "plain"})])
 def test_plain_where_it_does_not_apply_is_one_line(section, value):
     cfg = resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, section: value, "objective": {"name": "dmd2"}})

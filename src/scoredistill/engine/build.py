@@ -116,9 +116,9 @@ def build_generator(gcfg: dict | GeneratorConfig, teacher: Denoiser, two_time: b
     ``phases``: for an objective that trains one expert per phase (the ``experts`` requirement), its
     :meth:`~scoredistill.objectives.base.Objective.phase_split` (step times -> phase boundaries)."""
     g = typed(GeneratorConfig, gcfg, "generator")
-    if g.blocks != "residual" and (g.kind != "mlp" or g.steps is not None or g.timesteps is not None):
-        raise ConfigError("generator.blocks", "plain applies to one-step generators of kind mlp; accepted here: "
-                          "residual")
+    if g.blocks != "residual" and g.kind != "mlp":
+        raise ConfigError("generator.blocks", "plain applies to generators of kind mlp (one-step or K-step); "
+                          "accepted here: residual")
     if two_time and (g.kind != "mlp" or (g.steps is None and g.timesteps is None) or _is_diffusers(teacher)):
         raise ConfigError("generator.kind", "this objective trains a two-time (flow-map) student; accepted: "
                           "kind mlp with generator.steps >= 1 on a native teacher")
@@ -191,8 +191,7 @@ def _native_few_step(g: GeneratorConfig, teacher: Denoiser, dim: int, two_time: 
     if g.kind == "mlp":
         def make():
             return fresh_mlp_denoiser(teacher.process, dim, g.width, g.depth, teacher.num_classes, sd,
-                                      two_time=two_time,
-                                      signed_time=signed_time)
+                                      two_time=two_time, signed_time=signed_time, blocks=g.blocks)
     elif g.kind == "multi":
         def make():
             return MultiStudentDenoiser(teacher.process, dim, g.width, g.depth, _msd_classes(g, teacher), g.students,

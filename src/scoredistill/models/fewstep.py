@@ -144,7 +144,7 @@ def build_fewstep(denoiser: Denoiser, steps: int | None = None, timesteps=None, 
 
 def fresh_mlp_denoiser(process: Process, dim: int, width: int = 256, depth: int = 4, num_classes: int | None = None,
                        sigma_data: float = 1.0, emb_dim: int = 64, two_time: bool = False,
-                       signed_time: bool = False) -> MLPDenoiser:
+                       signed_time: bool = False, blocks: str = "residual") -> MLPDenoiser:
     """A freshly initialised, time-conditioned MLP step network for a K-step student from scratch.
 
     ``MLPDenoiser`` zero-initialises its output layer (a denoiser starts at ``c_skip y``), which as a
@@ -152,7 +152,8 @@ def fresh_mlp_denoiser(process: Process, dim: int, width: int = 256, depth: int 
     reverse-KL objectives cannot recover lost modes; the output layer gets PyTorch's default
     initialisation instead, so at ``t_max`` (``c_skip ~ 0``, ``c_out ~ sigma_data``) the student starts
     as a random MLP of its noise input, like the one-step ``MLPGenerator``."""
-    net = MLPDenoiser(process, dim, width, depth, num_classes, sigma_data, emb_dim, two_time, signed_time)
+    net = MLPDenoiser(process, dim, width, depth, num_classes, sigma_data, emb_dim, two_time, signed_time,
+                      blocks=blocks)
     net.net.out.reset_parameters()
     return net
 
