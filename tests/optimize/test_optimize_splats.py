@@ -271,7 +271,7 @@ def test_particle_mixture_fake_needs_splats_under_a_scene_teacher(tmp_path, caps
 # measured (16x16, 150 Gaussians, 300 steps, 4 particles x 2 views, snowman + dumbbell, 1 thread): with
 # the scene_vsd recipe's fake (exact particle mixture) and times (t_min 0.5 -> 0.02 over 200 steps) VSD
 # ends 1 / 3 (snowman / dumbbell) on seeds 0, 1 and 2; SDS from the same inits and times 0 / 4 on all
-# three; VSD with U(0.02, 0.98) times 0 / 4 (seed 0). VSD: 62 s of CPU at a load average of 2-4.
+# three; VSD with U(0.02, 0.98) times 0 / 4 (seed 0). This test: 221 s wall, 60 s of CPU at a load of 8-13.
 TWO_SCENE_STEPS = 300
 
 
