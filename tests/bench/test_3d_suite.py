@@ -22,6 +22,8 @@ def test_configs_swap_scenes_particles_and_budget():
     assert two["train"]["steps"] == 60 and two["splats"]["count"] == 50
     janus = bench_config("sds", "twotone-janus-labels", 60, 4, 0)
     assert janus["teacher"]["janus"] == 0.9 and janus["teacher"]["janus_labels"] is True
+    vsd = bench_config("vsd", "snowman+dumbbell", 300, 4, 0)  # recipe: t_min 0.5 -> 0.02 over 400 of 600
+    assert vsd["objective"]["time"]["t_min"] == [0, 0.5, 0.02, 200] and vsd["fake_score"]["kind"] == "particles"
     ism = bench_config("ism", "snowman", 60, 4, 0)            # recipe: 600 steps, warmup 300
     assert ism["objective"]["warmup_iter"] == 30
     with pytest.raises(ConfigError):

@@ -161,8 +161,9 @@ class SplatsConfig(Section):
 @dataclass
 class OptimizeFakeConfig(Section):
     DOC: ClassVar[str] = "The learned score of the current samples (VSD-type objectives)."
-    kind: str = key("mlp", "mlp (a fresh MLP) | lora (LoRA on a diffusers teacher, ProlificDreamer)",
-                    choices=("mlp", "lora"))
+    kind: str = key("mlp", "mlp (a fresh MLP) | lora (LoRA on a diffusers teacher, ProlificDreamer) | particles "
+                    "(splats under a scene teacher: the exact particle-mixture score, no training)",
+                    choices=("mlp", "lora", "particles"))
     lora_rank: int = key(4, "kind lora: rank (ProlificDreamer's LoRA attention processors: 4)", lo=1, hi=MAX_WIDTH)
     lora_alpha: float | None = key(None, "kind lora: alpha (default: the rank)", lo=0, lo_open=True)
     width: int = width_key()

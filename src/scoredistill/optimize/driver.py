@@ -32,7 +32,7 @@ from scoredistill.engine.loop import Loop
 from scoredistill.engine.optim import build_optimizer, role_optimizer
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, build_objective, canonical_param
-from scoredistill.optimize.fake import ViewConditionedDenoiser, build_lora_fake
+from scoredistill.optimize.fake import ParticleMixtureScore, ViewConditionedDenoiser, build_lora_fake
 from scoredistill.optimize.params import (
     CallableRenderer,
     ImageTensor,
@@ -152,6 +152,8 @@ class PriorOptimizer(Loop):
             if fc["kind"] == "lora":  # ProlificDreamer: a LoRA on the teacher's own network
                 self.fake = build_lora_fake(self.teacher, fc, getattr(self.param, "plain_prompt", None))
                 self.fake.to(self.device)
+            elif fc["kind"] == "particles":  # the exact particle-mixture score of splat particles
+                self.fake = ParticleMixtureScore(self.param, self.teacher.process)
             else:
                 sd = fc["sigma_data"] if fc["sigma_data"] is not None else data_std(self.teacher, self.reference)
                 t = self.teacher
@@ -159,6 +161,7 @@ class PriorOptimizer(Loop):
                 self.fake = ViewConditionedDenoiser(t.process, t.data_shape, t.num_classes, views, fc["width"],
                                                     fc["depth"], sd).to(self.device)
                 self.fake.camera_view = getattr(self.param, "camera_view", None) if views else None
+        if self.fake is not None and any(True for _ in self.fake.parameters()):  # a learned fake trains
             flr = self.lr_schedules["fake_lr"](0) if "fake_lr" in self.lr_schedules else tc["fake_lr"]
             # the critic keeps torch's eps and no decay: train.eps / train.weight_decay are the parameters'
             optimizers["fake_score"] = build_optimizer(role_optimizer(tc, "fake_optimizer", "optimizer"),
@@ -193,7 +196,7 @@ class PriorOptimizer(Loop):
         b = Batch(x=r.x, cond=r.cond, view=r.view, index=index, num_items=self.param.num_items, rng=rng,
                      step=0)
         with torch.no_grad():
-            if self.fake is not None:
+            if "fake_score" in self.optimizers:
                 self.objective.auxiliary_losses(b, self.roles())
             self.objective.generator_loss(b, self.roles())
 
@@ -255,7 +258,7 @@ class PriorOptimizer(Loop):
     def train_step(self):
         tc = self.cfg["train"]
         self.apply_schedules(self.step)
-        if self.fake is not None:
+        if "fake_score" in self.optimizers:
             if not self.warmed:
                 for _ in range(tc["fake_warmup"] if self.step == 0 else 0):
                     self.fake_step()

@@ -16,6 +16,7 @@ from scoredistill.errors import ConfigError
 from scoredistill.models.denoiser import NULL_CLASS, Denoiser
 from scoredistill.models.mlp import MLPDenoiser
 from scoredistill.process.processes import Process
+from scoredistill.teachers.scene import mixture_posterior
 
 
 class ViewConditionedDenoiser(Denoiser):
@@ -99,3 +100,37 @@ class ViewPromptLoRA(LoRACritic):
 
     def model_output(self, x_t, t, cond=None):
         return super().model_output(x_t, t, self.prompt_index(cond))
+
+
+class ParticleMixtureScore(Denoiser):
+    """``fake_score.kind: particles``: the optimum of VSD's fake-score training in closed form for
+    splat particles under a camera-conditioned teacher (ProlificDreamer, arXiv 2305.16213, trains a
+    camera-conditioned LoRA towards it). The particles' distribution at camera ``c`` is
+    ``q_c = (1/P) sum_p N(R_p(c), std^2 I)`` (``R_p(c)`` what the teacher sees of particle ``p``,
+    rendered afresh at every call, detached; ``std = 0``: the particles themselves), so its denoiser is
+    the exact posterior mean ``sum_p r_p (R_p + a std^2 / (a^2 std^2 + s^2) (x_t - a R_p))`` of the
+    exact-render teacher's formula (:func:`~scoredistill.teachers.scene.mixture_posterior`). It has no
+    parameters and no training steps: VSD's field is then exact up to the Monte-Carlo draw of ``t``,
+    the noise and the cameras."""
+
+    takes_view = False  # it reads the camera itself (cond), not the view label
+
+    def __init__(self, param, process: Process, std: float = 0.0):
+        super().__init__()
+        if not hasattr(param, "particle_renders"):
+            raise ConfigError("fake_score.kind", "'particles' needs params.kind: splats under a scene teacher "
+                              "(teacher.kind: scene); accepted here: mlp")
+        self._param = [param]  # not a submodule: the particles are the optimizer's, not the fake's
+        self.process = process
+        self.data_shape = (param.channels, *param.teacher_size)
+        self.std = float(std)
+
+    @torch.no_grad()
+    def denoise(self, x_t, t, cond=None):
+        if cond is None or not cond.is_floating_point() or cond.shape[-1] != 4:
+            raise ConfigError("fake_score.kind", "'particles' needs the camera as the condition "
+                              "(teacher.kind: scene); accepted here: mlp")
+        means = self._param[0].particle_renders(cond).to(x_t.device)
+        logw = torch.zeros(means.shape[:2], dtype=torch.float64, device=x_t.device)
+        r, post = mixture_posterior(x_t.reshape(len(x_t), -1).double(), t, means, logw, self.std, self.process)
+        return (r[:, :, None] * post).sum(1).to(x_t.dtype).reshape(x_t.shape)

@@ -194,6 +194,16 @@ class SplatParticles(Parameterization):
             return self.classes.to(device)[index.to(device)]
         return None
 
+    @torch.no_grad()
+    def particle_renders(self, cond: torch.Tensor) -> torch.Tensor:
+        """``(B, P, D)`` float64: what the teacher sees of every particle from each camera row of the
+        ``(B, 4)`` camera ``cond``, on the fixed background (the exact particle-mixture fake score)."""
+        cams = Cameras.from_cond(cond.detach().cpu())
+        n = len(cond)
+        bg = self.bg_color.expand(n, 3)
+        out = [self.to_teacher(render(s, cams, self.height, self.width, bg).images) for s in self.scenes]
+        return torch.stack(out, 1).flatten(2).double()
+
     def render(self, index):
         index = index.cpu()
         if self._pending is not None and torch.equal(self._pending[0], index):

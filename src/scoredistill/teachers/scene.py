@@ -43,7 +43,24 @@ from scoredistill.splat.gaussians import GaussianSplats
 from scoredistill.splat.presets import PRESETS, preset_scene
 from scoredistill.splat.render import render
 
-__all__ = ["SceneTeacher", "build_scene_teacher", "preset_scene", "PRESETS"]
+__all__ = ["SceneTeacher", "build_scene_teacher", "mixture_posterior", "preset_scene", "PRESETS"]
+
+
+def mixture_posterior(x: torch.Tensor, t, means: torch.Tensor, logw: torch.Tensor, std: float,
+                      process: Process) -> tuple[torch.Tensor, torch.Tensor]:
+    """Responsibilities ``r (B, M)`` and per-component posterior means ``(B, M, D)`` of
+    ``x0 ~ sum_m w_m N(means_m, std^2 I)`` given ``x = a x0 + sigma eps`` (``x (B, D)`` float64; the
+    module docstring's formula; ``std = 0`` is a mixture of Diracs)."""
+    b = x.shape[0]
+    t = expand_t(t, b, x.device)
+    a = process.alpha(t)[:, None]  # (B,1)
+    s = process.sigma(t)[:, None]
+    var = a * a * std**2 + s * s  # (B,1), shared by every component
+    diff = x[:, None, :] - a[:, :, None] * means  # (B,M,D)
+    logp = logw - 0.5 * (diff * diff).sum(-1) / var
+    r = torch.softmax(logp, 1)
+    post = means + (a * std**2 / var)[:, :, None] * diff
+    return r, post
 
 
 class SceneTeacher(Denoiser):
@@ -137,18 +154,9 @@ class SceneTeacher(Denoiser):
         if cond is None:
             raise ConfigError("cond", "the scene teacher needs the cameras as cond: a (B, 4) tensor "
                               "[elevation, azimuth, distance, fov] (Cameras.as_cond())")
-        b = x_t.shape[0]
-        x = x_t.reshape(b, -1).double()
+        x = x_t.reshape(x_t.shape[0], -1).double()
         means, logw = self.components(cond, x.device)  # (B,M,D), (B,M)
-        t = expand_t(t, b, x.device)
-        a = self.process.alpha(t)[:, None]  # (B,1)
-        s = self.process.sigma(t)[:, None]
-        var = a * a * self.std**2 + s * s  # (B,1), shared by every component
-        diff = x[:, None, :] - a[:, :, None] * means  # (B,M,D)
-        logp = logw - 0.5 * (diff * diff).sum(-1) / var
-        r = torch.softmax(logp, 1)
-        post = means + (a * self.std**2 / var)[:, :, None] * diff
-        return r, post
+        return mixture_posterior(x, t, means, logw, self.std, self.process)
 
     def denoise(self, x_t, t, cond=None):
         r, post = self._posterior(x_t, t, cond)
