@@ -28,7 +28,7 @@ from scoredistill.config import load_yaml
 from scoredistill.objectives.esd import fake_condition
 from scoredistill.optimize.config import resolve
 from scoredistill.optimize.driver import PriorOptimizer
-from scoredistill.splat.cameras import VIEWS, CameraRanges, sample_cameras, view_labels
+from scoredistill.splat.cameras import CameraRanges, sample_cameras
 
 T_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.98)
 
@@ -39,7 +39,7 @@ def probe(opt: PriorOptimizer, n_cams: int = 6, draws: int = 4, seed: int = 123)
     g = torch.Generator().manual_seed(seed)
     cams = sample_cameras(n_cams, CameraRanges.from_config(opt.cfg["splats"]["cameras"], "c"), g)
     cond = cams.as_cond()
-    views = torch.tensor([VIEWS.index(v) for v in view_labels(cams)])
+    views = param.view_ids(torch.zeros(n_cams, dtype=torch.long), cams)   # with the camera under fake_score.camera
     P = param.num_items
     R = torch.stack([param.to_teacher(param.render_views(torch.full((n_cams,), p), cams)) for p in range(P)], 1)
     R = R.double().flatten(2)                               # (C, P, D)

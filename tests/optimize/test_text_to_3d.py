@@ -55,7 +55,8 @@ def test_sds_recipe_runs_end_to_end_on_a_tiny_sd_pipeline(tiny_sd, tmp_path):
     assert cfg["teacher"]["process"]["kind"] == "vp"    # read from the scheduler
 
 
-def test_vsd_recipe_trains_a_lora_fake_on_view_prompts(tiny_sd, tmp_path):
+@pytest.mark.parametrize("name", ["vsd", "esd"])
+def test_vsd_recipe_trains_a_lora_fake_on_view_prompts_and_cameras(tiny_sd, tmp_path, name):
     from scoredistill.config import load_yaml
     from scoredistill.optimize import PriorOptimizer
     from scoredistill.optimize.config import resolve
@@ -63,7 +64,7 @@ def test_vsd_recipe_trains_a_lora_fake_on_view_prompts(tiny_sd, tmp_path):
     from scoredistill.optimize.splats import SplatParticles
 
     sets = [a for a in tiny_overrides(tiny_sd, steps=1) if a != "--set"]
-    opt = PriorOptimizer(resolve(load_yaml(recipe("vsd")), sets), None)
+    opt = PriorOptimizer(resolve(load_yaml(recipe(name)), sets), None)
     t, fake, param = opt.teacher, opt.fake, opt.param
     assert isinstance(param, SplatParticles) and isinstance(fake, ViewPromptLoRA)
     assert t.assets.prompts == ["x, front view", "x, side view", "x, back view", "x, overhead view", "x"]
@@ -72,13 +73,26 @@ def test_vsd_recipe_trains_a_lora_fake_on_view_prompts(tiny_sd, tmp_path):
     assert fake.prompt_index(cond).tolist() == [2, 4, -1, -1]
     r = param.render(param.sample_index(None, opt.rng))
     assert r.x.shape == (4, *t.data_shape) and r.x.requires_grad
-    assert r.cond.dtype == torch.long and set(r.cond.tolist()) <= {0, 1, 2, 3} and torch.equal(r.cond, r.view)
+    assert r.cond.dtype == torch.long and set(r.cond.tolist()) <= {0, 1, 2, 3}
+    # fake_score.camera: each view row carries its camera, which the LoRA fake reads
+    assert r.view.shape == (4, 5) and torch.equal(r.view[:, 0].long(), r.cond)
+    mlp = fake.camera_mlp
+    assert mlp[2].weight.shape[0] == t.model.time_embedding.linear_2.out_features
+    assert {id(p) for p in mlp.parameters()} <= {id(p) for g in opt.optimizers["fake_score"].param_groups
+                                                   for p in g["params"]}
     lora0 = {k: v.detach().clone() for k, v in fake.state_dict().items()}
+    assert any(k.startswith("camera_mlp.") for k in lora0)                             # checkpointed with the LoRA
     x_t, tt = torch.randn(2, *t.data_shape), torch.full((2,), 0.5)
+    cams = torch.tensor([[0, 0, 10.0, 5.0, 1.2, 50.0], [0, 0, 30.0, -30.0, 1.5, 40.0]])   # both front views
     before = t.denoise(x_t, tt, torch.tensor([0, 1]))
+    f0 = fake.denoise(x_t, tt, cams)
+    assert torch.equal(f0, fake.denoise(x_t, tt, cams[:, :2].long()))                 # zero-init: no camera term
     opt.train_step()
     assert any(not torch.equal(lora0[k], v) for k, v in fake.state_dict().items())   # the fake trained
-    assert torch.allclose(t.denoise(x_t, tt, torch.tensor([0, 1])), before)          # the teacher did not
+    assert mlp[2].weight.abs().sum() > 0                                               # its camera MLP too
+    assert torch.equal(t.denoise(x_t, tt, torch.tensor([0, 1])), before)              # the teacher did not
+    f1 = fake.denoise(x_t, tt, cams)
+    assert not torch.equal(f1, fake.denoise(x_t, tt, cams[:, :2].long()))             # the camera reaches it
 
 
 def test_mnist_digit_recipe_renders_grey_views_conditioned_on_the_digit():

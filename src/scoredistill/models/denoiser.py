@@ -80,10 +80,13 @@ def module_device(m: nn.Module) -> torch.device:
 class PrecondDenoiser(Denoiser):
     """EDM preconditioning around a backbone (arXiv 2206.00364 Table 1): ``D = c_skip y + c_out net(c_in y, e)``
     in float64 around the network call, where a subclass's ``_precond(x_t, t, cond)`` returns
-    ``(y, c_in, c_skip, c_out, e)`` (``y`` the scaled input, ``e`` the time/class embedding)."""
+    ``(y, c_in, c_skip, c_out, e)`` (``y`` the scaled input, ``e`` the time/class embedding). ``emb``, when
+    given, is added to ``e``: an extra condition computed by the caller (a camera embedding, docs/3d.md)."""
 
-    def denoise(self, x_t, t, cond=None, r=None):
+    def denoise(self, x_t, t, cond=None, r=None, emb=None):
         # ``r``: the jump's end time of a two-time (flow-map) network; one-time networks never receive it
         y, c_in, c_skip, c_out, e = self._precond(x_t, t, cond) if r is None else self._precond(x_t, t, cond, r)
+        if emb is not None:
+            e = e + emb.to(e.dtype)
         f = self.net((c_in * y).to(x_t.dtype), e)
         return (c_skip * y + c_out * f.double()).to(x_t.dtype).reshape(x_t.shape)

@@ -53,13 +53,19 @@ from scoredistill.objectives.core import (
 
 def fake_condition(fake, cond: torch.Tensor | None, view: torch.Tensor | None, n: int,
                    device) -> torch.Tensor | None:
-    """The fake role's condition: ``(B, 2)`` ``[class, view]`` for a view-aware fake, else the class."""
+    """The fake role's condition: ``(B, 2)`` ``[class, view]`` for a view-aware fake, else the class;
+    ``(B, 6)`` float ``[class, view, camera]`` when the view rows carry their camera (``(B, 5)``,
+    ``fake_score.camera``), the camera nulled where the view is."""
     if not getattr(fake, "takes_view", False):
         return cond
     null = torch.full((n,), NULL_CLASS, dtype=torch.long, device=device)
     # a condition that is not a class label (the (B, 4) camera of 3D runs) has no class slot here: the
     # fake reads the camera through the view
     c = cond.long().to(device) if cond is not None and cond.dim() == 1 else null
+    if view is not None and view.dim() == 2:  # [view, camera] rows (fake_score.camera): the camera too
+        v = view[:, 0].long().to(device)
+        cam = torch.where((v < 0)[:, None], NULL_CLASS, view[:, 1:].to(device))  # dropped with the view
+        return torch.cat([torch.stack([c, v], 1).to(cam.dtype), cam], 1)
     v = view.long().to(device) if view is not None else null
     return torch.stack([c, v], 1)
 

@@ -170,6 +170,8 @@ class OptimizeFakeConfig(Section):
     depth: int = depth_key()
     sigma_data: float | None = key(None, "EDM preconditioning scale (default: the teacher's data std)",
                                    lo=0, lo_open=True)
+    camera: bool = key(False, "kinds mlp / lora under splats: the fake also reads the camera (flattened camera-to-"
+                       "world, an MLP added to its time embedding, ProlificDreamer), dropped with the view")
 
 
 @dataclass

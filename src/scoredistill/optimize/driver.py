@@ -32,7 +32,7 @@ from scoredistill.engine.loop import Loop
 from scoredistill.engine.optim import build_optimizer, role_optimizer
 from scoredistill.errors import ConfigError
 from scoredistill.objectives.base import Batch, Roles, build_objective, canonical_param
-from scoredistill.optimize.fake import ParticleMixtureScore, ViewConditionedDenoiser, build_lora_fake
+from scoredistill.optimize.fake import ParticleMixtureScore, ViewConditionedDenoiser, build_lora_fake, camera_fake
 from scoredistill.optimize.params import (
     CallableRenderer,
     ImageTensor,
@@ -150,7 +150,8 @@ class PriorOptimizer(Loop):
         if "fake_score" in self.objective.requirements():
             fc = cfg["fake_score"]
             if fc["kind"] == "lora":  # ProlificDreamer: a LoRA on the teacher's own network
-                self.fake = build_lora_fake(self.teacher, fc, getattr(self.param, "plain_prompt", None))
+                self.fake = build_lora_fake(self.teacher, fc, getattr(self.param, "plain_prompt", None),
+                                            camera_fake(self.param, fc))
                 self.fake.to(self.device)
             elif fc["kind"] == "particles":  # the exact particle-mixture score of splat particles
                 self.fake = ParticleMixtureScore(self.param, self.teacher.process)
@@ -158,8 +159,9 @@ class PriorOptimizer(Loop):
                 sd = fc["sigma_data"] if fc["sigma_data"] is not None else data_std(self.teacher, self.reference)
                 t = self.teacher
                 views = self.param.view_space()
+                camera = camera_fake(self.param, fc)
                 self.fake = ViewConditionedDenoiser(t.process, t.data_shape, t.num_classes, views, fc["width"],
-                                                    fc["depth"], sd).to(self.device)
+                                                    fc["depth"], sd, camera=camera).to(self.device)
                 self.fake.camera_view = getattr(self.param, "camera_view", None) if views else None
         if self.fake is not None and any(True for _ in self.fake.parameters()):  # a learned fake trains
             flr = self.lr_schedules["fake_lr"](0) if "fake_lr" in self.lr_schedules else tc["fake_lr"]

@@ -115,10 +115,17 @@ class SplatParticles(Parameterization):
     def view_space(self) -> int | None:
         return {"labels": len(VIEWS), "particle": self.num_items, "none": None}[self.view_mode]
 
+    view_camera = False  # fake_score.camera: each view row also carries its camera (a camera-reading fake)
+
     def view_ids(self, index: torch.Tensor, cams: Cameras) -> torch.Tensor | None:
         if self.view_mode == "labels":
-            return torch.tensor([VIEWS.index(v) for v in view_labels(cams)], dtype=torch.long)
-        return index.clone() if self.view_mode == "particle" else None
+            ids = torch.tensor([VIEWS.index(v) for v in view_labels(cams)], dtype=torch.long)
+        else:
+            ids = index.clone() if self.view_mode == "particle" else None
+        if ids is None or not self.view_camera:
+            return ids
+        # (B, 5) [view, elevation, azimuth, distance, fov]: dropped as one row, read by fake_condition
+        return torch.cat([ids[:, None].to(torch.float32), cams.as_cond().detach().cpu().float()], 1)
 
     def camera_view(self, cond: torch.Tensor) -> torch.Tensor:
         """The view label id of each camera row of ``cond``; a dropped (null) row, whose distance is
