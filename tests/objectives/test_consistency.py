@@ -237,7 +237,7 @@ def test_rcm_adds_the_dmd_term_after_its_pure_scm_phase():
     roles = Roles(teacher=teacher, fake=fake, student=student, target=copy.deepcopy(student))
     real = teacher.sample(16, generator=torch.Generator().manual_seed(1))
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-    rcm = build_objective({"name": "rcm", "dmd_start": 5, "adaptive": False})
+    rcm = build_objective({"name": "rcm", "dmd_start": 5, "reduction": "mean"})
     scm = build_objective({"name": "scm", "adaptive": False})
 
     def call(obj, step):
@@ -249,6 +249,22 @@ def test_rcm_adds_the_dmd_term_after_its_pure_scm_phase():
     (gx,) = torch.autograd.grad(late["loss"], x)
     assert "loss_dm" in late and gx.abs().max() > 0
     assert rcm.requirements() == {"consistency_target", "real_data", "fake_score"} and rcm.uses_generator_samples
+
+    # rCM's code (the default, reduction: sum): per-sample sums, no prior or adaptive weight. The consistency
+    # term's value is 100 x the batch mean of ||g||^2 (F_theta - sg F_theta = 0), and the DMD term's gradient
+    # on the samples is 2 x (elements per sample) x the mean-reduced one (same fields: same generator seeds).
+    summed = build_objective({"name": "rcm", "dmd_start": 5})
+    assert summed.p.reduction == "sum" and not summed.p.adaptive
+    _, g, _, _, _ = summed.consistency_terms(Batch(x=x, real=real, rng=torch.Generator().manual_seed(3), step=4),
+                                             roles)
+    early_sum = call(summed, 4)
+    expect = 100 * g.double().reshape(len(g), -1).pow(2).sum(1).mean()
+    assert torch.allclose(early_sum["loss"].double(), expect, rtol=1e-12)
+    (gx_sum,) = torch.autograd.grad(call(summed, 5)["loss"], x)
+    assert torch.allclose(gx_sum, 2 * x[0].numel() * gx, rtol=1e-5, atol=1e-12)
+    for bad, key in (({"reduction": "max"}, "objective.reduction"), ({"adaptive": True}, "objective.adaptive")):
+        with pytest.raises(ConfigError, match=key):
+            build_objective({"name": "rcm", **bad})
 
 
 # -- meanflow (arXiv 2505.13447) -------------------------------------------------------------------------

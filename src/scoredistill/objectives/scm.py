@@ -97,6 +97,17 @@ class SCM(TangentObjective):
 
     # -- the loss ----------------------------------------------------------------------------------------
     def generator_loss(self, batch, roles):
+        F_theta, g, tau, trig, diag = self.consistency_terms(batch, roles)
+        w = cc.scm_prior_weight(trig, tau)
+        per = cc.scm_loss(F_theta, g, w)
+        if self.p.adaptive:
+            lv = self._logvar(tau, trig, per)
+            per = per / lv.exp() + lv
+        return {"loss": per.mean(), **diag}
+
+    def consistency_terms(self, batch, roles):
+        """``(F_theta, g, tau, trig, diagnostics)``: the student's ``F`` at ``x_tau`` (with gradient) and the
+        (normalised, warmed-up) tangent ``g`` it is moved along, before any weighting or reduction."""
         student, target, x0, cond, eps = self.inputs(batch, roles)
         teacher = roles.teacher
         sd = float(self.p.sigma_data or getattr(student, "sigma_data", 0.5))
@@ -115,10 +126,5 @@ class SCM(TangentObjective):
         g_norm = g.reshape(len(g), -1).norm(dim=1)
         if self.p.tangent_c > 0:
             g = cc.normalize_tangent(g, self.p.tangent_c)
-        w = cc.scm_prior_weight(trig, tau)
-        per = cc.scm_loss(F_theta, g, w)
-        if self.p.adaptive:
-            lv = self._logvar(tau, trig, per)
-            per = per / lv.exp() + lv
-        return {"loss": per.mean(), "scm/tangent_norm": g_norm.mean().detach(), "scm/warmup_r": torch.tensor(r),
-                "scm/tau_mean": tau.mean().detach() * (2 / math.pi)}
+        return F_theta, g, tau, trig, {"scm/tangent_norm": g_norm.mean().detach(), "scm/warmup_r": torch.tensor(r),
+                                       "scm/tau_mean": tau.mean().detach() * (2 / math.pi)}
