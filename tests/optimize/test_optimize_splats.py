@@ -289,6 +289,9 @@ def _two_scene_run(method: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SCOREDISTILL_LONG_TESTS") != "1",
+                    reason="the two-scene claim (~50 s; the suite is near its 15-minute budget); "
+                           "SCOREDISTILL_LONG_TESTS=1 runs it")
 def test_vsd_particles_land_on_both_scenes():
     """ProlificDreamer's claim (arXiv 2305.16213) on an exact-render teacher: VSD's particles cover both
     scenes of a two-scene teacher (docs/results/3d.md)."""
