@@ -57,3 +57,30 @@ def test_bench_bad_arguments_one_line(tmp_path, capsys, extra, field):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0], err
+
+
+def test_bench_recipe_steps_uses_each_recipes_budget(tmp_path):
+    """``--recipe-steps``: every recipe trains for its own ``train.steps`` (here 3 and 4), whatever the load."""
+    import yaml
+
+    rec = tmp_path / "recipes"
+    rec.mkdir()
+    base = yaml.safe_load(open("recipes/toy/dmd2.yaml"))
+    for name, n in (("a", 3), ("b", 4)):
+        base["train"]["steps"] = n
+        (rec / f"{name}.yaml").write_text(yaml.safe_dump(base))
+    out = str(tmp_path / "b")
+    assert main(["bench", "--recipes", str(rec), "--methods", "a,b", "--teachers", "pair", "--recipe-steps",
+                 "--n-eval", "32", "--out", out] + TINY) == 0
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["steps"], r["status"]) for r in rows[1:]] == [("a", "3", "ok"), ("b", "4", "ok")]
+    assert "--recipe-steps" in open(os.path.join(out, "results.md")).read()
+
+
+def test_bench_recipe_steps_is_toy_only(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--suite", "sds", "--recipe-steps", "--out", str(tmp_path / "b")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--recipe-steps" in err[0], err

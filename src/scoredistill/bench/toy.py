@@ -53,10 +53,11 @@ def discover(recipe_dir: Path) -> dict[str, tuple[Path, str]]:
 
 def run_one(method: str, recipe: Path, teacher: str, seed: int, run_dir: str, plot_path: str | None, *,
             steps: int | None = None, budget_seconds: float | None = None, n_eval: int = 2000,
-            overrides: Sequence[str] = (), steps_eval: Sequence[int] | None = None) -> dict:
+            overrides: Sequence[str] = (), steps_eval: Sequence[int] | None = None, recipe_steps: bool = False) -> dict:
     """Train one recipe on one teacher; returns a result row (never raises for bad combinations). With
     ``steps_eval`` the row also holds ``by_steps``: the metrics of the student sampled with each ``K'`` of its
-    steps (bench/steps_eval.py; :func:`expand_steps` turns it into one row per ``K'``)."""
+    steps (bench/steps_eval.py; :func:`expand_steps` turns it into one row per ``K'``). ``recipe_steps``: the
+    recipe's own ``train.steps`` (``steps`` and ``budget_seconds`` ignored), evaluated once at the end."""
     from scoredistill.config import load_yaml, resolve
     from scoredistill.engine.distiller import Distiller
 
@@ -75,8 +76,11 @@ def run_one(method: str, recipe: Path, teacher: str, seed: int, run_dir: str, pl
         row["objective"] = cfg["objective"]["name"]
         if os.path.exists(run_dir):
             shutil.rmtree(run_dir)
+        if recipe_steps:  # one evaluation, at the end: the recipe's own eval.every would only add time
+            steps = None
+            cfg["eval"]["every"] = cfg["train"]["steps"]
         d = Distiller(cfg, run_dir, log=lambda m: None)
-        if not steps:
+        if not steps and not recipe_steps:
             budget = budget_seconds if budget_seconds is not None else DEFAULT_BUDGET_S
             every = cfg["train"]["generator_every"]
             warm = every                      # untimed: first passes pay one-off allocation / lazy-init costs
@@ -206,7 +210,8 @@ def csv_columns(rows: list[dict]) -> list[str]:
 def run_toy_suite(out: str, recipes: dict[str, tuple[Path, str]], methods: Sequence[str], teachers: Sequence[str],
                   seeds: Sequence[int], *, steps: int | None = None, budget_seconds: float | None = None,
                   n_eval: int = 2000, overrides: Sequence[str] = (), fresh: bool = False,
-                  header: Sequence[str] = (), log=print, steps_eval: Sequence[int] | None = None) -> list[dict]:
+                  header: Sequence[str] = (), log=print, steps_eval: Sequence[int] | None = None,
+                  recipe_steps: bool = False) -> list[dict]:
     """Run every (teacher, method, seed) of the suite, reusing finished runs unless ``fresh``; write the
     tables after each run and return the rows (floor rows included). ``steps_eval`` (K' list) gives each
     few-step student one row per K' (a one-step student its one row)."""
@@ -215,6 +220,8 @@ def run_toy_suite(out: str, recipes: dict[str, tuple[Path, str]], methods: Seque
     total = len(methods) * len(teachers) * len(seeds)
     i = 0
     cache_key = {"steps": steps, "budget": budget_seconds, "set": list(overrides), "n_eval": n_eval}
+    if recipe_steps:  # only then: runs cached by a bench without it stay valid
+        cache_key["recipe_steps"] = True
     if steps_eval:  # only then: the runs cached by a bench without it stay valid
         cache_key["steps_eval"] = list(steps_eval)
     for teacher in teachers:
@@ -236,7 +243,7 @@ def run_toy_suite(out: str, recipes: dict[str, tuple[Path, str]], methods: Seque
                     plot = os.path.join(out, "plots", f"{method}__{teacher}.png") if seed == seeds[0] else None
                     row = run_one(method, recipe, teacher, seed, run_dir, plot, steps=steps,
                                   budget_seconds=budget_seconds, n_eval=n_eval, overrides=overrides,
-                                  steps_eval=steps_eval)
+                                  steps_eval=steps_eval, recipe_steps=recipe_steps)
                     with open(cache, "w") as f:
                         json.dump({"key": cache_key, "row": row}, f)
                 for r in expand_steps(row):

@@ -32,6 +32,9 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--budget-seconds", type=float, default=None,
                    help=f"wall-clock training budget per run (default {DEFAULT_BUDGET_S:g}); sets train.steps")
     g.add_argument("--steps", type=int, default=None, help="fixed train.steps for every run instead of a budget")
+    g.add_argument("--recipe-steps", action="store_true",
+                   help="toy: train every recipe for its own train.steps (its default budget) instead of a "
+                   "wall-clock budget; independent of the machine's load")
     b.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     b.add_argument("--n-eval", type=int, default=2000, help="evaluation samples per run")
     b.add_argument("--recipes", default=None, help="recipe folder (default recipes/<suite>)")
@@ -89,7 +92,7 @@ def _command(args, methods, teachers, seeds) -> str:
     """The command line that reproduces this bench (explicit lists, so it does not depend on defaults)."""
     parts = ["scoredistill bench", f"--suite {args.suite}", f"--methods {','.join(methods)}",
              f"--teachers {','.join(teachers)}"]
-    parts.append(f"--steps {args.steps}" if args.steps else
+    parts.append(f"--steps {args.steps}" if args.steps else "--recipe-steps" if args.recipe_steps else
                  f"--budget-seconds {args.budget_seconds if args.budget_seconds is not None else DEFAULT_BUDGET_S:g}")
     parts += [f"--seeds {','.join(map(str, seeds))}", f"--n-eval {args.n_eval}"]
     if getattr(args, "steps_eval_list", None):
@@ -108,6 +111,9 @@ def cmd_bench(args):
         raise ConfigError("--steps", "must be >= 1")
     if args.budget_seconds is not None and args.budget_seconds <= 0:
         raise ConfigError("--budget-seconds", "must be > 0")
+    if args.recipe_steps and args.suite != "toy":
+        raise ConfigError("--recipe-steps", f"the {args.suite} suite already trains each recipe for its own steps "
+                          "(or --steps); accepted with --suite toy")
     if args.n_eval < 16:
         raise ConfigError("--n-eval", "must be >= 16")
     from scoredistill.bench.steps_eval import parse_steps_eval
@@ -133,6 +139,7 @@ def _bench_toy(args):
 
     check_recipes({m: str(recipes[m][0]) for m in methods}, args.steps_eval_list, args.set)
     budget = (f"{args.steps} steps per run" if args.steps else
+              "each recipe's own train.steps" if args.recipe_steps else
               f"{args.budget_seconds if args.budget_seconds is not None else DEFAULT_BUDGET_S:g} s of training per run "
               "(steps derived from timed iterations)")
     header = ["# scoredistill toy bench", "", f"- command: `{_command(args, methods, teachers, seeds)}`",
@@ -142,6 +149,7 @@ def _bench_toy(args):
               "- metrics: precision (inside the 99.9 % radius of a component), modes holding >= 10 % of their "
               "share, weight TV between the precise samples' component frequencies and the weights, sliced W2"]
     run_toy_suite(args.out, recipes, methods, teachers, seeds, steps=args.steps, budget_seconds=args.budget_seconds,
+                  recipe_steps=args.recipe_steps,
                   n_eval=args.n_eval, overrides=args.set, fresh=args.fresh, header=header,
                   log=lambda m: print(m, flush=True), steps_eval=args.steps_eval_list)
     print(f"wrote {os.path.join(args.out, 'results.md')} and results.csv")
