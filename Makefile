@@ -16,9 +16,9 @@ install: $(BIN)/scoredistill
 demo: install
 	$(BIN)/scoredistill demo
 
-# everything, distribution tests included (~13 min on 2 cores: 737 s measured in a fresh clone, 2026-12-01)
+# everything, distribution tests included (~14 min on 2 cores: 843 s in a fresh clone, 2026-12-01); lists the 25 slowest
 test: install
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=25 tests
 
 # without the distribution tests (~1.5 min)
 test-fast: install
