@@ -3,7 +3,6 @@ is unbiased for EDM, VP and flow processes, the teacher and the fake are read on
 last phase is DMD2, every phase's field has the right sign, a step's gradient reaches only its phase's expert
 (student and fake), experts survive export and resume, and bad phase settings are one-line errors."""
 
-import os
 
 import pytest
 import torch
@@ -272,9 +271,7 @@ def test_per_step_experts_for_any_objective():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SCOREDISTILL_LONG_TESTS") != "1",
-                    reason="~120 s on a loaded 2-core box, over this test file's suite budget; "
-                           "SCOREDISTILL_LONG_TESTS=1 runs it")
+@pytest.mark.long  # ~120 s on a loaded 2-core box, over this test file's suite budget
 def test_phased_dmd_4_step_student_covers_every_ring8_mode(tmp_path):
     """ring8, 4-step student with 4 experts (128-wide 3-block MLPs, the settings of
     tests/objectives/test_fewstep_distribution.py), 1000 iterations, 5 fake : 1 generator, one thread. Measured

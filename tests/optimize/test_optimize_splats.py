@@ -289,9 +289,7 @@ def _two_scene_run(method: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SCOREDISTILL_LONG_TESTS") != "1",
-                    reason="the two-scene claim (~50 s; the suite is near its 15-minute budget); "
-                           "SCOREDISTILL_LONG_TESTS=1 runs it")
+@pytest.mark.long  # the two-scene claim (~50 s; the suite is near its 15-minute budget)
 def test_vsd_particles_land_on_both_scenes():
     """ProlificDreamer's claim (arXiv 2305.16213) on an exact-render teacher: VSD's particles cover both
     scenes of a two-scene teacher (docs/results/3d.md)."""
@@ -300,8 +298,7 @@ def test_vsd_particles_land_on_both_scenes():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SCOREDISTILL_LONG_TESTS") != "1",
-                    reason="the SDS control of the two-scene claim (~35 s); SCOREDISTILL_LONG_TESTS=1 runs it")
+@pytest.mark.long  # the SDS control of the two-scene claim (~35 s)
 def test_sds_particles_land_on_one_scene():
     """The control: SDS from the same inits and times puts every particle on one scene."""
     per_scene = _two_scene_run("sds")
