@@ -6,8 +6,8 @@ experts and fake), one thread, at the budget below, and must cover every mode wi
 Thresholds come from the configs below over train.seed 0 / 1 / 2 (MEASURED, 2026-12-01, one thread, a loaded
 2-core machine; seeded CPU training is bit-stable on one machine, the seed spread stands in for the spread across
 machines). Each floor is the lowest of the three seeds less 0.07, the margin of the former
-tests/objectives/test_fewstep_distribution.py: the seed-to-seed spread is up to 0.14 (dmd2_4step on ring8), so
-the floor sits half that spread below the worst seed seen.
+tests/objectives/test_fewstep_distribution.py: the seed-to-seed spread is 0.03-0.18 (largest: disback on ring8),
+so the floor sits about half the widest spread below the worst seed seen.
 
 Most cases train for minutes on a loaded machine, so they run only with ``SCOREDISTILL_LONG_TESTS=1``; the
 CI cases (``ci=True``, ``slow``) are the cheapest ones. The pairs in ``KNOWN_SHORT`` do not reach every mode with a
