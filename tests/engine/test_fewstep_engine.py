@@ -23,7 +23,8 @@ SMALL = ["generator.width=32", "generator.depth=2", "fake_score.width=32", "fake
          "train.batch_size=16", "eval.every=3", "eval.n_samples=32", "eval.plots=false", "train.progress=false",
          "train.real_pool=64", "train.ode_pairs=32", "train.checkpoint_every=1000"]
 # recipes with stages of fixed length before distillation, shrunk to fit SMALL's 3 iterations
-STAGES = {"disback": ["objective.record_steps=1", "objective.path_checkpoints=1"]}
+STAGES = {"disback": ["objective.record_steps=1", "objective.path_checkpoints=1"],
+          "phased_dmd": ["generator.init_steps=1"], "tdm": ["generator.init_steps=1"]}
 
 
 @pytest.fixture(scope="module")

@@ -274,7 +274,7 @@ def test_per_step_experts_for_any_objective():
 @pytest.mark.long  # ~120 s on a loaded 2-core box, over this test file's suite budget
 def test_phased_dmd_4_step_student_covers_every_ring8_mode(tmp_path):
     """ring8, 4-step student with 4 experts (128-wide 3-block MLPs, the settings of
-    tests/objectives/test_fewstep_distribution.py), 1000 iterations, 5 fake : 1 generator, one thread. Measured
+    tests/objectives/test_fewstep_coverage.py), 1000 iterations, 5 fake : 1 generator, one thread. Measured
     2026-12-01 over train.seed 0 / 1 / 2: precision 0.912 / 0.935 / 0.908, 8/8 modes each, weight TV 0.071 / 0.064 /
     0.030, within_std 1.66 / 1.60 / 1.57 (DMD2 4-step at the same settings, seed 0: 0.870, 8/8, TV 0.023,
     within_std 1.67). At 500 iterations seed 0 is at 0.68, so no shorter budget is asserted. Asserted: every mode
