@@ -14,7 +14,6 @@ CI cases (``ci=True``, ``slow``) are the cheapest ones. The pairs in ``KNOWN_SHO
 useful precision at an affordable budget yet; they are listed, with their numbers, rather than asserted.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,6 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "toy"
 NET = {"width": 128, "depth": 3}
 # the recipe's student is one-step for these two: the coverage claim is about their 4-step students
 FOUR_STEPS = {"disback": ["generator.steps=4"], "flash_dmd": ["generator.steps=4"]}
-LONG = os.environ.get("SCOREDISTILL_LONG_TESTS") == "1"
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,7 @@ def _params():
     for (method, preset), case in sorted(MEASURED.items()):
         marks = [pytest.mark.slow]
         if not case.ci:
-            marks.append(pytest.mark.skipif(not LONG, reason="minutes of training on a loaded 2-core box; "
-                                                             "SCOREDISTILL_LONG_TESTS=1 runs it"))
+            marks.append(pytest.mark.long)  # minutes of training on a loaded 2-core box
         yield pytest.param(method, preset, case, marks=marks, id=f"{method}-{preset}")
 
 
