@@ -13,8 +13,10 @@ count) runs during training only, never during evaluation.
 (b) ``plain``: DMD2 (arXiv 2405.14867) written out here on the exact-score teacher: a plain 4-layer
     SiLU MLP generator ``z -> x`` and an EDM-preconditioned plain MLP fake score (time features
     concatenated to the input), the same batch, optimizers (Adam, lr, betas), gradient clip, EMA, the
-    recipe's field time range ``objective.time`` (uniform), ``t ~ U[0.02, 0.98]`` for the fake loss, and the
-    recipe's fake updates per generator update (a fake update on every iteration, the generator on every fifth).
+    recipe's field time range ``objective.time`` (uniform), ``t ~ U[0.02, 0.98]`` for the fake loss, the
+    recipe's fake updates per generator update (a fake update on every iteration, the generator on every fifth)
+    and, when the recipe has one, its regression on teacher ODE pairs (``objective.regression_weight`` for the
+    first ``regression_steps`` iterations, the same pairs as the engine's).
 
 Printed: per evaluation the training seconds, within-mode std, modes covered, weight TV; then per
 mixture the seconds to quality of both loops and their ratio (goal engine / plain <= 1.2), and, when a
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from scoredistill.config import load_yaml, resolve
-from scoredistill.engine.build import build_teacher
+from scoredistill.engine.build import build_teacher, make_ode_pairs
 from scoredistill.engine.distiller import Distiller
 from scoredistill.metrics.gmm import LIGHT_WEIGHT, gmm_metrics
 
@@ -89,9 +91,14 @@ class PlainFake(nn.Module):
         return sd * sd / (s * s + sd * sd) * x + s * sd / (s * s + sd * sd).sqrt() * self.net(h)
 
 
-def plain_loop(teacher, tc: dict, width: int, depth: int, seed: int, field_t: tuple[float, float] = (0.02, 0.98)):
+def plain_loop(teacher, tc: dict, width: int, depth: int, seed: int, field_t: tuple[float, float] = (0.02, 0.98),
+               regression: tuple[float, int] = (0.0, 0)):
     """``(step(), sample(z))`` of a minimal DMD2 loop with the recipe's train settings ``tc``; the field's
-    canonical times ``t ~ U[field_t]`` (the recipe's ``objective.time``), the fake score's ``U[0.02, 0.98]``."""
+    canonical times ``t ~ U[field_t]`` (the recipe's ``objective.time``), the fake score's ``U[0.02, 0.98]``;
+    ``regression = (lambda_reg, steps)``: DMD's regression on teacher ODE pairs while the iteration is below
+    ``steps`` (0: always; ``lambda_reg`` 0: off)."""
+    reg_w, reg_steps = regression
+    ode = make_ode_pairs(teacher, tc["ode_pairs"], tc["ode_steps"], tc["seed"]) if reg_w > 0 else None
     torch.manual_seed(seed)
     dim, p = teacher.dim, teacher.process
     sd = teacher.data_std()
@@ -124,7 +131,11 @@ def plain_loop(teacher, tc: dict, width: int, depth: int, seed: int, field_t: tu
                 d_fake = F(x_t.float(), s)
                 g = (d_fake - d_real) / (x - d_real).abs().mean(1, keepdim=True).clamp(min=1e-5)
             og.zero_grad()
-            (0.5 * ((x - (x - g).detach()) ** 2).mean()).backward()
+            loss = 0.5 * ((x - (x - g).detach()) ** 2).mean()
+            if ode is not None and (not reg_steps or it[0] < reg_steps):
+                idx = torch.randint(0, len(ode[0]), (b,))
+                loss = loss + reg_w * ((G(ode[0][idx]) - ode[1][idx].float()) ** 2).mean()
+            loss.backward()
             nn.utils.clip_grad_norm_(G.parameters(), clip)
             og.step()
             with torch.no_grad():
@@ -211,8 +222,10 @@ def main():
             if name == "engine":
                 step, sample = engine_loop(cfg)
             else:
+                oc = cfg["objective"]
                 step, sample = plain_loop(teacher, cfg["train"], args.plain_width, args.plain_depth, args.seed,
-                                          field_time(cfg["objective"]))
+                                          field_time(oc), (oc.get("regression_weight", 0.0),
+                                                           oc.get("regression_steps", 0)))
             res[name] = race(name, step, sample, teacher, z, args.every, args.max_steps, clock)
         table.append((preset, res))
     print("\n| mixture | loop | ms / iteration | iterations to quality | seconds to quality | best seen "

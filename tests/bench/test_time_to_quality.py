@@ -35,12 +35,13 @@ def test_quality_bar_on_exact_sharp_and_mode_dropping_samples():
     assert b.quality(gmm_metrics(dropped, gmm), gmm.weights) == (False, 5, 6)
 
 
-def test_plain_loop_steps_and_samples():
+@pytest.mark.parametrize("regression", [(0.0, 0), (1.0, 3)], ids=["dmd2", "regression-warm-up"])
+def test_plain_loop_steps_and_samples(regression):
     b = bench()
     gmm = build_gmm({"kind": "gmm", "preset": "asym6"}, EDM())
     tc = {"lr": 1e-3, "fake_lr": None, "betas": [0.0, 0.99], "fake_betas": None, "batch_size": 32,
-          "generator_every": 5, "grad_clip": 10.0, "ema": 0.99}
-    step, sample = b.plain_loop(gmm, tc, width=32, depth=2, seed=0)
+          "generator_every": 5, "grad_clip": 10.0, "ema": 0.99, "ode_pairs": 16, "ode_steps": 4, "seed": 0}
+    step, sample = b.plain_loop(gmm, tc, width=32, depth=2, seed=0, regression=regression)
     z = torch.randn(64, 2)
     before = sample(z).clone()
     for _ in range(6):  # generator updated at iterations 0 and 5

@@ -118,6 +118,38 @@ def test_dmd2_gan_term_flows_through_frozen_fake():
     assert not torch.allclose(grads[0.0], grads[1.0])
 
 
+@pytest.mark.parametrize("name", ["dmd", "dmd2"])
+def test_regression_warm_up_adds_the_ode_pair_loss_before_regression_steps_only(name):
+    """``regression_steps: N``: the generator loss is DM + lambda_reg ||G(z_ref) - y_ref||^2 while the engine
+    iteration is below N, the DM term alone from N on; ``regression_steps: 0`` keeps the regression always."""
+    proc = EDM()
+    teacher = build_gmm({"preset": "ring8"}, proc)
+    fake = GMMTeacher(torch.zeros(1, 2), 1.0, process=proc)
+    lin = torch.nn.Linear(2, 2)
+
+    def gen(z, cond=None):
+        return lin(z)
+
+    z, y = torch.randn(8, 2), torch.randn(8, 2)
+    reg = float(((gen(z) - y) ** 2).mean())
+    x = torch.randn(16, 2)
+
+    def loss(cfg, step):
+        obj = build_objective({"name": name, "regression_weight": 0.5, **cfg})
+        b = Batch(x=x, rng=torch.Generator().manual_seed(3), step=step, ode_z=z, ode_x=y)
+        return obj, obj.generator_loss(b, Roles(teacher=teacher, fake=fake, generator=gen))
+
+    obj, before = loss({"regression_steps": 10}, 9)
+    assert "ode_pairs" in obj.requirements()
+    _, after = loss({"regression_steps": 10}, 10)
+    _, always = loss({}, 10**6)
+    assert float(before["loss"]) == pytest.approx(float(after["loss"]) + 0.5 * reg, rel=1e-6)
+    assert "loss_reg" in before and "loss_reg" not in after
+    assert float(always["loss"]) == pytest.approx(float(before["loss"]), rel=1e-6)
+    if name == "dmd2":
+        assert "ode_pairs" not in build_objective({"name": name}).requirements()
+
+
 @pytest.mark.parametrize("cfg,field", [
     ({"name": "dmd3"}, "objective.name"),
     ({"name": "dmd2", "regresion_weight": 1}, "objective.regresion_weight"),

@@ -36,11 +36,17 @@ from scoredistill.objectives.common import (
 from scoredistill.objectives.core import FakeScoreObjective, dm_field, dropout_key, guidance_key, inject
 
 
+def regression_steps_key():
+    return key(0, "iterations that use the regression loss (a warm-up that fixes the noise -> mode assignment "
+               "before distribution matching alone); 0: every iteration", lo=0)
+
+
 @dataclass
 class DMDParams(ObjectiveParams):
     guidance_scale: float = guidance_key()
     alpha_factor: bool = key(False, "multiply the field by a_t (DMD paper eq. 7); false: DMD2's code")
     regression_weight: float = key(0.25, "lambda_reg of the regression loss on teacher ODE pairs (0: off)", lo=0)
+    regression_steps: int = regression_steps_key()
     fake_cond_dropout: float = dropout_key()
 
 
@@ -54,9 +60,19 @@ class DMD(FakeScoreObjective):
 
     def requirements(self):
         req = {"fake_score"}
-        if getattr(self.p, "regression_weight", 0) > 0:
+        if self.p.regression_weight > 0:
             req.add("ode_pairs")
         return req
+
+    def add_regression(self, loss: torch.Tensor, diag: dict, batch: Batch, roles: Roles) -> torch.Tensor:
+        """``loss + lambda_reg ||G(z_ref) - y_ref||^2`` on teacher ODE pairs while ``batch.step`` is below
+        ``regression_steps`` (always when it is 0); ``loss`` itself after that or with ``lambda_reg = 0``."""
+        steps = self.p.regression_steps
+        if self.p.regression_weight <= 0 or (steps and batch.step >= steps):
+            return loss
+        reg = ((roles.generator(batch.ode_z, batch.ode_cond) - batch.ode_x) ** 2).mean()
+        diag["loss_reg"] = reg.detach()
+        return loss + self.p.regression_weight * reg
 
     def field_weight(self, logits: torch.Tensor | None, t: torch.Tensor, process) -> tuple[torch.Tensor | None, dict]:
         """Per-sample weight ``h`` (detached, ``(B,)``) on the field and its diagnostics; ``None``:
@@ -84,12 +100,7 @@ class DMD(FakeScoreObjective):
 
     def generator_loss(self, batch, roles):
         loss, diag, _ = self.dm_loss(batch, roles)
-        if self.p.regression_weight > 0:
-            pred = roles.generator(batch.ode_z, batch.ode_cond)
-            reg = ((pred - batch.ode_x) ** 2).mean()
-            diag["loss_reg"] = reg.detach()
-            loss = loss + self.p.regression_weight * reg
-        return {"loss": loss, **diag}
+        return {"loss": self.add_regression(loss, diag, batch, roles), **diag}
 
 
 @dataclass
@@ -101,13 +112,14 @@ class DMD2Params(ObjectiveParams):
     gan_weight_disc: float = key(1e-2, "discriminator loss weight inside the fake-network update", lo=0)
     gan_t_min: float = key(0.0, "diffusion-GAN re-noising range: lower canonical time", lo=0, hi=1)
     gan_t_max: float = key(0.5, "diffusion-GAN re-noising range: upper canonical time", lo=0, hi=1)
+    regression_weight: float = key(0.0, "lambda_reg of DMD's regression loss on teacher ODE pairs (0: off, DMD2)",
+                                   lo=0)
+    regression_steps: int = regression_steps_key()
 
     def validate(self):
         if self.gan_t_min > self.gan_t_max:
             raise ConfigError("objective.gan_t_max", f"must be >= objective.gan_t_min ({self.gan_t_min}), "
                               f"got {self.gan_t_max}")
-
-    regression_weight = 0.0
 
 
 @register
@@ -120,7 +132,8 @@ class DMD2(DMD):
         return self.p.gan_weight_gen > 0
 
     def requirements(self):
-        return {"fake_score", "discriminator", "real_data"} if self.gan else {"fake_score"}
+        req = super().requirements()
+        return req | {"discriminator", "real_data"} if self.gan else req
 
     def differentiates_through(self):
         return {"fake", "discriminator"} if self.gan else set()
@@ -149,7 +162,7 @@ class DMD2(DMD):
             gl = gan_generator_loss(logits)
             diag["loss_gan_gen"] = gl.detach()
             loss = loss + self.p.gan_weight_gen * gl
-        return {"loss": loss, **diag}
+        return {"loss": self.add_regression(loss, diag, batch, roles), **diag}
 
     def auxiliary_losses(self, batch, roles):
         loss = self.fake_loss(batch, roles)
