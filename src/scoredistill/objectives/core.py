@@ -194,6 +194,30 @@ def dropout_key(default: float = 0.1, doc: str = "share of labels the fake score
     return key(default, doc, lo=0, hi=1, hi_open=True)
 
 
+def regression_weight_key(default: float = 0.0, doc: str = "lambda_reg of a regression on teacher ODE pairs "
+                          "(DMD, arXiv 2311.18828; 0: off)"):
+    return key(default, doc, lo=0)
+
+
+def regression_steps_key():
+    return key(0, "iterations that use the regression loss (a warm-up that fixes the noise -> mode assignment "
+               "before distribution matching alone); 0: every iteration", lo=0)
+
+
+def ode_regression(loss: torch.Tensor, diag: dict, batch: Batch, roles: Roles, weight: float,
+                   steps: int) -> torch.Tensor:
+    """``loss + lambda_reg mean ||G(z_ref) - y_ref||^2`` on the teacher's ODE pairs ``(z_ref, y_ref)`` (the
+    ``ode_pairs`` requirement) while ``batch.step < steps`` (always when ``steps`` is 0); ``loss`` itself after
+    that or with ``weight`` 0. As a warm-up it plays the part of a generator initialised from the teacher
+    (DMD2, arXiv 2405.14867): the noise -> mode assignment is fixed before the reverse-KL-type field alone,
+    which cannot move mass between far-apart modes (docs/results/toy.md, third study)."""
+    if weight <= 0 or (steps and batch.step >= steps):
+        return loss
+    reg = ((roles.generator(batch.ode_z, batch.ode_cond) - batch.ode_x) ** 2).mean()
+    diag["loss_reg"] = reg.detach()
+    return loss + weight * reg
+
+
 def class_key(default: int | None, doc: str):
     return key(default, doc, lo=0, hi=INT64_MAX)
 

@@ -33,12 +33,15 @@ from scoredistill.objectives.common import (
     head_logits,
     noise_like,
 )
-from scoredistill.objectives.core import FakeScoreObjective, dm_field, dropout_key, guidance_key, inject
-
-
-def regression_steps_key():
-    return key(0, "iterations that use the regression loss (a warm-up that fixes the noise -> mode assignment "
-               "before distribution matching alone); 0: every iteration", lo=0)
+from scoredistill.objectives.core import (
+    FakeScoreObjective,
+    dm_field,
+    dropout_key,
+    guidance_key,
+    inject,
+    ode_regression,
+    regression_steps_key,
+)
 
 
 @dataclass
@@ -65,14 +68,8 @@ class DMD(FakeScoreObjective):
         return req
 
     def add_regression(self, loss: torch.Tensor, diag: dict, batch: Batch, roles: Roles) -> torch.Tensor:
-        """``loss + lambda_reg ||G(z_ref) - y_ref||^2`` on teacher ODE pairs while ``batch.step`` is below
-        ``regression_steps`` (always when it is 0); ``loss`` itself after that or with ``lambda_reg = 0``."""
-        steps = self.p.regression_steps
-        if self.p.regression_weight <= 0 or (steps and batch.step >= steps):
-            return loss
-        reg = ((roles.generator(batch.ode_z, batch.ode_cond) - batch.ode_x) ** 2).mean()
-        diag["loss_reg"] = reg.detach()
-        return loss + self.p.regression_weight * reg
+        """:func:`~scoredistill.objectives.core.ode_regression` with this objective's ``regression_*`` keys."""
+        return ode_regression(loss, diag, batch, roles, self.p.regression_weight, self.p.regression_steps)
 
     def field_weight(self, logits: torch.Tensor | None, t: torch.Tensor, process) -> tuple[torch.Tensor | None, dict]:
         """Per-sample weight ``h`` (detached, ``(B,)``) on the field and its diagnostics; ``None``:

@@ -52,6 +52,8 @@ class SFDParams(SiDParams):
     def validate(self):
         if self.override_class == self.forget_class:
             raise ConfigError("objective.override_class", "must differ from objective.forget_class")
+        if self.regression_weight > 0:
+            raise ConfigError("objective.regression_weight", "sfd has no regression term; accepted: 0")
 
 
 @register

@@ -59,7 +59,10 @@ from scoredistill.objectives.core import (
     dropout_key,
     guidance_key,
     null_like,
+    ode_regression,
     per_sample_mean,
+    regression_steps_key,
+    regression_weight_key,
 )
 from scoredistill.process.time import Uniform
 
@@ -78,6 +81,9 @@ class SiDParams(ObjectiveParams):
     fake_guidance_scale: float = key(1.0, "canonical CFG on the fake in the generator loss; below 1 (e.g. -1): "
                                      "SiD^2 Anti-CFG")
     zero_cfg: bool = key(False, "SiD^2 Zero-CFG: teacher unguided, fake score unconditional (null label)")
+    regression_weight: float = regression_weight_key(0.0, "lambda_reg of a regression on teacher ODE pairs added to "
+                                                     "the generator loss (DMD's, arXiv 2311.18828; 0: off, SiD)")
+    regression_steps: int = regression_steps_key()
 
     def validate(self):
         if self.zero_cfg and (self.guidance_scale != 1 or self.fake_guidance_scale != 1):
@@ -102,6 +108,8 @@ class SiD(SiDFamily):
         req = super().requirements()
         if self.p.zero_cfg or self.p.fake_guidance_scale != 1:
             req = req | {"class_conditional"}  # the fake's conditional and unconditional branches
+        if self.p.regression_weight > 0:
+            req = req | {"ode_pairs"}
         return req
 
     def fake_prediction(self, fake, x_t, t, cond):
@@ -143,8 +151,10 @@ class SiD(SiDFamily):
         loss, diag = self.per_sample_loss(x, t, noise, batch.cond, roles, batch.step)
         (kept,) = drop_nonfinite(loss)
         loss = kept.mean() if len(kept) else loss.sum() * 0.0
-        return {"loss": loss, "loss_sid": loss.detach(), "alpha": self.alpha_at(batch.step),
+        diag = {"loss_sid": loss.detach(), "alpha": self.alpha_at(batch.step),
                 "dropped": float(x.shape[0] - len(kept)), "t_mean": t.mean(), **diag}
+        return {"loss": ode_regression(loss, diag, batch, roles, self.p.regression_weight, self.p.regression_steps),
+                **diag}
 
 
 @dataclass
@@ -185,9 +195,11 @@ class SiDA(SiD):
             loss = 0.5 * loss_sid + 0.5 * (self.p.lsg_gan / self.p.lsg) * loss_gan
         else:
             loss = loss_sid
-        return {"loss": loss, "loss_sid": loss_sid.detach(), "loss_gan_gen": loss_gan.detach(),
+        diag = {"loss_sid": loss_sid.detach(), "loss_gan_gen": loss_gan.detach(),
                 "alpha": self.alpha_at(batch.step), "omega": om.mean().detach(),
                 "dropped": float(x.shape[0] - len(l_sid)), "t_mean": t.mean()}
+        return {"loss": ode_regression(loss, diag, batch, roles, self.p.regression_weight, self.p.regression_steps),
+                **diag}
 
     def auxiliary_losses(self, batch: Batch, roles: Roles) -> dict:
         x, real = batch.x.detach(), batch.real
