@@ -16,7 +16,6 @@ these cases are opt-in (``SCOREDISTILL_LONG_TESTS=1``); CI runs ``cd`` at 800 it
 (:func:`test_cd_800_iterations_covers_every_mode`, ``slow``; its ring8 twin is opt-in).
 """
 
-import os
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,7 @@ from scoredistill.bench.toy import run_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "toy"
-LONG = pytest.mark.skipif(os.environ.get("SCOREDISTILL_LONG_TESTS") != "1",
-                          reason="a recipe-budget training (100-150 s CPU each); SCOREDISTILL_LONG_TESTS=1 runs it")
+LONG = pytest.mark.long  # a recipe-budget training (100-150 s CPU each)
 
 MARGIN = 0.07  # the margin of the other few-step coverage tests (tests/objectives/test_fewstep_distribution.py)
 # (method, preset) -> lowest 4-step precision over the seeds measured in docs/results/toy.md (3000 iterations; one
