@@ -130,3 +130,46 @@ def test_bad_input_is_one_line():
         _loss(two_time)
     with pytest.raises(ConfigError, match="train.batch_size"):
         _loss(GaussTwin(MU, S), n=3)
+    with pytest.raises(ConfigError, match="objective.target_ema_ramp"):
+        build_objective({"name": "twinflow", "target_ema_ramp": True})
+
+
+def test_target_ema_ramp_follows_the_papers_recurrence():
+    """``target_ema_ramp``: ``m_0 = 0`` (an exact copy), ``m_{n+1} = m_n + (1 - m_n)(m* - m_n)/2`` -> ``m*``,
+    a function of the iteration alone; off, the rate is ``target_ema`` at every iteration."""
+    obj = build_objective({"name": "twinflow", "target_ema": 0.99, "target_ema_ramp": True})
+    m, want = 0.0, []
+    for _ in range(50):
+        want.append(m)
+        m = m + (1 - m) * (0.99 - m) / 2
+    assert [obj.target_decay(n) for n in range(50)] == want
+    assert want[1] == pytest.approx(0.495) and all(a < b < 0.99 for a, b in zip(want, want[1:]))
+    assert obj.target_decay(10**5) == 0.99 and obj.target_decay(3) == want[3]  # random access after growth
+    fresh = build_objective({"name": "twinflow", "target_ema": 0.99, "target_ema_ramp": True})
+    assert fresh.target_decay(7) == want[7]  # the same value whatever was asked before (resume)
+    flat = build_objective({"name": "twinflow", "target_ema": 0.9})
+    assert {flat.target_decay(n) for n in (0, 1, 100)} == {0.9}
+
+
+def test_engine_applies_the_ramp_per_iteration():
+    """The engine's target copy: exact copy of the student after the first update (rate 0), then the EMA at the
+    ramped rate of each iteration."""
+    from helpers import tiny_config
+
+    from scoredistill.config import resolve
+    from scoredistill.engine.distiller import Distiller
+
+    cfg = tiny_config(generator={"steps": 4}, objective={"name": "twinflow", "target_ema": 0.99,
+                                                         "target_ema_ramp": True},
+                      train={"steps": 3, "batch_size": 16, "threads": 1, "generator_every": 1},
+                      eval={"every": 100, "n_samples": 32})
+    d = Distiller(resolve(cfg), None, log=lambda *a: None)
+    d.train_step()
+    student = [p.detach().clone() for p in d.student_denoiser.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(d.target.model.parameters(), student))
+    before = [p.detach().clone() for p in d.target.model.parameters()]
+    d.train_step()
+    m = d.objective.target_decay(1)
+    assert d.target.decay == m == pytest.approx(0.495)
+    for tp, old, sp in zip(d.target.model.parameters(), before, d.student_denoiser.parameters()):
+        assert torch.allclose(tp, old + (1 - m) * (sp - old), atol=1e-6)

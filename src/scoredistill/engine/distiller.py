@@ -493,6 +493,7 @@ class Distiller(Loop):
             if stepped and self.ema is not None:
                 self.ema.update(self.generator)
             if stepped and self.target is not None:
+                self.target.decay = obj.target_decay(self.step)  # a schedule of the iteration (resume-exact)
                 self.target.update(self.student_denoiser)
             if stepped and self.snapshot is not None and self.step < obj.snapshot_step():
                 self.snapshot.update(self.student_denoiser)

@@ -179,8 +179,9 @@ class Objective:
         """Keyword arguments of the ``discriminator`` head the engine builds (``width``, ``depth``)."""
         return {}
 
-    def target_decay(self) -> float:
-        """``consistency_target``: the target's EMA rate per generator update (0: an exact copy)."""
+    def target_decay(self, step: int = 0) -> float:
+        """``consistency_target``: the target's EMA rate for the update made at engine iteration ``step`` (0: an
+        exact copy). A function of the iteration alone, so a resumed run continues the same schedule."""
         return 0.0
 
     def phase_split(self, times: list[float]) -> list[float]:

@@ -56,7 +56,7 @@ class ConsistencyObjective(Objective):
     def requirements(self) -> set[str]:
         return {"consistency_target", "real_data"}
 
-    def target_decay(self) -> float:
+    def target_decay(self, step: int = 0) -> float:
         return float(self.p.target_ema)
 
     @staticmethod

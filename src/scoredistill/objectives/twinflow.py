@@ -52,9 +52,13 @@ class TwinFlowParams(ConsistencyParams):
     clamp: float = 1.0          # bound on the target correction and on dF
     barron_alpha: float = 1.0
     barron_c: float = 1e-3
+    target_ema_ramp: bool = False  # the paper's adaptive target EMA: the rate ramps from 0 up to target_ema
 
     def validate(self):
         super().validate()
+        if self.target_ema_ramp and self.target_ema == 0:
+            raise ConfigError("objective.target_ema_ramp", "ramps the target's EMA rate up to objective.target_ema, "
+                              "which is 0 (an exact copy); set target_ema (the paper: 0.99) or leave the ramp off")
         check_velocity(self)
         checks = {"dm_weight": self.dm_weight >= 0, "rcgm_delta": 0 < self.rcgm_delta < 1,
                   "rcgm_steps": self.rcgm_steps >= 1, "mul_frac": 0 < self.mul_frac <= 1, "clamp": self.clamp > 0,
@@ -125,6 +129,21 @@ class TwinFlow(ConsistencyObjective):
 
     def requirements(self) -> set[str]:
         return super().requirements() | {"two_time_student", "signed_time_student"}
+
+    def target_decay(self, step: int = 0) -> float:
+        """``target_ema``, or with ``target_ema_ramp`` the paper's adaptive rate (arXiv 2512.05150): ``m_0 = 0``,
+        ``m_{n+1} = m_n + (1 - m_n)(m* - m_n)/2`` with ``m* = target_ema`` -- an exact copy at the first update,
+        then a rate that closes its gap to ``m*`` by a factor ``(1 + m_n)/2`` per iteration (half the gap at first,
+        ~0.5 % of it per iteration near ``m* = 0.99``), so the target follows a fast-moving fresh student early."""
+        if not self.p.target_ema_ramp:
+            return float(self.p.target_ema)
+        ramp = self.__dict__.setdefault("_ramp", [0.0])
+        goal = float(self.p.target_ema)
+        while len(ramp) <= step and ramp[-1] != goal:
+            m = ramp[-1]
+            # within 1e-12 of m* the float recurrence stalls a few ulps short of it: take m* from there on
+            ramp.append(goal if goal - m <= 1e-12 else m + (1.0 - m) * (goal - m) * 0.5)
+        return ramp[step] if step < len(ramp) else goal
 
     def generator_loss(self, batch, roles):
         student, target, x0, cond, eps = self.inputs(batch, roles)
