@@ -155,7 +155,6 @@ def test_engine_applies_the_ramp_per_iteration():
     """The engine's target copy: exact copy of the student after the first update (rate 0), then the EMA at the
     ramped rate of each iteration."""
     from helpers import tiny_config
-
     from scoredistill.config import resolve
     from scoredistill.engine.distiller import Distiller
 
