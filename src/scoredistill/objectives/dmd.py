@@ -41,6 +41,7 @@ from scoredistill.objectives.core import (
     inject,
     ode_regression,
     regression_steps_key,
+    regression_weight_key,
 )
 
 
@@ -48,7 +49,8 @@ from scoredistill.objectives.core import (
 class DMDParams(ObjectiveParams):
     guidance_scale: float = guidance_key()
     alpha_factor: bool = key(False, "multiply the field by a_t (DMD paper eq. 7); false: DMD2's code")
-    regression_weight: float = key(0.25, "lambda_reg of the regression loss on teacher ODE pairs (0: off)", lo=0)
+    regression_weight: float = regression_weight_key(0.25, "lambda_reg of the regression loss on teacher ODE pairs "
+                                                     "(0: off)")
     regression_steps: int = regression_steps_key()
     fake_cond_dropout: float = dropout_key()
 
@@ -109,8 +111,8 @@ class DMD2Params(ObjectiveParams):
     gan_weight_disc: float = key(1e-2, "discriminator loss weight inside the fake-network update", lo=0)
     gan_t_min: float = key(0.0, "diffusion-GAN re-noising range: lower canonical time", lo=0, hi=1)
     gan_t_max: float = key(0.5, "diffusion-GAN re-noising range: upper canonical time", lo=0, hi=1)
-    regression_weight: float = key(0.0, "lambda_reg of DMD's regression loss on teacher ODE pairs (0: off, DMD2)",
-                                   lo=0)
+    regression_weight: float = regression_weight_key(0.0, "lambda_reg of DMD's regression loss on teacher ODE pairs "
+                                                     "(0: off, DMD2)")
     regression_steps: int = regression_steps_key()
 
     def validate(self):
