@@ -79,3 +79,54 @@ def test_plain_where_it_does_not_apply_is_one_line(section, value):
 def test_unknown_blocks_value_names_the_choices():
     with pytest.raises(ConfigError, match="generator.blocks.*residual.*plain"):
         resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, "generator": {"kind": "mlp", "blocks": "dense"}})
+
+
+@pytest.mark.parametrize("blocks", ["plain", "residual"])
+def test_unconditional_generator_embedding_is_exactly_the_full_zero_input(blocks):
+    """The unconditional generator feeds one zero embedding row, broadcast over the batch (a cheaper call): its
+    output and every parameter's gradient equal those of the former (B, emb) zero input bit for bit."""
+    torch.manual_seed(0)
+    g = MLPGenerator(16, 64, 3, blocks=blocks)
+    z = torch.randn(33, 16)
+    out = g(z)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in g.named_parameters()}
+    g.zero_grad(set_to_none=True)
+    ref = g.net(z, torch.zeros(33, 64))
+    ref.square().mean().backward()
+    assert torch.equal(out, ref)
+    for n, p in g.named_parameters():
+        assert torch.equal(grads[n], p.grad), n
+
+
+def test_fourier_time_embedding_is_lighter_round_trips_and_keeps_old_configs(tmp_path):
+    cfg = resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, "objective": {"name": "dmd2"},
+                   "fake_score": {"kind": "mlp", "blocks": "plain", "time_embedding": "fourier"}})
+    teacher, ref = build_teacher(cfg["teacher"])
+    f = build_fake(cfg["fake_score"], teacher, ref.data_std())
+    default = build_fake(resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, "objective": {"name": "dmd2"},
+                                  "fake_score": {"kind": "mlp", "blocks": "plain"}})["fake_score"], teacher, 1.0)
+    assert isinstance(f.time_mlp, torch.nn.Identity) and "time_embedding" not in default.arch
+    assert n_params(default) - n_params(f) == 2 * (64 * 64 + 64)  # the 2-layer time MLP
+    x, t = torch.randn(16, 2), torch.rand(16, dtype=torch.float64) * 0.9 + 0.05
+    # the backbone sees the Fourier features themselves
+    e = f.time((f.process.rho(t).log() / 4).float())
+    assert torch.equal(f._precond(x, t, None)[4], e)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_model(f, str(tmp_path / "fake"))
+    back, saved = load_model(str(tmp_path / "fake"))
+    assert saved["arch"]["time_embedding"] == "fourier"
+    assert torch.equal(back(x, t), f(x, t))
+
+
+@pytest.mark.parametrize("value,match", [
+    ({"kind": "teacher", "time_embedding": "fourier"}, "fake_score.time_embedding"),
+    ({"kind": "mlp", "time_embedding": "sinusoid"}, "fake_score.time_embedding.*mlp.*fourier")])
+def test_time_embedding_bad_input_is_one_line(value, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg = resolve({"teacher": {"kind": "gmm", "preset": "ring8"}, "fake_score": value,
+                       "objective": {"name": "dmd2"}})
+        teacher, _ = build_teacher(cfg["teacher"])
+        build_fake(cfg["fake_score"], teacher, 1.0)

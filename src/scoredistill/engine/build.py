@@ -252,6 +252,8 @@ def build_fake(fcfg: dict | FakeScoreConfig, teacher: Denoiser, sigma_data: floa
     f = typed(FakeScoreConfig, fcfg, "fake_score")
     if f.blocks != "residual" and f.kind != "mlp":
         raise ConfigError("fake_score.blocks", "plain applies to fake scores of kind mlp; accepted here: residual")
+    if f.time_embedding != "mlp" and f.kind != "mlp":
+        raise ConfigError("fake_score.time_embedding", "fourier applies to fake scores of kind mlp; accepted here: mlp")
     if f.experts is not None:
         if split is None or _is_diffusers(teacher):
             raise ConfigError("fake_score.experts", "per_phase splits the fake score at the phases of a native "
@@ -271,7 +273,8 @@ def _build_fake(f: FakeScoreConfig, teacher: Denoiser, sigma_data: float) -> Den
     dim = int(np.prod(teacher.data_shape))
     if f.kind == "mlp":
         sd = f.sigma_data if f.sigma_data is not None else sigma_data
-        return MLPDenoiser(teacher.process, dim, f.width, f.depth, teacher.num_classes, sd, blocks=f.blocks)
+        return MLPDenoiser(teacher.process, dim, f.width, f.depth, teacher.num_classes, sd, blocks=f.blocks,
+                           time_embedding=f.time_embedding)
     if _is_diffusers(teacher):  # fake_score.kind teacher/full (copy) | lora (peft LoRA on the teacher)
         from scoredistill.adapters.student import build_diffusers_fake
 

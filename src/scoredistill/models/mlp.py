@@ -106,6 +106,9 @@ class PlainBackbone(MLPBackbone):
         return h
 
 
+#: how an MLP denoiser embeds its time: Fourier features through a 2-layer MLP (default) or the features alone
+TIME_EMBEDDINGS = ("mlp", "fourier")
+
 #: ``blocks`` of the MLP networks: the residual LayerNorm backbone (default) or the plain MLP
 BACKBONES = {"residual": MLPBackbone, "plain": PlainBackbone}
 
@@ -119,8 +122,11 @@ class MLPDenoiser(PrecondDenoiser):
 
     def __init__(self, process: Process, dim: int, width: int = 256, depth: int = 4,
                  num_classes: int | None = None, sigma_data: float = 1.0, emb_dim: int = 64,
-                 two_time: bool = False, signed_time: bool = False, blocks: str = "residual"):
+                 two_time: bool = False, signed_time: bool = False, blocks: str = "residual",
+                 time_embedding: str = "mlp"):
         super().__init__()
+        if time_embedding not in TIME_EMBEDDINGS:
+            raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
         self.process = process
         self.data_shape = (dim,)
         self.num_classes = num_classes
@@ -128,11 +134,16 @@ class MLPDenoiser(PrecondDenoiser):
         self.arch = dict(dim=dim, width=width, depth=depth, num_classes=num_classes,
                          sigma_data=float(sigma_data), emb_dim=emb_dim)
         self.time = FourierTime(emb_dim)
-        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # ``fourier``: the features go straight into the backbone's embedding layer(s), which are already linear
+        # in them; the 2-layer MLP is one more (B x emb x emb) product pair and SiLU per call (docs/results/toy.md)
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) \
+            if time_embedding == "mlp" else nn.Identity()
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.net = backbone(blocks, dim, width, depth, emb_dim)
         if blocks != "residual":  # saved residual networks keep their former config.json
             self.arch["blocks"] = blocks
+        if time_embedding != "mlp":
+            self.arch["time_embedding"] = time_embedding
         nn.init.zeros_(self.net.out.weight)
         nn.init.zeros_(self.net.out.bias)
         self.two_time = bool(two_time)
@@ -205,7 +216,9 @@ class MLPGenerator(nn.Module):
                 else torch.where(cond.long() == NULL_CLASS, self.num_classes, cond.long())
             e = self.class_emb(idx)
         else:
-            e = torch.zeros(b, self.emb_dim, device=z.device, dtype=z.dtype)
+            # one zero row, broadcast over the batch: emb(0) is its bias exactly, so outputs and gradients are
+            # those of a full (B, emb) zero input without B rows of an (emb x width) product forward and back
+            e = torch.zeros(1, self.emb_dim, device=z.device, dtype=z.dtype)
         return self.net(z.reshape(b, -1), e).reshape(b, *self.data_shape)
 
 
