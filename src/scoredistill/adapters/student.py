@@ -9,13 +9,18 @@ pipelines and DMD2: ``generator.noise_input: pure`` feeds the unit-variance nois
 pipeline reproduces the student exactly); ``scaled`` feeds ``s(t_0) z`` (the library's
 ``DenoiserGenerator`` and SiD-LSG's ``sqrt(1 - alpha_bar) z``).
 
-Few-step students (``K = len(timesteps) > 1``) use backward simulation (DMD2 ``sample_backward``,
-SiD^2's uniform step mixture): in training mode each call draws ``k ~ U{0..K-1}`` (global torch RNG,
-saved in checkpoints), rolls the student out for ``k`` steps without gradient -- x0 prediction,
-then re-noising to the next timestep with fresh noise -- and returns the x0 of step ``k`` with
-gradient. In eval mode (EMA copy, export, ``scoredistill sample``) it runs all ``K`` steps, and the
-re-noising draws come from a generator seeded by the input noise ``z`` itself, so a seeded ``z``
-gives the same sample in any process.
+Few-step students (``K = len(timesteps) > 1``) are the library's one K-step rollout
+(:class:`~scoredistill.models.rollout.RolloutStudent`, docs/fewstep.md) over the diffusers network, as native
+students are: re-noising ``generator.rollout`` fresh | fixed | ddim, the trained step drawn per iteration from
+the engine's seed (uniform or ``generator.step_weights``) with backward simulation (DMD2 ``sample_backward``,
+SiD^2's uniform step mixture), ``train_output`` for objectives that read the trained step (TDM, Phased DMD).
+Without the engine's seed, training draws the step and the fresh noise from the global torch RNG (saved in
+checkpoints); in eval mode (EMA copy, export, ``scoredistill sample``) all ``K`` steps run and fresh re-noising
+without a given generator is seeded by the input noise ``z`` itself, so a seeded ``z`` gives the same sample
+in any process.
+
+Experts (``generator.experts``, Phased DMD arXiv 2510.27684): one full copy per phase
+(``PhaseExperts``), or for ``kind: lora`` one LoRA adapter per phase on one frozen copy (:class:`LoRAExperts`).
 
 Critic (``fake_score.kind``): ``teacher``/``full`` = trainable copy, ``lora`` =
 :class:`~scoredistill.adapters.lora.LoRACritic` on the frozen teacher module.
