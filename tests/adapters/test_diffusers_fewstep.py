@@ -19,7 +19,7 @@ from scoredistill.cli.main import main  # noqa: E402
 from scoredistill.config import ConfigError, resolve  # noqa: E402
 from scoredistill.engine.distiller import Distiller  # noqa: E402
 from scoredistill.models.fewstep import PhaseExperts, phase_index  # noqa: E402
-from scoredistill.models.registry import load_model  # noqa: E402
+from scoredistill.models.registry import load_model, save_model  # noqa: E402
 
 PROMPTS = ["a red cube", "a blue ball"]
 
@@ -63,10 +63,10 @@ def _reached(params) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["teacher", "lora"])
-def test_only_the_trained_steps_expert_gets_gradient(tiny, kind):
+def test_only_the_trained_steps_expert_gets_gradient(tiny, tmp_path, kind):
     text = kind == "lora"  # UNet2DModel has no peft adapters: LoRA experts on the text UNet
     gcfg = {"kind": kind, "timesteps": [999, 749, 499], "rollout": "ddim", "experts": "per_step",
-            **({"lora_rank": 2} if text else {})}
+            "step_weights": [1, 1, 2], **({"lora_rank": 2} if text else {})}
     d = quiet(make_cfg(tiny("sd15" if text else "ddpm"), "dmd2", gcfg, text=text))
     gen = d.generator
     if text:
@@ -88,6 +88,13 @@ def test_only_the_trained_steps_expert_gets_gradient(tiny, kind):
         assert owner == k and [_reached(e) for e in experts] == [e == k for e in range(3)]
     # routing never touches requires_grad (peft's set_adapter would): the engine's freezing stays in force
     assert all(p.requires_grad for p in gen.parameters())
+    # the saved folder rebuilds the experts, the rollout mode and the step weights
+    save_model(gen, str(tmp_path / "gen"))
+    back, _ = load_model(str(tmp_path / "gen"))
+    assert type(back.denoiser) is type(gen.denoiser) and back.denoiser.split == gen.denoiser.split
+    assert back.rollout.describe() == gen.rollout.describe() and back.rollout.step_weights == [0.25, 0.25, 0.5]
+    with torch.no_grad():
+        assert torch.equal(back.eval()(z, cond), gen.eval()(z, cond))
     if text:  # a batch mixing phases is split by phase, each part through its own adapter
         t = torch.tensor([gen.t_steps[0], gen.t_steps[2]], dtype=torch.float64)
         with torch.no_grad():
@@ -123,14 +130,17 @@ def test_lora_experts_resume_save_sample_and_refuse_export(tiny, tmp_path, capsy
         out = tmp_path / f"s{len(steps)}.npy"
         assert main(["sample", str(tmp_path / "full"), "--n", "2", "--out", str(out), *steps]) == 0
         assert np.load(out).shape == (2, 4, 8, 8) and np.isfinite(np.load(out)).all()
-    # a diffusers pipeline holds one network: export refuses experts with one line, exit 2
-    with pytest.raises(SystemExit) as e:
-        main(["export", str(tmp_path / "full"), "--out", str(tmp_path / "pipe")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("scoredistill: error: generator.experts") and "accepted for export: null" in line
-    assert not (tmp_path / "pipe").exists()
+    # a diffusers pipeline holds one network (and one LoRA file is one adapter): export refuses experts with one
+    # line, exit 2, in either format
+    for fmt in ("diffusers", "lora"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["export", str(tmp_path / "full"), "--format", fmt, "--out", str(tmp_path / "pipe")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("scoredistill: error: generator.experts") and "accepted for export: null" in line
+        assert not (tmp_path / "pipe").exists()
 
 
 @pytest.mark.parametrize("kind, timesteps", [("ddpm", [999, 499]), ("sd3", [1000, 750, 500])])

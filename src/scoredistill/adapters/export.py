@@ -156,6 +156,7 @@ def export_lora(gen, out: str) -> dict:
     if gen.lora_config is None:
         raise ConfigError("--format", "lora needs a student trained as LoRA (generator.kind: lora); this run's "
                           "student is a full copy: use --format diffusers")
+    sched, call = student_scheduler(gen)  # refuses what no pipeline reproduces before anything is written
     import diffusers
 
     pipe_cls = getattr(diffusers, d.assets.pipeline_class, None)
@@ -171,7 +172,6 @@ def export_lora(gen, out: str) -> dict:
     os.makedirs(out, exist_ok=True)
     name = d.family.network  # save_lora_weights names its arguments after the component
     pipe_cls.save_lora_weights(out, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": meta})
-    sched, call = student_scheduler(gen)
     sched.save_pretrained(os.path.join(out, "scheduler"))
     return _write_info(gen, out, "lora", call, scheduler_class=type(sched).__name__, lora=gen.lora_config,
                        lora_tensors=len(layers))
