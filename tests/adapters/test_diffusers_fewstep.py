@@ -98,9 +98,14 @@ def test_only_the_trained_steps_expert_gets_gradient(tiny, tmp_path, kind):
     if text:  # a batch mixing phases is split by phase, each part through its own adapter
         t = torch.tensor([gen.t_steps[0], gen.t_steps[2]], dtype=torch.float64)
         with torch.no_grad():
+            for n, p in gen.named_parameters():  # lora_B starts at 0 (every adapter = the base): make them differ
+                if "lora_B" in n:
+                    p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(n)))
             both = gen.denoiser(z, t, cond)
             one = [gen.denoiser(z[i:i + 1], t[i:i + 1], cond[i:i + 1]) for i in range(2)]
+            wrong = gen.denoiser._phase("phase0", z[1:], t[1:], cond[1:])  # sample 1 through phase 0's adapter
         torch.testing.assert_close(both, torch.cat(one), rtol=1e-5, atol=1e-6)
+        assert float((wrong - both[1:]).abs().max()) > 1e-2  # measured 0.050: the adapter in use matters
 
 
 def test_lora_experts_resume_save_sample_and_refuse_export(tiny, tmp_path, capsys):
