@@ -488,9 +488,11 @@ class GeneratorConfig(AdapterKeys):
                                            accepts="a list of K non-negative numbers")
     noise_input: str | None = key(None, "diffusers: pure (z itself) | scaled (sigma_max z)",
                                   choices=("pure", "scaled"))
-    experts: str | None = key(None, "K-step native student: per_step (one step network per step) | per_phase "
+    experts: str | None = key(None, "K-step student: per_step (one step network per step) | per_phase "
                               "(one per phase of the objective, e.g. phased_dmd); null: one shared network, or "
-                              "per_phase when the objective trains experts", choices=("per_step", "per_phase"))
+                              "per_phase when the objective trains experts; diffusers: a full copy per expert "
+                              "(kind teacher) or one LoRA adapter per expert on one base (kind lora)",
+                              choices=("per_step", "per_phase"))
     init_steps: int = key(0, "iterations of teacher score matching that first train a time-conditioned student's "
                           "denoiser (generator.steps set) toward the teacher's, before distillation (MSD's small-"
                           "student initialisation; docs/objectives/msd.md); 0: none", lo=0, hi=INT64_MAX)

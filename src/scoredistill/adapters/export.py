@@ -10,6 +10,12 @@ network (LoRA students are merged) and a scheduler set up for the student's K st
   other timesteps (e.g. DMD2-SDXL's ``[399]``) are passed as ``timesteps=[...]``.
 * flow teachers: ``FlowMatchEulerDiscreteScheduler(shift=1, stochastic_sampling=True)`` called with
   ``sigmas=[...]`` (the student's sigmas, already shifted).
+* ``generator.rollout: ddim`` students (re-noising with their own noise estimate, TDM / Phased DMD):
+  ``DDIMScheduler`` (eta 0, ``timestep_spacing="trailing"``, the final step to x0) on DDPM teachers, whose
+  ``num_inference_steps=K`` gives the student's timesteps when they are LCM's grid (the only ones it can
+  give); on flow teachers the deterministic Euler step (``stochastic_sampling=False``), which is exactly
+  "x0, then re-noise with the model's own noise estimate". ``fixed`` students and students with experts are
+  refused (one line): no pipeline re-noises with the first noise again, and a pipeline holds one network.
 
 Diffusers pipelines take their step count at call time, so the folder carries
 ``scoredistill_export.json`` with the exact call arguments (also in its README.md). Verification
@@ -49,21 +55,27 @@ MARKER = ".scoredistill-export"  # identifies folders this module wrote (the onl
 
 
 def student_scheduler(gen):
-    """The scheduler and call arguments that reproduce the student's K-step rollout; one line for a rollout
-    the diffusers schedulers cannot express (they start from the noise itself and re-noise with fresh noise)."""
-    d = gen.denoiser
+    """The scheduler and call arguments that reproduce the student's K-step rollout; one line for a student
+    a diffusers pipeline cannot express (it holds one network, starts from the noise itself and re-noises with
+    fresh noise (LCM, stochastic Euler) or the model's own noise estimate (DDIM with eta 0, Euler))."""
+    d = gen.base
+    if gen.experts is not None:
+        raise ConfigError("generator.experts", f"a diffusers pipeline holds one network; this student has "
+                          f"{len(gen.experts) + 1} experts (one per phase), which no pipeline (and no single LoRA "
+                          "file) reproduces; accepted for export: null")
     if gen.noise_input != "pure":
         raise ConfigError("generator.noise_input", f"export reproduces students whose first input is the noise itself "
                           f"(pure), as diffusers pipelines feed it; this student takes s(t_0) z ({gen.noise_input}); "
                           "accepted: pure (retrain with generator.noise_input: pure)")
-    if gen.rollout.mode != "fresh":
-        raise ConfigError("generator.rollout", f"LCMScheduler / FlowMatchEulerDiscreteScheduler re-noise with fresh "
-                          f"noise; this student re-noises with {gen.rollout.mode!r}; accepted: fresh")
+    if gen.rollout.mode == "fixed" and len(gen.timesteps) > 1:
+        raise ConfigError("generator.rollout", "no diffusers scheduler re-noises every step with the sample's first "
+                          "noise (fixed); accepted for export: fresh (LCMScheduler / stochastic Euler), ddim "
+                          "(DDIMScheduler / Euler)")
     return d.family.export_scheduler(gen, d.assets.scheduler_config)
 
 
 def _student_network(gen):
-    net = gen.denoiser.model
+    net = gen.base.model
     if gen.lora_config is None:
         out = copy.deepcopy(net)
     else:
@@ -77,7 +89,7 @@ def _student_network(gen):
 
 
 def _readme(gen, call: dict, lora: bool) -> str:
-    d = gen.denoiser
+    d = gen.base
     args = ", ".join(f"{k}={v!r}" for k, v in call.items())
     fewer = ("" if len(gen.timesteps) == 1 else
              "\nFewer steps (K' of the student's K, evenly strided as `scoredistill sample RUN --steps K'`): the "
@@ -110,7 +122,7 @@ def _none_components(folder: str) -> dict:
 
 def _write_info(gen, out: str, fmt: str, call: dict, **extra) -> dict:
     """``scoredistill_export.json`` and README.md of an export folder."""
-    d = gen.denoiser
+    d = gen.base
     kw = d.family.call_kwargs(d, call)
     calls = {kp: d.family.call_kwargs(d, c) for kp, c in d.family.step_calls(gen, call).items()}
     info = {"format": fmt, "pipeline": d.assets.pipeline_class, "family": d.family.name, "timesteps": gen.timesteps,
@@ -127,7 +139,7 @@ def _write_info(gen, out: str, fmt: str, call: dict, **extra) -> dict:
 def export_pipeline(gen, out: str) -> dict:
     from scoredistill.adapters.diffusers_teacher import load_pipeline
 
-    d = gen.denoiser
+    d = gen.base
     sched, call = student_scheduler(gen)
     d.family.check_export(gen, call)
     pipe, _ = load_pipeline(d.assets.path, family=d.family)
@@ -140,10 +152,11 @@ def export_pipeline(gen, out: str) -> dict:
 def export_lora(gen, out: str) -> dict:
     from peft.utils import get_peft_model_state_dict
 
-    d = gen.denoiser
+    d = gen.base
     if gen.lora_config is None:
         raise ConfigError("--format", "lora needs a student trained as LoRA (generator.kind: lora); this run's "
                           "student is a full copy: use --format diffusers")
+    sched, call = student_scheduler(gen)  # refuses what no pipeline reproduces before anything is written
     import diffusers
 
     pipe_cls = getattr(diffusers, d.assets.pipeline_class, None)
@@ -159,7 +172,6 @@ def export_lora(gen, out: str) -> dict:
     os.makedirs(out, exist_ok=True)
     name = d.family.network  # save_lora_weights names its arguments after the component
     pipe_cls.save_lora_weights(out, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": meta})
-    sched, call = student_scheduler(gen)
     sched.save_pretrained(os.path.join(out, "scheduler"))
     return _write_info(gen, out, "lora", call, scheduler_class=type(sched).__name__, lora=gen.lora_config,
                        lora_tensors=len(layers))
@@ -188,7 +200,7 @@ def verify_export(gen, out: str, n: int = 2, seed: int = 0, tol: float = 1e-3) -
     """Reload ``out`` and check it against the student; returns ``{"max_abs_diff": .., ...}``."""
     with open(os.path.join(out, EXPORT_JSON)) as f:
         info = json.load(f)
-    d = gen.denoiser
+    d = gen.base
     pipe = _load_exported(out, info, d.family)
     pipe.set_progress_bar_config(disable=True)
     gen.eval()
@@ -222,7 +234,7 @@ def _compare_samples(gen, pipe, info: dict, z, cond, seed: int, tol: float) -> t
     """``({K': max |pipeline - student|}, all within tol)``: the reloaded pipeline's K'-step samples (``calls``)
     against the student's ``gen.sample(z, steps=K')`` from the same noise: the input noise and the re-noising
     stream of ``scoredistill sample --seed`` (DDPMPipeline, which draws its own input noise: that stream's)."""
-    d = gen.denoiser
+    d = gen.base
     noise_seed = sample_noise_seed(seed)
     first = {k: v for k, v in info["call"].items() if k not in ("num_inference_steps", "timesteps", "sigmas")}
     diffs, ok = {}, True

@@ -222,11 +222,17 @@ class Family:
         out = {}
         for kp in range(1, k + 1):
             if "num_inference_steps" in call:
+                if _ddim(gen) and [gen.timesteps[j] for j in strided_subset(k, kp)] != lcm_grid(kp, self._n(gen)):
+                    continue  # DDIM's trailing grid of K' steps is not the student's strided subset
                 out[str(kp)] = {"num_inference_steps": kp}
             else:
                 key = "timesteps" if "timesteps" in call else "sigmas"
                 out[str(kp)] = {key: [call[key][j] for j in strided_subset(k, kp)]}
         return out
+
+    @staticmethod
+    def _n(gen) -> int:
+        return int(gen.base.assets.scheduler_config.get("num_train_timesteps", 1000))
 
     def sample_exported(self, pipe, d, z: torch.Tensor, cond, kw: dict, noise_seed: int) -> torch.Tensor:
         """A reloaded pipeline's sample (student space) from the student's noise ``z`` (``latents``), its
@@ -268,6 +274,8 @@ class VPUNetFamily(Family):
         n_train = int(sched_cfg.get("num_train_timesteps", 1000))
         k = len(gen.timesteps)
         on_grid = list(gen.timesteps) == lcm_grid(k, n_train)
+        if _ddim(gen):
+            return self._ddim_scheduler(gen, sched_cfg, on_grid)
         own = set(inspect.signature(LCMScheduler.__init__).parameters) - {"self"}
         cfg = {key: v for key, v in sched_cfg.items() if key in own}
         # timestep_scaling 1e4 makes LCM's boundary blend c_skip (<= 2.5e-9 at timestep >= 1) vanish: the
@@ -276,6 +284,32 @@ class VPUNetFamily(Family):
                                          thresholding=False, timestep_spacing="leading", timestep_scaling=1e4)
         call = {"num_inference_steps": k} if on_grid else {"timesteps": [int(v) for v in gen.timesteps]}
         return sched, call
+
+
+    @staticmethod
+    def _ddim_scheduler(gen, sched_cfg: dict, on_grid: bool):
+        """``DDIMScheduler`` with eta 0 (the pipelines' default): x0, then re-noise with the model's own noise
+        estimate to ``timestep - N / K`` -- the student's next timestep exactly when its timesteps are the
+        trailing grid (= LCM's grid) -- and the last step to x0 itself (``set_alpha_to_one``)."""
+        import inspect
+
+        from diffusers import DDIMScheduler
+
+        if not on_grid:
+            n_train = int(sched_cfg.get("num_train_timesteps", 1000))
+            raise ConfigError("generator.timesteps", f"a ddim student exports with DDIMScheduler, which steps on its "
+                              f"trailing grid only; accepted for {len(gen.timesteps)} steps: "
+                              f"{lcm_grid(len(gen.timesteps), n_train)}, got {list(gen.timesteps)}")
+        own = set(inspect.signature(DDIMScheduler.__init__).parameters) - {"self"}
+        cfg = {key: v for key, v in sched_cfg.items() if key in own}
+        sched = DDIMScheduler.from_config(cfg, clip_sample=False, thresholding=False, set_alpha_to_one=True,
+                                          timestep_spacing="trailing", steps_offset=0)
+        return sched, {"num_inference_steps": len(gen.timesteps)}
+
+
+def _ddim(gen) -> bool:
+    """A student re-noising with its own noise estimate between steps (with one step, every mode is alike)."""
+    return gen.rollout.mode == "ddim" and len(gen.timesteps) > 1
 
 
 def lcm_grid(k: int, n_train: int) -> list[int]:
@@ -331,7 +365,7 @@ class UNet2D(VPUNetFamily):
         return out
 
     def check_export(self, gen, call: dict) -> None:
-        d = gen.denoiser
+        d = gen.base
         if d.assets.pipeline_class == "DDPMPipeline" and "num_inference_steps" not in call:
             raise ConfigError("export", f"DDPMPipeline cannot take custom timesteps; the student's {gen.timesteps} "
                               f"are not LCM's grid {lcm_grid(len(gen.timesteps), d.process.num_steps)}")
@@ -454,13 +488,14 @@ class FlowTransformerFamily(Family):
         return model.transformer_blocks[-1]
 
     def export_scheduler(self, gen, sched_cfg: dict):
-        """``FlowMatchEulerDiscreteScheduler(shift=1, stochastic_sampling=True)`` called with the
-        student's sigmas (already shifted): each step is "x0, then re-noise with fresh noise"."""
+        """``FlowMatchEulerDiscreteScheduler(shift=1)`` called with the student's sigmas (already shifted):
+        with ``stochastic_sampling`` each step is "x0, then re-noise with fresh noise"; without it (``ddim``
+        students) the Euler step ``x + (s' - s) v`` is "x0, then re-noise with the model's own noise estimate"."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         n_train = int(sched_cfg.get("num_train_timesteps", 1000))
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=n_train, shift=1.0, use_dynamic_shifting=False,
-                                                stochastic_sampling=True)
+                                                stochastic_sampling=not _ddim(gen))
         return sched, {"sigmas": [float(v) / n_train for v in gen.timesteps]}
 
 

@@ -13,6 +13,8 @@ checkpoint entries cover the adapter alone.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -37,9 +39,17 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
         m._disable_adapters = not enabled
 
 
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Make adapter ``name`` the one the next forward of ``model`` uses. peft's ``set_adapter`` would also set
+    ``requires_grad`` (on for ``name``, off for the others), undoing the engine's freezing of the role."""
+    for m in model.__dict__.get("_sd_lora_layers") or ():
+        m._active_adapter = [name]
+
+
 def attach_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=None, section: str = "fake_score",
-                adapter_name: str = "default") -> list[tuple[str, nn.Parameter]]:
-    """Add a LoRA adapter to a diffusers model; returns its ``(name, parameter)`` list (trainable)."""
+                adapter_names=("default",)) -> list[tuple[str, nn.Parameter]]:
+    """Add LoRA adapters (one per name, all alike; several: a student's experts, one per phase, switched with
+    :func:`set_active_adapter`) to a diffusers model; returns their ``(name, parameter)`` list (trainable)."""
     from peft import LoraConfig
 
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -54,7 +64,10 @@ def attach_lora(model: nn.Module, rank: int, alpha: float | None = None, targets
     cfg = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank), target_modules=targets,
                      init_lora_weights=True)
     try:
-        model.add_adapter(cfg, adapter_name=adapter_name)
+        with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the intent
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for name in adapter_names:
+                model.add_adapter(cfg, adapter_name=name)
     except ValueError as e:
         raise ConfigError(f"{section}.lora_targets", f"{str(e).splitlines()[0]} (targets {targets})") from None
     model.__dict__["_sd_lora_layers"] = lora_layers(model)

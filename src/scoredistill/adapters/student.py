@@ -9,13 +9,18 @@ pipelines and DMD2: ``generator.noise_input: pure`` feeds the unit-variance nois
 pipeline reproduces the student exactly); ``scaled`` feeds ``s(t_0) z`` (the library's
 ``DenoiserGenerator`` and SiD-LSG's ``sqrt(1 - alpha_bar) z``).
 
-Few-step students (``K = len(timesteps) > 1``) use backward simulation (DMD2 ``sample_backward``,
-SiD^2's uniform step mixture): in training mode each call draws ``k ~ U{0..K-1}`` (global torch RNG,
-saved in checkpoints), rolls the student out for ``k`` steps without gradient -- x0 prediction,
-then re-noising to the next timestep with fresh noise -- and returns the x0 of step ``k`` with
-gradient. In eval mode (EMA copy, export, ``scoredistill sample``) it runs all ``K`` steps, and the
-re-noising draws come from a generator seeded by the input noise ``z`` itself, so a seeded ``z``
-gives the same sample in any process.
+Few-step students (``K = len(timesteps) > 1``) are the library's one K-step rollout
+(:class:`~scoredistill.models.rollout.RolloutStudent`, docs/fewstep.md) over the diffusers network, as native
+students are: re-noising ``generator.rollout`` fresh | fixed | ddim, the trained step drawn per iteration from
+the engine's seed (uniform or ``generator.step_weights``) with backward simulation (DMD2 ``sample_backward``,
+SiD^2's uniform step mixture), ``train_output`` for objectives that read the trained step (TDM, Phased DMD).
+Without the engine's seed, training draws the step and the fresh noise from the global torch RNG (saved in
+checkpoints); in eval mode (EMA copy, export, ``scoredistill sample``) all ``K`` steps run and fresh re-noising
+without a given generator is seeded by the input noise ``z`` itself, so a seeded ``z`` gives the same sample
+in any process.
+
+Experts (``generator.experts``, Phased DMD arXiv 2510.27684): one full copy per phase
+(``PhaseExperts``), or for ``kind: lora`` one LoRA adapter per phase on one frozen copy (:class:`LoRAExperts`).
 
 Critic (``fake_score.kind``): ``teacher``/``full`` = trainable copy, ``lora`` =
 :class:`~scoredistill.adapters.lora.LoRACritic` on the frozen teacher module.
@@ -24,17 +29,27 @@ Critic (``fake_score.kind``): ``teacher``/``full`` = trainable copy, ``lora`` =
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 
 import torch
 from torch import nn
 
 from scoredistill.adapters.diffusers_teacher import DiffusersDenoiser, native_to_canonical
-from scoredistill.adapters.lora import DEFAULT_TARGETS, LoRACritic, LoRAHolder, attach_lora, enable_checkpointing
+from scoredistill.adapters.lora import (
+    DEFAULT_TARGETS,
+    LoRACritic,
+    LoRAHolder,
+    attach_lora,
+    enable_checkpointing,
+    set_active_adapter,
+)
 from scoredistill.errors import ConfigError
+from scoredistill.models.denoiser import Denoiser, expand_t
+from scoredistill.models.fewstep import PhaseExperts, phase_index, route
 from scoredistill.models.generators import DenoiserGenerator
 from scoredistill.models.registry import register_folder_class
-from scoredistill.models.rollout import Rollout
+from scoredistill.models.rollout import Rollout, RolloutStudent
 from scoredistill.process.processes import VPDiscrete
 
 NOISE_INPUTS = ("pure", "scaled")
@@ -66,7 +81,13 @@ def check_timesteps(teacher: DiffusersDenoiser, spec) -> list[float]:
     return [float(v) for v in ts]
 
 
-def _noise_generator(z: torch.Tensor) -> torch.Generator:
+def student_times(teacher: DiffusersDenoiser, timesteps: list[float]) -> list[float]:
+    """The canonical times of native student timesteps (DDPM index ``n`` -> ``n / N``; flow ``1000 sigma``)."""
+    n_train = float(teacher.assets.scheduler_config.get("num_train_timesteps", 1000))
+    return [native_to_canonical(teacher.process, v, n_train) for v in timesteps]
+
+
+def _z_noise_generator(z: torch.Tensor) -> torch.Generator:
     """A generator seeded from the bits of ``z``: an eval-mode K-step rollout is then a function of its
     input noise alone, so ``scoredistill sample --seed S``, evaluation and export verification are
     reproducible and never consume (or depend on) the global RNG the training loop checkpoints."""
@@ -74,38 +95,79 @@ def _noise_generator(z: torch.Tensor) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
-    """K-step student over a copy of a diffusers teacher (see the module docstring)."""
+def expert_names(n: int) -> list[str]:
+    """The peft adapter names of a LoRA student with ``n`` experts (one per phase)."""
+    return [f"phase{p}" for p in range(n)]
+
+
+class LoRAExperts(Denoiser):
+    """One LoRA adapter per phase on ONE frozen base network (Phased DMD's experts, arXiv 2510.27684, as
+    adapters): a time in phase ``p`` (models/fewstep.py ``phase_index``) is denoised by the base with adapter
+    ``phase{p}`` active. The rollout calls it with one time per batch; a batch that mixes phases is split by
+    phase (``route``), one call per adapter, so an update of one phase's step reaches only its adapter.
+
+    The base is held, not registered (its parameters belong to the student's ``LoRAHolder``); switching the
+    active adapter sets peft's ``_active_adapter`` directly, since peft's ``set_adapter`` also flips
+    ``requires_grad`` (which would defeat the engine's freezing of the student during fake-score updates)."""
+
+    def __init__(self, base: DiffusersDenoiser, split: list[float]):
+        super().__init__()
+        self.__dict__["base"] = base
+        self.split = [float(b) for b in split]
+        self.names = expert_names(len(self.split) + 1)
+        self.process = base.process
+        self.data_shape = base.data_shape
+        self.num_classes = base.num_classes
+        self.sigma_data = base.sigma_data
+
+    @property
+    def calls_children_conditionally(self) -> bool:  # which adapter runs depends on t (engine/fsdp.py)
+        return True
+
+    def _phase(self, name: str, x_t, t, cond):
+        set_active_adapter(self.base.model, name)
+        return self.base.denoise(x_t, t, cond, lora=True)
+
+    def denoise(self, x_t, t, cond=None, lora: bool | None = None):
+        t = expand_t(t, x_t.shape[0], x_t.device)
+        calls = [functools.partial(self._phase, n) for n in self.names]
+        return route(calls, phase_index(t, self.split), x_t, t, cond)
+
+
+class DiffusersGenerator(RolloutStudent, LoRAHolder, DenoiserGenerator):
+    """K-step student over a copy of a diffusers teacher (see the module docstring). ``experts``: phase
+    boundaries (canonical times) of a student with one expert per phase: full copies (``PhaseExperts``) or,
+    with ``lora``, one adapter per phase on one base (:class:`LoRAExperts`)."""
 
     def __init__(self, denoiser: DiffusersDenoiser, timesteps: list[float], noise_input: str = "pure",
-                 lora: dict | None = None):
+                 lora: dict | None = None, rollout: str = "fresh", step_weights=None,
+                 experts: list[float] | None = None):
         nn.Module.__init__(self)
         self.timesteps = list(timesteps)  # native values (diffusers convention)
-        n_train = float(denoiser.assets.scheduler_config.get("num_train_timesteps", 1000))
-        self.t_steps = [native_to_canonical(denoiser.process, v, n_train) for v in self.timesteps]
+        self.t_steps = student_times(denoiser, self.timesteps)
         self.t_init = self.t_steps[0]
         if noise_input not in NOISE_INPUTS:
             raise ConfigError("generator.noise_input", f"unknown value {noise_input!r}; accepted: "
                               f"{', '.join(NOISE_INPUTS)}")
         self.noise_input = noise_input
         # the one rollout of every K-step student (models/rollout.py); diffusers flow students start at t = 1
-        self.rollout = Rollout(denoiser.process, self.t_steps, "fresh", noise_input, t_range=(0.0, 1.0),
-                               field="generator")
+        self.rollout = Rollout(denoiser.process, self.t_steps, rollout, noise_input, step_weights,
+                               t_range=(0.0, 1.0), field="generator")
         self.data_shape = denoiser.data_shape
         self.num_classes = denoiser.num_classes
         self.lora_config = lora
+        self.experts = None if experts is None else [float(b) for b in experts]
         if lora is None:
-            self.net = denoiser
-        else:
-            denoiser.default_lora = True
-            params = attach_lora(denoiser.model, lora["rank"], lora.get("alpha"), lora.get("targets"), "generator")
-            self._hold(denoiser, params)
-
-    _rollout_seed: int | None = None
-    takes_noise_generator = True  # forward(z, cond, generator=...): the engine passes its rollout noise source
-
-    def set_rollout_seed(self, seed: int) -> None:
-        self._rollout_seed = int(seed)
+            self.net = denoiser if experts is None else PhaseExperts(
+                [denoiser] + [copy.deepcopy(denoiser) for _ in experts], experts)
+            return
+        denoiser.default_lora = True
+        names = ["default"] if experts is None else expert_names(len(experts) + 1)
+        params = attach_lora(denoiser.model, lora["rank"], lora.get("alpha"), lora.get("targets"), "generator",
+                             names)
+        self._hold(denoiser, params)
+        if experts is not None:
+            self.__dict__["_lora_experts"] = LoRAExperts(denoiser, experts)
 
     @property
     def nfe(self) -> int:
@@ -113,37 +175,36 @@ class DiffusersGenerator(LoRAHolder, DenoiserGenerator):
         return len(self.t_steps)
 
     @property
-    def denoiser(self) -> DiffusersDenoiser:
-        return self._modules["net"] if "net" in self._modules else self.__dict__["_lora_base"]
+    def denoiser(self) -> Denoiser:
+        """The step network the rollout calls (with experts: the router over them)."""
+        if "net" in self._modules:
+            return self._modules["net"]
+        return self.__dict__.get("_lora_experts") or self.__dict__["_lora_base"]
 
-    def sample(self, z, cond=None, steps: int | None = None, generator: torch.Generator | None = None):
-        """All ``K`` steps, or ``K' = steps`` of them evenly strided (docs/fewstep.md); seeded re-noising."""
-        g = generator if generator is not None or len(self.t_steps) == 1 else _noise_generator(z)
-        return self.rollout.sample(self.denoiser, z, cond, steps, g)
+    @property
+    def base(self) -> DiffusersDenoiser:
+        """The diffusers network (the first expert's): its pipeline assets, family and model."""
+        d = self._modules["net"] if "net" in self._modules else self.__dict__["_lora_base"]
+        return d.nets[0] if isinstance(d, PhaseExperts) else d
 
-    def forward(self, z, cond=None, generator: torch.Generator | None = None):
-        if not self.training:
-            return self.sample(z, cond, generator=generator)
-        k_max = len(self.t_steps)
-        # one rollout length per iteration, the same on every rank and micro-batch: drawn from the seed the
-        # engine sets each iteration (set_rollout_seed), not from the global RNG
-        if k_max == 1:
-            k = 0
-        elif self._rollout_seed is not None:
-            k = self.rollout.choose_step(self._rollout_seed)
-        else:
-            k = int(torch.randint(0, k_max, ()))
-        if generator is None and k > 0:  # a caller outside the engine: re-noise from the global RNG
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-        return self.rollout.train_step(self.denoiser, z, cond, k, generator).x0
+    # without the engine's inputs: the global RNG in training (the one the training loop checkpoints), the
+    # bits of z in eval mode -- what this student has always drawn, so earlier runs stay bit-identical
+    def _unseeded_step(self) -> int:
+        return int(torch.randint(0, self.num_steps, ()))
+
+    def _default_noise(self, z: torch.Tensor, k: int | None) -> torch.Generator | None:
+        if self.training:
+            return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()))) if k else None
+        return _z_noise_generator(z) if self.num_steps > 1 else None
 
     def registry_config(self) -> dict:
-        d = self.denoiser
+        d = self.base
         tcfg = dict(d.assets.teacher_cfg)
         if d.assets.prompts:
             tcfg["prompts"] = list(d.assets.prompts)
         return {"class": "DiffusersGenerator", "teacher": tcfg, "timesteps": self.timesteps,
-                "noise_input": self.noise_input, "lora": self.lora_config,
+                "noise_input": self.noise_input, "lora": self.lora_config, "rollout": self.rollout.mode,
+                "step_weights": self.rollout.step_weights, "experts": self.experts,
                 "gradient_checkpointing": bool(getattr(d.model, "is_gradient_checkpointing", False))}
 
 
@@ -169,21 +230,31 @@ def _trainable_copy(teacher: DiffusersDenoiser) -> DiffusersDenoiser:
     return c
 
 
-def build_diffusers_generator(gcfg: dict, teacher: DiffusersDenoiser) -> DiffusersGenerator:
+def build_diffusers_generator(gcfg: dict, teacher: DiffusersDenoiser, experts: list[float] | None = None
+                              ) -> DiffusersGenerator:
+    """The diffusers student of the ``generator`` section; ``experts``: the phase boundaries of a student with
+    one expert per phase (engine/build.py computes them from ``generator.experts`` and the objective)."""
     kind = gcfg["kind"]
     ts = check_timesteps(teacher, gcfg.get("timesteps"))
     noise = gcfg.get("noise_input") or "pure"
+    mode = gcfg.get("rollout") or "fresh"
+    weights = gcfg.get("step_weights")
+    if experts is not None and kind == "lora" and gcfg.get("gradient_checkpointing"):
+        # checkpointing recomputes a step in the backward pass with whichever adapter is active by then
+        raise ConfigError("generator.gradient_checkpointing", "LoRA experts switch adapters between calls, which "
+                          "a recomputed forward cannot follow; accepted with generator.experts: false, null")
     base = _trainable_copy(teacher)
     if kind in ("teacher", "full"):
-        gen = DiffusersGenerator(base.requires_grad_(True).train(), ts, noise)
+        gen = DiffusersGenerator(base.requires_grad_(True).train(), ts, noise, None, mode, weights, experts)
     elif kind == "lora":
         base.requires_grad_(False)
-        gen = DiffusersGenerator(base, ts, noise, _lora_spec(gcfg, "generator"))
+        gen = DiffusersGenerator(base, ts, noise, _lora_spec(gcfg, "generator"), mode, weights, experts)
         gen.train()
     else:
         raise ConfigError("generator.kind", f"unknown value {kind!r} for a diffusers teacher; accepted: teacher, lora")
     if gcfg.get("gradient_checkpointing"):
-        enable_checkpointing(gen.denoiser.model, "generator")
+        for d in (gen.denoiser.nets if isinstance(gen.denoiser, PhaseExperts) else [gen.base]):
+            enable_checkpointing(d.model, "generator")
     return gen
 
 
@@ -212,7 +283,8 @@ def generator_from_registry(cfg: dict) -> DiffusersGenerator:
 
     teacher = build_diffusers_teacher(dict(cfg["teacher"]))
     base = _trainable_copy(teacher)
-    gen = DiffusersGenerator(base, cfg["timesteps"], cfg.get("noise_input", "pure"), cfg.get("lora"))
+    gen = DiffusersGenerator(base, cfg["timesteps"], cfg.get("noise_input", "pure"), cfg.get("lora"),
+                             cfg.get("rollout", "fresh"), cfg.get("step_weights"), cfg.get("experts"))
     return gen.requires_grad_(False).eval()
 
 

@@ -131,16 +131,16 @@ def build_generator(gcfg: dict | GeneratorConfig, teacher: Denoiser, two_time: b
 def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = False,
                      signed_time: bool = False, phases=None) -> torch.nn.Module:
     dim = int(np.prod(teacher.data_shape))
-    if _is_diffusers(teacher) and (g.experts is not None or phases is not None):
-        raise ConfigError("generator.experts", "one student copy per phase is built for native students only "
-                          "(LoRA experts on a diffusers student are not implemented); accepted: null")
     if _is_diffusers(teacher):
-        if g.steps is not None:
-            raise ConfigError("generator.steps", "diffusers students take generator.timesteps (native values, "
-                              "e.g. [999, 749, 499, 249]); accepted here: null")
+        if g.kind not in ("mlp", "multi"):
+            return _diffusers_student(g, teacher, phases)
+        # a one-step MLP student over a diffusers teacher's data shape
+        if g.experts is not None or phases is not None or g.steps is not None:
+            raise ConfigError("generator.kind", f"{g.kind!r} is a one-step generator here; K-step diffusers "
+                              "students and experts are copies of the teacher: accepted: teacher, lora")
         if g.rollout != "fresh" or g.step_weights is not None:
-            raise ConfigError("generator.rollout", "diffusers students re-noise with fresh noise and a uniform step "
-                              "choice; accepted here: fresh, step_weights null")
+            raise ConfigError("generator.rollout", "applies to K-step students; accepted with generator.kind "
+                              f"{g.kind}: fresh, step_weights null")
     elif g.steps is not None or g.timesteps is not None:
         return _native_few_step(g, teacher, dim, two_time, signed_time, phases)
     elif g.experts is not None or phases is not None:
@@ -154,10 +154,6 @@ def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = Fal
         from scoredistill.models.multi import MultiStudentGenerator
 
         return MultiStudentGenerator(dim, g.width, g.depth, _msd_classes(g, teacher), g.students)
-    if _is_diffusers(teacher):  # generator.kind teacher (full copy) | lora (scoredistill.adapters.student)
-        from scoredistill.adapters.student import build_diffusers_generator
-
-        return build_diffusers_generator(dataclasses.asdict(g), teacher)
     if g.kind == "lora":
         raise ConfigError("generator.kind", "'lora' needs a diffusers teacher (teacher.kind: diffusers)")
     if not isinstance(teacher, (MLPDenoiser, UNetDenoiser)):
@@ -165,6 +161,18 @@ def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = Fal
                           "accepted for exact-score teachers: mlp")
     t_init = float(teacher.process.t_from_rho(g.sigma_init))
     return DenoiserGenerator(copy.deepcopy(teacher).requires_grad_(True).train(), t_init)
+
+
+def _diffusers_student(g: GeneratorConfig, teacher: Denoiser, phases=None) -> torch.nn.Module:
+    """``generator.kind`` teacher (full copies) | lora (peft adapters) over a diffusers teacher
+    (scoredistill.adapters.student), over the native ``generator.timesteps``; experts as for native students."""
+    from scoredistill.adapters.student import build_diffusers_generator, check_timesteps, student_times
+
+    if g.steps is not None:
+        raise ConfigError("generator.steps", "diffusers students take generator.timesteps (native values, "
+                          "e.g. [999, 749, 499, 249]); accepted here: null")
+    split = _expert_split(g, student_times(teacher, check_timesteps(teacher, g.timesteps)), phases)
+    return build_diffusers_generator(dataclasses.asdict(g), teacher, split)
 
 
 def _msd_classes(g: GeneratorConfig, teacher: Denoiser) -> int:

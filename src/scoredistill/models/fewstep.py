@@ -31,17 +31,14 @@ from scoredistill.models.registry import (
     process_from_description,
     register_folder_class,
 )
-from scoredistill.models.rollout import Rollout, StepOutput, step_times
+from scoredistill.models.rollout import Rollout, RolloutStudent, step_times
 from scoredistill.process.processes import Process
 
-_SEED_MASK = 2**62 - 1
 
-
-class FewStepGenerator(nn.Module):
+class FewStepGenerator(RolloutStudent, nn.Module):
     """``G(z, c)``: the K-step rollout of ``denoiser`` (module docstring). State-dict keys are those of
-    ``DenoiserGenerator`` (``denoiser.*``), so a one-step student's weights load into it."""
-
-    takes_noise_generator = True  # forward(z, cond, generator=...): the engine passes its rollout noise source
+    ``DenoiserGenerator`` (``denoiser.*``), so a one-step student's weights load into it. The step choice,
+    noise source and calls are :class:`~scoredistill.models.rollout.RolloutStudent`'s."""
 
     def __init__(self, denoiser: Denoiser, rollout: Rollout):
         super().__init__()
@@ -51,13 +48,6 @@ class FewStepGenerator(nn.Module):
         self.rollout = rollout
         self.data_shape = denoiser.data_shape
         self.num_classes = denoiser.num_classes
-        self._rollout_seed: int | None = None
-        self._rollout_step: int | None = None
-
-    @property
-    def num_steps(self) -> int:
-        """Network evaluations per sample (engine/report.py's ``student_steps`` reads it)."""
-        return self.rollout.num_steps
 
     @property
     def t_steps(self) -> list[float]:
@@ -66,56 +56,6 @@ class FewStepGenerator(nn.Module):
     @property
     def t_init(self) -> float:
         return self.rollout.times[0]
-
-    # -- step choice (training) ---------------------------------------------------------------------------
-    def set_rollout_seed(self, seed: int) -> None:
-        """The training loop calls this once per iteration with a seed derived from ``(seed, iteration)``
-        (:func:`~scoredistill.models.rollout.rollout_seed`): every rank and micro-batch then trains the same
-        step, and a resume redraws it with no saved state. Clears a step fixed by :meth:`set_rollout_step`."""
-        self._rollout_seed = int(seed)
-        self._rollout_step = None
-
-    def set_rollout_step(self, k: int | None) -> None:
-        """Train step ``k`` on every following call (``None``: back to the seeded draw)."""
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.num_steps):
-            raise ValueError(f"rollout step must be an integer in [0, {self.num_steps - 1}], got {k!r}")
-        self._rollout_step = k
-
-    def current_step(self) -> int:
-        """The step a training-mode call trains now."""
-        if self._rollout_step is not None:
-            return self._rollout_step
-        if self.num_steps == 1:
-            return 0
-        if self._rollout_seed is None:
-            raise RuntimeError(f"a {self.num_steps}-step student in training mode trains one step per iteration: "
-                               "call set_rollout_seed(seed) (the training loop does, every iteration) or "
-                               "set_rollout_step(k) first")
-        return self.rollout.choose_step(self._rollout_seed)
-
-    def _noise_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
-        """The re-noising noise source: the caller's generator; failing that, in training a generator seeded
-        by this iteration's rollout seed (the same on every rank, micro-batch and resume: every micro-batch
-        then shares one noise draw), in eval mode seed 0 (a reproducible sample for a given ``z``)."""
-        if generator is not None or self.rollout.mode != "fresh":
-            return generator
-        seed = hash((self._rollout_seed or 0, 1)) & _SEED_MASK if self.training else 0
-        return torch.Generator().manual_seed(seed)
-
-    # -- calls --------------------------------------------------------------------------------------------
-    def train_output(self, z, cond=None, generator: torch.Generator | None = None) -> StepOutput:
-        """Backward simulation of :meth:`current_step`; its :class:`StepOutput` (``x0`` with gradient, and the
-        step's input ``x_t``, time ``t`` and next time ``t_next`` for methods that need them)."""
-        return self.rollout.train_step(self.denoiser, z, cond, self.current_step(), self._noise_generator(generator))
-
-    def sample(self, z, cond=None, steps: int | None = None, generator: torch.Generator | None = None):
-        """All ``K`` steps, or ``steps = K'`` of them (evenly strided from the first, ``--steps``)."""
-        return self.rollout.sample(self.denoiser, z, cond, steps, self._noise_generator(generator))
-
-    def forward(self, z, cond=None, generator: torch.Generator | None = None):
-        if self.training:
-            return self.train_output(z, cond, generator).x0
-        return self.sample(z, cond, generator=generator)
 
     def registry_config(self) -> dict:
         return {"class": "FewStepGenerator", "denoiser": model_config(self.denoiser),

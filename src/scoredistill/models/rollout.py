@@ -276,3 +276,81 @@ class Rollout:
         if not 0 <= k < self.num_steps:
             raise ValueError(f"rollout step must be in [0, {self.num_steps - 1}], got {k}")
         return self.run(f, z, cond, None, generator, grad_step=k)[-1]
+
+
+# -- the student protocol --------------------------------------------------------------------------------
+class RolloutStudent:
+    """Mixin of every K-step student module over a :class:`Rollout` (``self.rollout``) and a step network
+    (``self.denoiser``): the native ``FewStepGenerator`` (models/fewstep.py) and the diffusers student
+    (adapters/student.py). It owns the step choice and the re-noising noise source, so the engine drives both
+    alike: ``set_rollout_seed`` every iteration, ``train_output`` for objectives that read the trained step,
+    ``forward`` (training: backward simulation; eval: all K steps) and ``sample(steps=K')``.
+
+    Subclasses say what happens without the engine's inputs: :meth:`_unseeded_step` (no per-iteration seed in
+    training) and :meth:`_default_noise` (a ``fresh`` rollout called without a noise generator)."""
+
+    takes_noise_generator = True  # forward(z, cond, generator=...): the engine passes its rollout noise source
+    _rollout_seed: int | None = None
+    _rollout_step: int | None = None
+
+    @property
+    def num_steps(self) -> int:
+        """Network evaluations per sample (engine/report.py's ``student_steps`` reads it)."""
+        return self.rollout.num_steps
+
+    def set_rollout_seed(self, seed: int) -> None:
+        """The training loop calls this once per iteration with a seed derived from ``(seed, iteration)``
+        (:func:`rollout_seed`): every rank and micro-batch then trains the same step, and a resume redraws it
+        with no saved state. Clears a step fixed by :meth:`set_rollout_step`."""
+        self._rollout_seed = int(seed)
+        self._rollout_step = None
+
+    def set_rollout_step(self, k: int | None) -> None:
+        """Train step ``k`` on every following call (``None``: back to the seeded draw)."""
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.num_steps):
+            raise ValueError(f"rollout step must be an integer in [0, {self.num_steps - 1}], got {k!r}")
+        self._rollout_step = k
+
+    def current_step(self) -> int:
+        """The step a training-mode call trains now."""
+        if self._rollout_step is not None:
+            return self._rollout_step
+        if self.num_steps == 1:
+            return 0
+        if self._rollout_seed is None:
+            return self._unseeded_step()
+        return self.rollout.choose_step(self._rollout_seed)
+
+    def _unseeded_step(self) -> int:
+        raise RuntimeError(f"a {self.num_steps}-step student in training mode trains one step per iteration: "
+                           "call set_rollout_seed(seed) (the training loop does, every iteration) or "
+                           "set_rollout_step(k) first")
+
+    def _default_noise(self, z: torch.Tensor, k: int | None) -> torch.Generator | None:
+        """The re-noising source of a ``fresh`` call without one: in training a generator seeded by this
+        iteration's rollout seed (the same on every rank, micro-batch and resume: every micro-batch then shares
+        one noise draw), in eval mode seed 0 (a reproducible sample for a given ``z``). ``k``: the trained step
+        (None in eval mode)."""
+        seed = hash((self._rollout_seed or 0, 1)) & _SEED_MASK if self.training else 0
+        return torch.Generator().manual_seed(seed)
+
+    def _noise_generator(self, generator: torch.Generator | None, z: torch.Tensor,
+                         k: int | None = None) -> torch.Generator | None:
+        if generator is not None or self.rollout.mode != "fresh":
+            return generator
+        return self._default_noise(z, k)
+
+    def train_output(self, z, cond=None, generator: torch.Generator | None = None) -> StepOutput:
+        """Backward simulation of :meth:`current_step`; its :class:`StepOutput` (``x0`` with gradient, and the
+        step's input ``x_t``, time ``t`` and next time ``t_next`` for methods that need them)."""
+        k = self.current_step()
+        return self.rollout.train_step(self.denoiser, z, cond, k, self._noise_generator(generator, z, k))
+
+    def sample(self, z, cond=None, steps: int | None = None, generator: torch.Generator | None = None):
+        """All ``K`` steps, or ``steps = K'`` of them (evenly strided from the first, ``--steps``)."""
+        return self.rollout.sample(self.denoiser, z, cond, steps, self._noise_generator(generator, z))
+
+    def forward(self, z, cond=None, generator: torch.Generator | None = None):
+        if self.training:
+            return self.train_output(z, cond, generator).x0
+        return self.sample(z, cond, generator=generator)
