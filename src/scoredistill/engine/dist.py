@@ -45,19 +45,23 @@ class Dist:
         from torch.distributed.tensor import DTensor  # here: importing it costs ~1 s, single-process runs skip it
 
         params = list(params)
+        # FSDP-sharded parameters: FSDP's reduce-scatter already summed them (engine/fsdp.py)
+        local = [p for p in params if not isinstance(p, DTensor)]
+        reached = [float(p.grad is not None) for p in local]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        # FSDP-sharded parameters: FSDP's reduce-scatter already summed them (engine/fsdp.py)
-        params = [p for p in params if not isinstance(p, DTensor)]
-        if not params:
+        if not local:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = torch.cat([p.grad.reshape(-1) for p in local] + [torch.tensor(reached).to(local[0].grad)])
         td.all_reduce(flat)
         i = 0
-        for p in params:
+        for p, hits in zip(local, flat[-len(local):].tolist()):
             n = p.numel()
-            p.grad.copy_(flat[i:i + n].view_as(p))
+            if hits == 0:  # no rank reached it (an expert not run this step): no gradient, so Adam skips it as in
+                p.grad = None  # one process, instead of moving it by its momentum
+            else:
+                p.grad.copy_(flat[i:i + n].view_as(p))
             i += n
 
     def barrier(self):

@@ -212,6 +212,9 @@ class Distiller(Loop):
                                   f"{self.init_steps}")
         self.plan = self.objective.path_plan() if "teacher_path" in req else None
         self.path = None
+        if "rollout" in req:
+            self.objective.check_rollout(self.generator.rollout, steps - self.init_steps - (
+                self.plan.record_steps if self.plan is not None else 0))
         if self.plan is None:
             return
         name = self.objective.name
@@ -445,7 +448,11 @@ class Distiller(Loop):
         tc = self.cfg["train"]
         stage, i = self._stage()
         if hasattr(self.generator, "set_rollout_seed"):  # multi-step students: same rollout on every rank
-            self.generator.set_rollout_seed(hash((tc["seed"], self.step, -1)) & (2**62 - 1))
+            seed = hash((tc["seed"], self.step, -1)) & (2**62 - 1)
+            self.generator.set_rollout_seed(seed)
+            k = self.objective.rollout_step(i, self.generator.rollout, seed) if stage == "distill" else None
+            if k is not None:  # the objective's schedule of steps (a function of the iteration: resume-exact)
+                self.generator.set_rollout_step(k)
         if stage == "init":
             self._init_step()
         elif stage == "record":  # the frozen initial generator's samples train the fake score only

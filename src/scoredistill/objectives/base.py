@@ -184,6 +184,18 @@ class Objective:
         exact copy). A function of the iteration alone, so a resumed run continues the same schedule."""
         return 0.0
 
+    def rollout_step(self, iteration: int, rollout: Any, seed: int) -> int | None:
+        """``rollout``: the step ``k`` the K-step student trains at distillation iteration ``iteration`` (counted
+        after the stages before distillation), or ``None`` for the student's seeded draw. ``rollout`` is the
+        student's :class:`~scoredistill.models.rollout.Rollout`, ``seed`` the iteration's rollout seed. A function
+        of its arguments alone, so every rank and micro-batch trains the same step and a resume continues the
+        same schedule (Phased DMD's progressive schedule)."""
+        return None
+
+    def check_rollout(self, rollout: Any, iterations: int) -> None:
+        """``rollout``: raise a one-line :class:`ConfigError` if this objective cannot train the student's
+        ``rollout`` in a run of ``iterations`` distillation iterations (called once, before training)."""
+
     def phase_split(self, times: list[float]) -> list[float]:
         """``experts``: the boundaries (canonical times, decreasing) that split a K-step student with step times
         ``times`` into phases, one expert each; raise a one-line :class:`ConfigError` for a split that does not

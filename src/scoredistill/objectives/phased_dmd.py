@@ -30,6 +30,12 @@ So the teacher and the fake score are read only at ``t`` in ``(t_s + margin, b_p
   the EDM-weighted x0 regression onto ``D*`` times ``beta^2 / s_t^2``, which keeps the target's variance that of
   plain DSM (and is plain DSM in the last phase).
 
+Schedule (``objective.phase_schedule``): ``simultaneous`` trains a step drawn from all ``K`` every iteration;
+``progressive`` (the paper's "progressively refining the model to higher SNR levels") trains phase 0 alone for
+``phase_iterations[0]`` distillation iterations, then phase 1, ..., then returns to the simultaneous draw. Backward
+simulation runs the finished phases' experts without gradient, and the fake score sees only the current phase's
+interval. The engine applies the schedule through :meth:`Objective.rollout_step` (a function of the iteration).
+
 Without a rollout (a direct call with only ``x``, as in the contract tests) ``x`` is a last-phase output: the
 objective is DMD2 on the whole range.
 """
@@ -41,9 +47,10 @@ from typing import ClassVar
 
 import torch
 
-from scoredistill.config import is_number, key
+from scoredistill.config import is_int, is_number, key
 from scoredistill.errors import ConfigError
 from scoredistill.models.fewstep import check_split, phase_index
+from scoredistill.models.rollout import draw_step
 from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, edm_weight, noise_like
 from scoredistill.objectives.core import (
@@ -55,6 +62,15 @@ from scoredistill.objectives.core import (
     uniform_time,
 )
 from scoredistill.process.processes import Process
+
+SCHEDULES = ("simultaneous", "progressive")
+
+
+def _iterations_check(v, f):
+    items = v if isinstance(v, (list, tuple)) else [v]
+    if not items or not all(is_int(x) and x >= 1 for x in items):
+        raise ConfigError(f, f"must be a positive integer or a list of positive integers (iterations of each phase, "
+                          f"in phase order), got {v!r}")
 
 
 def _times_check(v, f):
@@ -72,6 +88,22 @@ class PhasedDMDParams(ObjectiveParams):
     margin: float = key(0.02, "teacher and fake times stay this far (canonical time) above each phase's level "
                         "(reference: 20 of 1000 steps)", lo=0, hi=0.5, lo_open=True, hi_open=True)
     fake_cond_dropout: float = dropout_key()
+    phase_schedule: str = key("simultaneous", "simultaneous: every phase trains all along (one drawn step per "
+                              "iteration); progressive: phase 0 (noisiest) alone for phase_iterations[0] "
+                              "iterations, then phase 1, ..., then all phases as in simultaneous",
+                              choices=SCHEDULES)
+    phase_iterations: list[int] | int | None = key(None, "progressive schedule: the distillation iterations (after "
+                                                   "generator.init_steps) of each phase, one positive integer per "
+                                                   "phase or one for all", check=_iterations_check,
+                                                   accepts="a positive integer or a list of positive integers")
+
+    def validate(self) -> None:
+        if self.phase_schedule == "progressive" and self.phase_iterations is None:
+            raise ConfigError("objective.phase_iterations", "phase_schedule: progressive needs the iterations of "
+                              "each phase; accepted: a positive integer or a list of positive integers")
+        if self.phase_schedule != "progressive" and self.phase_iterations is not None:
+            raise ConfigError("objective.phase_iterations", "is read only by phase_schedule: progressive; accepted: "
+                              "null, or set objective.phase_schedule=progressive")
 
 
 def level_coeffs(process: Process, t_s: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +187,51 @@ class PhasedDMD(FakeScoreObjective):
                                   f"+ margin ({self.p.margin:g}) inside objective.time [{self.time.t_min:g}, "
                                   f"{self.time.t_max:g}]; use a smaller margin or fewer phases")
         return split
+
+    # -- progressive schedule -------------------------------------------------------------------------------
+    def _schedule(self, rollout) -> tuple[list[int], list[list[int]]]:
+        """``(ends, steps)``: the distillation iteration at which each phase's turn ends (cumulative
+        ``phase_iterations``) and the student's steps inside each phase."""
+        split = self.phase_split(list(rollout.times))
+        who = phase_index(torch.tensor(rollout.times, dtype=torch.float64), split).tolist()
+        steps = [[k for k, p in enumerate(who) if p == q] for q in range(len(split) + 1)]
+        counts = self.p.phase_iterations
+        counts = [int(counts)] * len(steps) if not isinstance(counts, (list, tuple)) else [int(c) for c in counts]
+        if len(counts) != len(steps):
+            raise ConfigError("objective.phase_iterations", f"lists {len(counts)} phases but the student has "
+                              f"{len(steps)} (boundaries {split}); accepted: one positive integer per phase, or "
+                              "one for all")
+        ends = [sum(counts[:q + 1]) for q in range(len(counts))]
+        return ends, steps
+
+    def check_rollout(self, rollout, iterations: int) -> None:
+        if self.p.phase_schedule != "progressive":
+            return
+        ends, steps = self._schedule(rollout)
+        if ends[-1] > iterations:
+            raise ConfigError("objective.phase_iterations", f"the phases take {ends[-1]} iterations but the run "
+                              f"distills for {iterations} (train.steps less generator.init_steps): the last phases "
+                              "would not train; accepted: a sum of at most that")
+        w = rollout.step_weights
+        if w is not None and any(sum(w[k] for k in ks) <= 0 for ks in steps):
+            raise ConfigError("generator.step_weights", f"{w} give a phase of steps {steps} no weight, so the "
+                              "progressive schedule cannot train it; accepted: a positive weight in every phase")
+
+    def rollout_step(self, iteration: int, rollout, seed: int) -> int | None:
+        """Progressive schedule: a step of the current phase (drawn from ``seed`` by ``generator.step_weights``
+        restricted to the phase, uniform by default); ``None`` (the simultaneous draw) after the last phase."""
+        if self.p.phase_schedule != "progressive":
+            return None
+        times = tuple(rollout.times)
+        if getattr(self, "_cached", (None,))[0] != times:  # one check of the split per run, not per iteration
+            self._cached = (times, self._schedule(rollout))
+        ends, steps = self._cached[1]
+        phase = next((q for q, end in enumerate(ends) if iteration < end), None)
+        if phase is None:
+            return None
+        ks = steps[phase]
+        w = rollout.step_weights
+        return ks[draw_step(seed, len(ks), None if w is None else [w[k] / sum(w[j] for j in ks) for k in ks])]
 
     def _levels(self, batch: Batch, process: Process) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_s, t_s, t_top)``: the trained step's phase output (on ``x``'s graph) at its phase's level ``t_s``,
