@@ -271,3 +271,39 @@ def test_fsdp_frozen_roles_and_nonfinite_on_one_rank(tmp_path):
     for r in res:
         assert r["frozen_during_generator_phase"] and r["aux_grads_untouched"] and r["trainable_after"]
         assert r["finite"]
+
+
+def test_fsdp_refuses_experts_a_step_leaves_idle():
+    """A K-step student with one expert per phase trains one expert per step; FSDP would hand the others zero
+    gradients (its reduce-scatter of unused parameters) and Adam would move them by their momentum, so it is
+    refused with one line naming train.fsdp (multi-process training without FSDP keeps them exact:
+    tests/objectives/test_phased_dmd_schedule.py)."""
+    from scoredistill.engine.build import build_generator, build_teacher
+    from scoredistill.engine.fsdp import check_shardable
+
+    cfg = resolve(tiny_config(generator={"steps": 4, "rollout": "ddim", "experts": "per_step"}))
+    teacher, _ = build_teacher(cfg["teacher"])
+    gen = build_generator(cfg["generator"], teacher)
+    with pytest.raises(ConfigError, match="train.fsdp.*experts.*accepted: false"):
+        check_shardable({"generator": gen, "fake score": None})
+    one = build_generator(resolve(tiny_config(generator={"steps": 4, "rollout": "ddim"}))["generator"], teacher)
+    check_shardable({"generator": one, "fake score": None})  # one shared step network: every step trains it
+
+
+@needs_torchrun
+@pytest.mark.long
+def test_fsdp_tdm_reads_the_trained_step_like_one_process(tmp_path):
+    """TDM reads the trained step's record (``train_output``, an FSDP forward method of the student): 2 gloo ranks
+    with sharded roles equal one process (before, the rollout ran on the sharded parameters and stopped)."""
+    c = tiny_config(generator={"steps": 4, "rollout": "ddim"}, objective={"name": "tdm"},
+                    train={"steps": 6, "micro_batch": 16, "threads": 1}, eval={"every": 6})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(c))
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "fsdp")
+    p = cli(["distill", str(cfg), "--out", ref])
+    assert p.returncode == 0, p.stderr
+    p = torchrun_cli(["distill", str(cfg), "--out", run, "--set", "train.fsdp=true"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = max_diff(state(ref), state(run))
+    print(f"max |fsdp - 1 process| (tdm): {d:.3g}")
+    assert d <= 1e-5

@@ -110,6 +110,8 @@ class LoRAExperts(Denoiser):
     active adapter sets peft's ``_active_adapter`` directly, since peft's ``set_adapter`` also flips
     ``requires_grad`` (which would defeat the engine's freezing of the student during fake-score updates)."""
 
+    has_idle_experts = True  # the adapters a step does not train (engine/fsdp.py; LoRA is refused by FSDP anyway)
+
     def __init__(self, base: DiffusersDenoiser, split: list[float]):
         super().__init__()
         self.__dict__["base"] = base

@@ -279,8 +279,9 @@ class Distiller(Loop):
             if cfg[sec]["kind"] == "lora":  # a LoRA critic shares the (replicated) teacher's base weights
                 raise ConfigError("train.fsdp", f"{sec}.kind: lora is not supported with FSDP; accepted: "
                                   "a full copy (teacher/full) or mlp")
-        from scoredistill.engine.fsdp import Sharder
+        from scoredistill.engine.fsdp import Sharder, check_shardable
 
+        check_shardable({"generator": self.generator, "fake score": self.fake})
         sharder = Sharder(self.device, self.dist.world)
         # rank 0 evaluates, samples and exports an unsharded replica of the student (refreshed by _sync_student)
         student = self.ema.model if self.ema is not None else self.generator

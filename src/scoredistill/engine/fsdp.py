@@ -17,8 +17,9 @@ from an accelerate FSDP config), and only with more than one process. Design and
   zeros, as ``sum_grads`` zero-fills them, which also keeps the collectives identical on every rank.
   :meth:`Dist.sum_grads` skips these parameters (they are ``DTensor`` s, already reduced).
 - **Other entry points than forward.** Objectives call ``Denoiser.denoise`` (through ``guided``/``score``/
-  ``eps``) and ``features`` (GAN heads) directly; those are registered as FSDP forward methods so the root's
-  parameters are all-gathered for them too.
+  ``eps``) and ``features`` (GAN heads) directly, and the engine a K-step student's ``train_output`` and
+  ``sample``; those are registered as FSDP forward methods so the root's parameters are all-gathered for them
+  too.
 - **Same collectives on every rank.** Forwards and backwards of sharded roles are collectives, so under FSDP a
   rank keeps running its remaining micro-batches after a non-finite loss instead of stopping early; the guard
   (an all-reduced flag plus the global gradient norm) then skips the step on every rank.
@@ -51,7 +52,9 @@ try:
 except ImportError:  # FSDP2 is public from torch 2.6
     FSDPModule = fully_shard = register_fsdp_forward_method = None
 
-FORWARD_METHODS = ("denoise", "features")
+# entry points besides forward: the objectives' denoiser calls and GAN heads, and a K-step student's rollout
+# (``train_output`` for objectives that read the trained step, ``sample`` for evaluation)
+FORWARD_METHODS = ("denoise", "features", "train_output", "sample")
 # FSDP2 settings the design above relies on (developed and tested with torch 2.13)
 NEEDED = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms", "set_reduce_scatter_unused_params")
 
@@ -59,6 +62,19 @@ NEEDED = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms", "se
 def wanted(flag) -> bool:
     """``train.fsdp``, or accelerate's FSDP launch (so an accelerate FSDP config needs no recipe change)."""
     return bool(flag) or os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("true", "1")
+
+
+def check_shardable(modules: dict) -> None:
+    """One line (``train.fsdp``) for a role FSDP cannot train exactly: experts that a step leaves idle on every rank
+    (``has_idle_experts``: a student's or fake score's per-phase experts, docs/fewstep.md). Without FSDP such an
+    expert has no gradient and Adam skips it; FSDP reduce-scatters zeros for unused parameters (so that ranks
+    whose micro-batches use different children, as MSD's, run the same collectives), and Adam would then move the
+    idle expert by its momentum."""
+    for name, m in modules.items():
+        if m is not None and any(getattr(c, "has_idle_experts", False) for c in m.modules()):
+            raise ConfigError("train.fsdp", f"the {name} has experts that a step leaves untouched (generator.experts, "
+                              "fake_score.experts, phased_dmd), which FSDP cannot keep exactly unchanged; accepted: "
+                              "false (multi-process training without FSDP is exact for them)")
 
 
 def blocks(module: nn.Module) -> list[nn.Module]:

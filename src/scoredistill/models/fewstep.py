@@ -200,6 +200,12 @@ class PhaseExperts(Denoiser):
     def calls_children_conditionally(self) -> bool:  # which expert runs depends on t (engine/fsdp.py)
         return len(self.nets) > 1
 
+    @property
+    def has_idle_experts(self) -> bool:
+        """Experts a training step leaves untouched on every rank (all but the trained step's): engine/fsdp.py
+        cannot keep them without a gradient, so FSDP refuses them."""
+        return len(self.nets) > 1
+
     def denoise(self, x_t, t, cond=None):
         t = expand_t(t, x_t.shape[0], x_t.device)
         return route(self.nets, phase_index(t, self.split), x_t, t, cond)
