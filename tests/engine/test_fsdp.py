@@ -54,6 +54,18 @@ def rewind(src, dst, step):
             shutil.rmtree(c)
 
 
+def fsdp_vs_one_process(tmp_path, config: dict) -> float:
+    """``config`` run in one process and on 2 gloo ranks with ``train.fsdp``; the largest checkpoint difference."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "fsdp")
+    p = cli(["distill", str(cfg), "--out", ref])
+    assert p.returncode == 0, p.stderr
+    p = torchrun_cli(["distill", str(cfg), "--out", run, "--set", "train.fsdp=true"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return max_diff(state(ref), state(run))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
@@ -177,14 +189,7 @@ MSD = {
 @pytest.mark.slow  # 20-29 s on the 2-core box (two fresh runs)
 @needs_torchrun
 def test_fsdp_msd_students_routed_by_label(tmp_path):
-    cfg = tmp_path / "msd.yaml"
-    cfg.write_text(yaml.safe_dump(MSD))
-    ref, run = str(tmp_path / "ref"), str(tmp_path / "fsdp")
-    p = cli(["distill", str(cfg), "--out", ref])
-    assert p.returncode == 0, p.stderr
-    p = torchrun_cli(["distill", str(cfg), "--out", run, "--set", "train.fsdp=true"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    d = max_diff(state(ref), state(run))
+    d = fsdp_vs_one_process(tmp_path, MSD)
     print(f"max |fsdp - 1 process| (MSD): {d:.3g}")
     # measured 1.2e-7: two micro-batches per rank are summed per rank first, then across ranks
     assert d <= 1e-5
@@ -295,15 +300,8 @@ def test_fsdp_refuses_experts_a_step_leaves_idle():
 def test_fsdp_tdm_reads_the_trained_step_like_one_process(tmp_path):
     """TDM reads the trained step's record (``train_output``, an FSDP forward method of the student): 2 gloo ranks
     with sharded roles equal one process (before, the rollout ran on the sharded parameters and stopped)."""
-    c = tiny_config(generator={"steps": 4, "rollout": "ddim"}, objective={"name": "tdm"},
-                    train={"steps": 6, "micro_batch": 16, "threads": 1}, eval={"every": 6})
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(c))
-    ref, run = str(tmp_path / "ref"), str(tmp_path / "fsdp")
-    p = cli(["distill", str(cfg), "--out", ref])
-    assert p.returncode == 0, p.stderr
-    p = torchrun_cli(["distill", str(cfg), "--out", run, "--set", "train.fsdp=true"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    d = max_diff(state(ref), state(run))
+    d = fsdp_vs_one_process(tmp_path, tiny_config(generator={"steps": 4, "rollout": "ddim"}, objective={"name": "tdm"},
+                                                  train={"steps": 6, "micro_batch": 16, "threads": 1},
+                                                  eval={"every": 6}))
     print(f"max |fsdp - 1 process| (tdm): {d:.3g}")
     assert d <= 1e-5
