@@ -29,6 +29,7 @@ specialises. docs/diffusers.md walks through it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -267,8 +268,6 @@ class VPUNetFamily(Family):
         """``LCMScheduler`` from the teacher's betas (``clip_sample`` off): its step is "x0, then re-noise
         to the next timestep with fresh noise", the student's rollout. Only LCM's own config keys are
         passed on, so the exported ``scheduler_config.json`` loads without unexpected-key warnings."""
-        import inspect
-
         from diffusers import LCMScheduler
 
         n_train = int(sched_cfg.get("num_train_timesteps", 1000))
@@ -276,8 +275,7 @@ class VPUNetFamily(Family):
         on_grid = list(gen.timesteps) == lcm_grid(k, n_train)
         if _ddim(gen):
             return self._ddim_scheduler(gen, sched_cfg, on_grid)
-        own = set(inspect.signature(LCMScheduler.__init__).parameters) - {"self"}
-        cfg = {key: v for key, v in sched_cfg.items() if key in own}
+        cfg = own_keys(LCMScheduler, sched_cfg)
         # timestep_scaling 1e4 makes LCM's boundary blend c_skip (<= 2.5e-9 at timestep >= 1) vanish: the
         # student's x0 is its consistency output already
         sched = LCMScheduler.from_config(cfg, original_inference_steps=k if on_grid else 50, clip_sample=False,
@@ -285,14 +283,11 @@ class VPUNetFamily(Family):
         call = {"num_inference_steps": k} if on_grid else {"timesteps": [int(v) for v in gen.timesteps]}
         return sched, call
 
-
     @staticmethod
     def _ddim_scheduler(gen, sched_cfg: dict, on_grid: bool):
         """``DDIMScheduler`` with eta 0 (the pipelines' default): x0, then re-noise with the model's own noise
         estimate to ``timestep - N / K`` -- the student's next timestep exactly when its timesteps are the
         trailing grid (= LCM's grid) -- and the last step to x0 itself (``set_alpha_to_one``)."""
-        import inspect
-
         from diffusers import DDIMScheduler
 
         if not on_grid:
@@ -300,11 +295,16 @@ class VPUNetFamily(Family):
             raise ConfigError("generator.timesteps", f"a ddim student exports with DDIMScheduler, which steps on its "
                               f"trailing grid only; accepted for {len(gen.timesteps)} steps: "
                               f"{lcm_grid(len(gen.timesteps), n_train)}, got {list(gen.timesteps)}")
-        own = set(inspect.signature(DDIMScheduler.__init__).parameters) - {"self"}
-        cfg = {key: v for key, v in sched_cfg.items() if key in own}
-        sched = DDIMScheduler.from_config(cfg, clip_sample=False, thresholding=False, set_alpha_to_one=True,
-                                          timestep_spacing="trailing", steps_offset=0)
+        sched = DDIMScheduler.from_config(own_keys(DDIMScheduler, sched_cfg), clip_sample=False, thresholding=False,
+                                          set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0)
         return sched, {"num_inference_steps": len(gen.timesteps)}
+
+
+def own_keys(scheduler_cls, sched_cfg: dict) -> dict:
+    """The teacher scheduler's config restricted to ``scheduler_cls``'s own arguments, so the exported
+    ``scheduler_config.json`` loads without unexpected-key warnings."""
+    own = set(inspect.signature(scheduler_cls.__init__).parameters) - {"self"}
+    return {key: v for key, v in sched_cfg.items() if key in own}
 
 
 def _ddim(gen) -> bool:
