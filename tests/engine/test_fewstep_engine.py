@@ -24,7 +24,10 @@ SMALL = ["generator.width=32", "generator.depth=2", "fake_score.width=32", "fake
          "train.real_pool=64", "train.ode_pairs=32", "train.checkpoint_every=1000"]
 # recipes with stages of fixed length before distillation, shrunk to fit SMALL's 3 iterations
 STAGES = {"disback": ["objective.record_steps=1", "objective.path_checkpoints=1"],
-          "phased_dmd": ["generator.init_steps=1"], "tdm": ["generator.init_steps=1"]}
+          "dmd2_4step": ["generator.init_steps=1"], "phased_dmd": ["generator.init_steps=1"],
+          "tdm": ["generator.init_steps=1"]}
+# dmd.yaml regresses teacher ODE pairs on every iteration, which a fresh-noise K-step student refuses (below)
+STAGES["dmd"] = ["objective.regression_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +103,25 @@ def test_bad_few_step_settings_are_one_line(override, field):
         cfg = resolve(CFG, [override])
         Distiller(cfg, None)
     assert e.value.field == field, str(e.value)
+
+
+@pytest.mark.parametrize("recipe,extra,refused", [
+    ("dmd2_4step", [], True),                                  # fresh re-noising, regression every iteration
+    ("dmd2_4step", ["objective.regression_steps=2"], False),   # a warm-up (the recipe: 800 of 3000)
+    ("dmd2_4step", ["objective.regression_weight=0"], False),
+    ("dmd2_4step", ["generator.rollout=fixed"], False),        # deterministic rollout: y_ref is a fit target
+    ("sid_4step", ["objective.regression_weight=1", "generator.rollout=fresh"], True),
+    ("sid_4step", ["objective.regression_weight=1"], False),   # the recipe's fixed re-noising
+])
+def test_ode_regression_on_every_iteration_needs_a_deterministic_rollout(recipe, extra, refused):
+    cfg = resolve(load_yaml(os.path.join(RECIPES, "toy", f"{recipe}.yaml")),
+                  SMALL + ["generator.init_steps=0", "objective.regression_steps=0"] + extra)
+    if not refused:
+        Distiller(cfg, None, log=lambda *a: None)
+        return
+    with pytest.raises(ConfigError) as e:
+        Distiller(cfg, None, log=lambda *a: None)
+    assert e.value.field == "objective.regression_steps" and "warm-up" in str(e.value), str(e.value)
 
 
 def test_rollout_mode_needs_a_few_step_student():

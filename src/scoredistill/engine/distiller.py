@@ -212,7 +212,7 @@ class Distiller(Loop):
                                   f"{self.init_steps}")
         self.plan = self.objective.path_plan() if "teacher_path" in req else None
         self.path = None
-        if "rollout" in req:
+        if "rollout" in req or getattr(self.generator, "rollout", None) is not None:  # every K-step student
             self.objective.check_rollout(self.generator.rollout, steps - self.init_steps - (
                 self.plan.record_steps if self.plan is not None else 0))
         if self.plan is None:

@@ -193,8 +193,9 @@ class Objective:
         return None
 
     def check_rollout(self, rollout: Any, iterations: int) -> None:
-        """``rollout``: raise a one-line :class:`ConfigError` if this objective cannot train the student's
-        ``rollout`` in a run of ``iterations`` distillation iterations (called once, before training)."""
+        """Raise a one-line :class:`ConfigError` if this objective cannot train the student's ``rollout`` in a run
+        of ``iterations`` distillation iterations (called once, before training, for every K-step student and
+        for objectives with the ``rollout`` requirement)."""
 
     def phase_split(self, times: list[float]) -> list[float]:
         """``experts``: the boundaries (canonical times, decreasing) that split a K-step student with step times

@@ -35,6 +35,7 @@ from scoredistill.objectives.common import (
 )
 from scoredistill.objectives.core import (
     FakeScoreObjective,
+    check_regression_rollout,
     dm_field,
     dropout_key,
     guidance_key,
@@ -68,6 +69,9 @@ class DMD(FakeScoreObjective):
         if self.p.regression_weight > 0:
             req.add("ode_pairs")
         return req
+
+    def check_rollout(self, rollout, iterations: int) -> None:
+        check_regression_rollout(rollout, self.p.regression_weight, self.p.regression_steps)
 
     def add_regression(self, loss: torch.Tensor, diag: dict, batch: Batch, roles: Roles) -> torch.Tensor:
         """:func:`~scoredistill.objectives.core.ode_regression` with this objective's ``regression_*`` keys."""

@@ -54,6 +54,7 @@ from scoredistill.objectives.base import Batch, ObjectiveParams, Roles, register
 from scoredistill.objectives.common import drop_condition, edm_weight, head_logits, noise_like
 from scoredistill.objectives.core import (
     SiDFamily,
+    check_regression_rollout,
     dm_normaliser,
     drop_nonfinite,
     dropout_key,
@@ -111,6 +112,9 @@ class SiD(SiDFamily):
         if self.p.regression_weight > 0:
             req = req | {"ode_pairs"}
         return req
+
+    def check_rollout(self, rollout, iterations: int) -> None:
+        check_regression_rollout(rollout, self.p.regression_weight, self.p.regression_steps)
 
     def fake_prediction(self, fake, x_t, t, cond):
         if self.p.zero_cfg:
