@@ -678,6 +678,21 @@ def apply_overrides(cfg: dict, overrides: Iterable[str], schema: Schema | None =
     return cfg
 
 
+def check_override_values(overrides: Iterable[str], schema: Schema | None = None) -> None:
+    """Check ``a.b=c`` overrides on their own: the syntax, the section and key, and the value of every key a
+    closed section declares (range, type, choices), without a config to apply them to (a bench applies the
+    same overrides to many recipes; what depends on a recipe is left to its run)."""
+    schema = DISTILL if schema is None else schema
+    cfg = apply_overrides({}, overrides, schema)
+    for name, section in cfg.items():
+        cls = schema[name]
+        if cls.OPEN:
+            continue
+        ks = keys(cls)
+        for k, v in section.items():
+            check_value(v, ks[k], f"{name}.{k}")
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     if not os.path.exists(path):
         raise ConfigError("config", f"file not found: {path}")

@@ -45,3 +45,34 @@ def test_teacher_sample_bad_numbers(tmp_path, capsys, extra, field):
     code, err = run_main(args, capsys)
     assert _one_line(code, err) and field in err, err
     assert not out.exists()
+
+
+def test_bench_never_writes_into_a_folder_it_did_not_create(tmp_path, capsys):
+    # found by an outside-in sweep: `bench --out` wrote runs/, plots/ and tables into a folder of the user's
+    # (and replaces runs/<method>__<teacher>__s<seed> there when it exists)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, err = run_main(["bench", "--suite", "toy", "--methods", "dmd2", "--teachers", "ring8", "--steps", "2",
+                          "--out", str(mine)], capsys)
+    assert _one_line(code, err) and "--out" in err, err
+    assert os.listdir(mine) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("extra,field", [
+    (["--budget-seconds", "nan"], "--budget-seconds"),      # was a ValueError traceback
+    (["--seeds", "-1"], "--seeds"),                          # was a FileNotFoundError traceback
+    (["--set", "train.lr=.nan"], "train.lr"),                # was a FileNotFoundError traceback after the run
+    (["--set", "train.lr"], "--set"),
+])
+def test_bench_bad_arguments_stop_before_any_run(tmp_path, capsys, extra, field):
+    out = tmp_path / "bench"
+    code, err = run_main(["bench", "--suite", "toy", "--methods", "dmd2", "--teachers", "ring8", "--out", str(out),
+                          *extra], capsys)
+    assert _one_line(code, err) and field in err, err
+    assert not out.exists()
+
+
+def test_bench_sds_refuses_overrides_it_would_ignore(tmp_path, capsys):
+    code, err = run_main(["bench", "--suite", "sds", "--set", "train.lr=0.1", "--out", str(tmp_path / "b")], capsys)
+    assert _one_line(code, err) and "--set" in err, err
