@@ -76,3 +76,35 @@ def test_bench_bad_arguments_stop_before_any_run(tmp_path, capsys, extra, field)
 def test_bench_sds_refuses_overrides_it_would_ignore(tmp_path, capsys):
     code, err = run_main(["bench", "--suite", "sds", "--set", "train.lr=0.1", "--out", str(tmp_path / "b")], capsys)
     assert _one_line(code, err) and "--set" in err, err
+
+
+ALLOC_FAIL = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+              "to allocate 17179869184 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error", [RuntimeError(ALLOC_FAIL), MemoryError()])
+def test_an_allocation_that_fails_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch, error):
+    # found by an outside-in sweep: generator.width 65536, teacher.dim 2^24, train.ode_pairs 2^24 or
+    # eval.n_samples 2^24 (all inside their accepted ranges) ended in a 30-line allocator traceback, exit 1,
+    # and left a run folder with config.yaml behind
+    from scoredistill.engine.distiller import Distiller
+
+    def fail(self, resume=False):
+        os.makedirs(self.run_dir, exist_ok=True)
+        raise error
+
+    monkeypatch.setattr(Distiller, "run", fail)
+    out = tmp_path / "run"
+    code, err = run_main(["distill", os.path.join(RECIPES, "toy", "dmd2.yaml"), "--out", str(out),
+                          "--set", "train.steps=2"], capsys)
+    assert _one_line(code, err) and "out of memory" in err and "train.batch_size" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", ["sample", "teacher-sample"])
+def test_sample_counts_past_the_size_limit_are_refused(tmp_path, capsys, cmd):
+    # found by an outside-in sweep: `sample --n 100000000000` was an allocator traceback, and `teacher-sample`
+    # with it ran until killed
+    src = str(tmp_path) if cmd == "sample" else os.path.join(RECIPES, "toy", "dmd2.yaml")
+    code, err = run_main([cmd, src, "--n", str(10**11), "--out", str(tmp_path / "s.npy")], capsys)
+    assert _one_line(code, err) and "--n" in err and "2^24" in err, err

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from scoredistill.config import check_resume_overrides, load_yaml
 from scoredistill.engine.rundir import RunLock, check_new, clear_own, has_checkpoint
-from scoredistill.errors import CheckpointError, ConfigError
+from scoredistill.errors import CheckpointError, ConfigError, out_of_memory
 
 
 def load_saved_config(run_dir: str, field: str = "--resume") -> dict:
@@ -75,7 +75,13 @@ def run_in_folder(args, *, command: str, resolve: Callable, build: Callable, sch
                 check_new(run_dir, "--out", force=getattr(args, "force", False))
                 clear_own(run_dir)
         try:
-            res = driver.run(resume=resume)
+            try:
+                res = driver.run(resume=resume)
+            except (MemoryError, RuntimeError) as e:  # sizes too large for this machine: bad input too
+                oom = out_of_memory(e)
+                if oom is None:
+                    raise
+                raise oom from None
         except (ConfigError, CheckpointError):
             if created and lock is not None and not has_checkpoint(run_dir):
                 lock.release()
