@@ -55,3 +55,13 @@ def test_two_rank_gloo_equals_one_process(tmp_path, reference_run):
     # measured max abs difference after 12 iterations: ~1e-7 (gradient all-reduce changes summation order)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+
+
+def test_mixture_weights_near_the_float_limit_are_normalised():
+    # found by an outside-in sweep: weights [1e308, 1e308] (finite, accepted) summed to inf, and the first teacher
+    # sample stopped with an "invalid multinomial distribution" traceback
+    from scoredistill.teachers.gmm import GMMTeacher
+
+    t = GMMTeacher([[0.0, 0.0], [1.0, 1.0]], 0.1, [1e308, 1e308])
+    assert torch.equal(t.weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.isfinite(t.sample(8, generator=torch.Generator().manual_seed(0))).all()
