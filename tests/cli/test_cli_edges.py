@@ -108,3 +108,28 @@ def test_sample_counts_past_the_size_limit_are_refused(tmp_path, capsys, cmd):
     src = str(tmp_path) if cmd == "sample" else os.path.join(RECIPES, "toy", "dmd2.yaml")
     code, err = run_main([cmd, src, "--n", str(10**11), "--out", str(tmp_path / "s.npy")], capsys)
     assert _one_line(code, err) and "--n" in err and "2^24" in err, err
+
+
+@pytest.mark.parametrize("sets,field", [
+    # found by an outside-in sweep: all accepted, then a traceback (lr: the optimizer's float32 overflow) or
+    # non-finite losses and exit 3 after training (means, std)
+    (["teacher.preset=null", "teacher.means=[[1e300,0],[0,0]]", "teacher.std=0.1"], "teacher.means"),
+    (["teacher.std=1e300"], "teacher.std"),
+    (["teacher.preset=null", "teacher.means=[[0,0],[1,1]]", "teacher.stds=[0.1,1e300]"], "teacher.stds"),
+    (["train.lr=1e300"], "train.lr"),
+    (["train.fake_lr=1e300"], "train.fake_lr"),
+])
+def test_numbers_past_the_accepted_scale_are_bad_input(tmp_path, capsys, sets, field):
+    out = tmp_path / "run"
+    code, err = run_main(["distill", os.path.join(RECIPES, "toy", "dmd2.yaml"), "--out", str(out),
+                          *[a for s in sets for a in ("--set", s)]], capsys)
+    assert _one_line(code, err) and field in err and "1e+06" in err, err
+    assert not out.exists()
+
+
+def test_optimize_lr_past_the_accepted_scale_is_bad_input(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_main(["optimize", os.path.join(RECIPES, "optimize", "sds.yaml"), "--out", str(out),
+                          "--set", "train.lr=[0,1e300,0.1,10]"], capsys)
+    assert _one_line(code, err) and "train.lr" in err, err
+    assert not out.exists()
