@@ -133,3 +133,14 @@ def test_optimize_lr_past_the_accepted_scale_is_bad_input(tmp_path, capsys):
                           "--set", "train.lr=[0,1e300,0.1,10]"], capsys)
     assert _one_line(code, err) and "train.lr" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override,field", [("objective.time.t_min=[0,0.02,1.5,10]", "objective.time.t_min"),
+                                            ("objective.guidance_scale=[0,100,-5,10]", "objective.guidance_scale")])
+def test_optimize_schedule_ends_are_checked_like_their_starts(tmp_path, capsys, override, field):
+    # found by an outside-in sweep: only a schedule's value at step 0 was checked; t_min ending at 1.5 ran to exit 0
+    out = tmp_path / "run"
+    code, err = run_main(["optimize", os.path.join(RECIPES, "optimize", "sds.yaml"), "--out", str(out),
+                          "--set", override], capsys)
+    assert _one_line(code, err) and field in err, err
+    assert not out.exists()
