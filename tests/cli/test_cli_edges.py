@@ -144,3 +144,12 @@ def test_optimize_schedule_ends_are_checked_like_their_starts(tmp_path, capsys, 
                           "--set", override], capsys)
     assert _one_line(code, err) and field in err, err
     assert not out.exists()
+
+
+def test_a_real_data_path_that_names_nothing_is_refused_also_when_unread(tmp_path, capsys):
+    # found by an outside-in sweep: dmd2 reads no real samples, so a mistyped train.real_data path ran to exit 0
+    out = tmp_path / "run"
+    code, err = run_main(["distill", os.path.join(RECIPES, "toy", "dmd2.yaml"), "--out", str(out),
+                          "--set", f"train.real_data={tmp_path / 'nothing.npy'}"], capsys)
+    assert _one_line(code, err) and "train.real_data" in err and "file not found" in err, err
+    assert not out.exists()
