@@ -666,6 +666,8 @@ def apply_overrides(cfg: dict, overrides: Iterable[str], schema: Schema | None =
         if "=" not in item:
             raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
         name, text = item.split("=", 1)
+        if not name.strip():
+            raise ConfigError("--set", f"expected SECTION.KEY=VALUE, got {item!r}")
         parts = name.strip().split(".")
         if parts[0] not in schema:
             raise ConfigError(name, f"unknown section; accepted: {', '.join(schema)}")
@@ -718,6 +720,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except ConfigError:
         raise
     except Exception as e:  # omegaconf interpolation / structure errors
+        if "Invalid loaded object type" in str(e):  # a file holding one scalar
+            raise ConfigError("config", f"{path} must hold a mapping of sections") from None
         raise ConfigError("config", f"{path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping of sections")

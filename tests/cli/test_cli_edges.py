@@ -153,3 +153,20 @@ def test_a_real_data_path_that_names_nothing_is_refused_also_when_unread(tmp_pat
                           "--set", f"train.real_data={tmp_path / 'nothing.npy'}"], capsys)
     assert _one_line(code, err) and "train.real_data" in err and "file not found" in err, err
     assert not out.exists()
+
+
+def test_vague_messages_found_by_the_sweep_name_the_field_and_what_is_accepted(tmp_path, capsys):
+    # an outside-in sweep found three one-line errors that named no field or no accepted values
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    code, err = run_main(["distill", str(scalar), "--out", str(tmp_path / "a")], capsys)
+    assert _one_line(code, err) and "must hold a mapping of sections" in err, err  # was "Invalid loaded object type"
+    code, err = run_main(["distill", os.path.join(RECIPES, "toy", "dmd2.yaml"), "--out", str(tmp_path / "b"),
+                          "--set", "=5"], capsys)
+    assert _one_line(code, err) and "error: --set: expected SECTION.KEY=VALUE" in err, err  # was ": unknown section"
+    from scoredistill.errors import ConfigError
+    from scoredistill.objectives.base import build_objective
+
+    with pytest.raises(ConfigError) as e:  # was "out of range: -5"
+        build_objective({"name": "scm", "warmup_steps": -5})
+    assert e.value.field == "objective.warmup_steps" and ">= 0" in str(e.value), str(e.value)
