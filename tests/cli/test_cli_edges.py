@@ -170,3 +170,24 @@ def test_vague_messages_found_by_the_sweep_name_the_field_and_what_is_accepted(t
     with pytest.raises(ConfigError) as e:  # was "out of range: -5"
         build_objective({"name": "scm", "warmup_steps": -5})
     assert e.value.field == "objective.warmup_steps" and ">= 0" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_ctrl_c_names_the_command_and_the_folder_to_resume(tmp_path, capsys, monkeypatch, checkpoint):
+    # found by an outside-in sweep: Ctrl-C always said `scoredistill distill --resume RUN_DIR`, also for optimize
+    # and for a run interrupted before it wrote anything
+    from scoredistill.optimize.driver import PriorOptimizer
+
+    def interrupted(self, resume=False):
+        if checkpoint:
+            os.makedirs(os.path.join(self.run_dir, "checkpoints", "step_0000001"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PriorOptimizer, "run", interrupted)
+    out = tmp_path / "run"
+    code, err = run_main(["optimize", os.path.join(RECIPES, "optimize", "sds.yaml"), "--out", str(out)], capsys)
+    assert code == 130 and len(err.strip().splitlines()) == 1, err
+    if checkpoint:
+        assert f"scoredistill optimize --resume {out}" in err, err
+    else:
+        assert "before the first checkpoint" in err, err

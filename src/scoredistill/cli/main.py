@@ -272,8 +272,22 @@ def main(argv=None):
     except ConfigError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; resume with `scoredistill distill --resume RUN_DIR`", 130)
+        _fail(_interrupted(locals().get("args")), 130)
     return 0
+
+
+def _interrupted(args) -> str:
+    """What Ctrl-C leaves behind and how to go on: ``--resume`` a run folder with a checkpoint, the same command
+    for one without (it restarts in place, docs/cli.md), nothing for the other commands."""
+    command = getattr(args, "command", None)
+    run_dir = getattr(args, "resume", None) or getattr(args, "out", None)
+    if command not in ("distill", "optimize") or not run_dir:
+        return "interrupted"
+    from scoredistill.engine.rundir import has_checkpoint
+
+    if os.path.isdir(run_dir) and has_checkpoint(run_dir):
+        return f"interrupted; resume with `scoredistill {command} --resume {run_dir}`"
+    return "interrupted before the first checkpoint; run the same command again to start over"
 
 
 if __name__ == "__main__":
