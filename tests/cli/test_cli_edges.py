@@ -191,3 +191,21 @@ def test_ctrl_c_names_the_command_and_the_folder_to_resume(tmp_path, capsys, mon
         assert f"scoredistill optimize --resume {out}" in err, err
     else:
         assert "before the first checkpoint" in err, err
+
+
+def test_resume_of_a_folder_stopped_before_its_config_says_how_to_restart(tmp_path, capsys):
+    # found reviewing kills at random moments (docs: killed before its first checkpoint, --resume starts over): a
+    # folder of ours killed between its marker and its
+    # config.yaml was called "not a scoredistill run folder" by --resume
+    from scoredistill.engine.rundir import write_marker
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_marker(str(run), "distill")
+    code, err = run_main(["distill", "--resume", str(run)], capsys)
+    assert _one_line(code, err) and "--out command again" in err, err
+    code, err = run_main(["distill", os.path.join(RECIPES, "toy", "dmd2.yaml"), "--out", str(run),
+                          "--set", "train.steps=1", "--set", "train.progress=false", "--set", "eval.plots=false",
+                          "--set", "train.ode_pairs=16", "--set", "eval.n_samples=16", "--set", "train.batch_size=8",
+                          "--set", "generator.width=8", "--set", "fake_score.width=8"], capsys)
+    assert code == 0, err

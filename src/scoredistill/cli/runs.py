@@ -30,6 +30,11 @@ def load_saved_config(run_dir: str, field: str = "--resume") -> dict:
         raise ConfigError(field, f"folder not found: {run_dir}")
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
+        from scoredistill.engine.rundir import is_ours
+
+        if is_ours(run_dir):  # a run stopped between taking the folder and writing its config: nothing to resume
+            raise ConfigError(field, f"{run_dir} has no config.yaml yet (its run stopped before writing it, nothing "
+                              "to resume): run the CONFIG.yaml --out command again, it restarts in place")
         raise ConfigError(field, f"{run_dir} has no config.yaml (not a scoredistill run folder)")
     return load_yaml(path)
 
