@@ -195,8 +195,7 @@ def test_ctrl_c_names_the_command_and_the_folder_to_resume(tmp_path, capsys, mon
 
 def test_resume_of_a_folder_stopped_before_its_config_says_how_to_restart(tmp_path, capsys):
     # found reviewing kills at random moments (docs: killed before its first checkpoint, --resume starts over): a
-    # folder of ours killed between its marker and its
-    # config.yaml was called "not a scoredistill run folder" by --resume
+    # folder of ours killed between its marker and its config.yaml was called "not a scoredistill run folder"
     from scoredistill.engine.rundir import write_marker
 
     run = tmp_path / "run"
