@@ -37,8 +37,8 @@ def out_of_memory(e: BaseException) -> ConfigError | None:
         return None
     short = first.split("DefaultCPUAllocator: ")[-1].split(". Error code")[0]
     return ConfigError("out of memory", f"{short}; lower the sizes of the config or the command (train.batch_size, "
-                       "eval.n_samples, train.ode_pairs, train.real_pool, the networks' width and depth, teacher.dim, "
-                       "--n)")
+                       "eval.n_samples, train.ode_pairs, train.real_pool, generator.width/depth, "
+                       "fake_score.width/depth, teacher.dim, --n)")
 
 
 def check_keys(cfg: dict, accepted: Iterable[str], section: str) -> None:
