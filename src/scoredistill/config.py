@@ -35,6 +35,11 @@ INT64_MAX = 2**63 - 1
 MAX_SIZE = 2**24
 MAX_WIDTH = 2**16
 MAX_DEPTH = 2**10
+# a mixture coordinate or std past MAX_SCALE, or a learning rate past MAX_LR, is a typo: both were accepted up to
+# the float limit, and 1e300 ended in non-finite float32 losses (exit 3) or an optimizer overflow traceback; an
+# Adam step moves every weight by about lr, so an lr near MAX_LR already diverges on the first step
+MAX_SCALE = 1e6
+MAX_LR = 1e6
 
 
 # -- the schema mechanism ------------------------------------------------------------------------------
@@ -303,13 +308,15 @@ def process_check(v, f):
     make_process(v)
 
 
-def number_list_check(positive: bool, ints: bool = False):
+def number_list_check(positive: bool, ints: bool = False, hi: float | None = None):
     def check(v, f):
         ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
-            (is_int(x) if ints else is_number(x)) and (x > 0 if positive else x >= 0) for x in v)
+            (is_int(x) if ints else is_number(x)) and (x > 0 if positive else x >= 0) and (hi is None or x <= hi)
+            for x in v)
         if not ok:
             what = "integers" if ints else "numbers"
-            raise ConfigError(f, f"must be a non-empty list of {what} {'> 0' if positive else '>= 0'}, got {v!r}")
+            rng = f" in {'(0' if positive else '[0'}, {hi:g}]" if hi is not None else (" > 0" if positive else " >= 0")
+            raise ConfigError(f, f"must be a non-empty list of {what}{rng}, got {v!r}")
     return check
 
 
@@ -321,6 +328,9 @@ def means_check(v, f):
         raise ConfigError(f, f"vectors must have equal length, got lengths {sorted(lens)}")
     if not all(is_number(x) for m in v for x in m):
         raise ConfigError(f, "must contain finite numbers only")
+    big = [x for m in v for x in m if abs(x) > MAX_SCALE]
+    if big:
+        raise ConfigError(f, f"coordinates must lie in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {big[0]!r}")
 
 
 def real_data_check(v, f):
@@ -384,11 +394,12 @@ class TeacherConfig(Section):
     preset: str | None = key(None, "named mixture: ring8, ring8_cond, grid25, pair, asym, asym6, gmm10d, gmm16d",
                              kinds=GMM)
     means: list | None = key(None, "component means (K vectors of one length)", check=means_check,
-                             accepts="a list of equal-length vectors of numbers", kinds=GMM)
+                             accepts="a list of equal-length vectors of numbers in [-1e+06, 1e+06]", kinds=GMM)
     std: float | None = key(None, "one standard deviation for every component (scene: per pixel on the [-1, 1] "
-                            "scale, default 0.03)", lo=0, lo_open=True, kinds=GMM + SCENE)
-    stds: list[float] | None = key(None, "one standard deviation per component", check=number_list_check(True),
-                                   accepts="a list of numbers > 0", kinds=GMM)
+                            "scale, default 0.03)", lo=0, lo_open=True, hi=MAX_SCALE, kinds=GMM + SCENE)
+    stds: list[float] | None = key(None, "one standard deviation per component",
+                                   check=number_list_check(True, hi=MAX_SCALE),
+                                   accepts="a list of numbers in (0, 1e+06]", kinds=GMM)
     weights: list[float] | None = key(None, "mixture weights (normalised; default: equal); scene: one per scene",
                                       check=number_list_check(True), accepts="a list of numbers > 0",
                                       kinds=GMM + SCENE)
@@ -537,9 +548,9 @@ class TrainConfig(Section):
     micro_batch: int | None = key(None, "samples per forward pass and process (default batch_size / processes); "
                                   "batch_size must be a multiple", lo=1, hi=MAX_SIZE)
     seed: int = seed_key()
-    lr: float = key(1e-4, "generator learning rate", lo=0)
-    fake_lr: float | None = key(None, "fake-score learning rate (default: lr)", lo=0)
-    disc_lr: float | None = key(None, "discriminator learning rate (default: fake_lr)", lo=0)
+    lr: float = key(1e-4, "generator learning rate", lo=0, hi=MAX_LR)
+    fake_lr: float | None = key(None, "fake-score learning rate (default: lr)", lo=0, hi=MAX_LR)
+    disc_lr: float | None = key(None, "discriminator learning rate (default: fake_lr)", lo=0, hi=MAX_LR)
     lr_schedule: str = key("constant", "decay of every role's lr over train.steps", choices=LR_SCHEDULES)
     warmup_steps: int = key(0, "linear warm-up from lr / warmup_steps (iterations)", lo=0, hi=INT64_MAX)
     lr_min_ratio: float = key(0.0, "cosine / linear end at lr * lr_min_ratio", lo=0, hi=1)
@@ -655,6 +666,8 @@ def apply_overrides(cfg: dict, overrides: Iterable[str], schema: Schema | None =
         if "=" not in item:
             raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
         name, text = item.split("=", 1)
+        if not name.strip():
+            raise ConfigError("--set", f"expected SECTION.KEY=VALUE, got {item!r}")
         parts = name.strip().split(".")
         if parts[0] not in schema:
             raise ConfigError(name, f"unknown section; accepted: {', '.join(schema)}")
@@ -678,6 +691,21 @@ def apply_overrides(cfg: dict, overrides: Iterable[str], schema: Schema | None =
     return cfg
 
 
+def check_override_values(overrides: Iterable[str], schema: Schema | None = None) -> None:
+    """Check ``a.b=c`` overrides on their own: the syntax, the section and key, and the value of every key a
+    closed section declares (range, type, choices), without a config to apply them to (a bench applies the
+    same overrides to many recipes; what depends on a recipe is left to its run)."""
+    schema = DISTILL if schema is None else schema
+    cfg = apply_overrides({}, overrides, schema)
+    for name, section in cfg.items():
+        cls = schema[name]
+        if cls.OPEN:
+            continue
+        ks = keys(cls)
+        for k, v in section.items():
+            check_value(v, ks[k], f"{name}.{k}")
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     if not os.path.exists(path):
         raise ConfigError("config", f"file not found: {path}")
@@ -692,6 +720,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except ConfigError:
         raise
     except Exception as e:  # omegaconf interpolation / structure errors
+        if "Invalid loaded object type" in str(e):  # a file holding one scalar
+            raise ConfigError("config", f"{path} must hold a mapping of sections") from None
         raise ConfigError("config", f"{path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping of sections")

@@ -28,6 +28,19 @@ class TrainingAborted(Exception):
     weights are not finite."""
 
 
+def out_of_memory(e: BaseException) -> ConfigError | None:
+    """A failed allocation (sizes too large for this machine: ``MemoryError``, torch's CPU allocator error or
+    ``torch.OutOfMemoryError``) as the one-line error the command line prints; None for any other error."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    if not (isinstance(e, MemoryError) or "can't allocate memory" in first or "out of memory" in first.lower()):
+        return None
+    short = first.split("DefaultCPUAllocator: ")[-1].split(". Error code")[0]
+    return ConfigError("out of memory", f"{short}; lower the sizes of the config or the command (train.batch_size, "
+                       "eval.n_samples, train.ode_pairs, train.real_pool, generator.width/depth, "
+                       "fake_score.width/depth, teacher.dim, --n)")
+
+
 def check_keys(cfg: dict, accepted: Iterable[str], section: str) -> None:
     """Raise :class:`ConfigError` for the first key of ``cfg`` not in ``accepted``."""
     accepted = list(accepted)

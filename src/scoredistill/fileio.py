@@ -55,6 +55,15 @@ def atomic_dir(path: str | os.PathLike):
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
     try:
         yield tmp
+        # mkdtemp creates 0700 (and some writers 0600 files): the folder and its files get the modes a plain
+        # mkdir / open would give them, so a generator/ or checkpoint is as readable as the rest of the run
+        mask = _umask()
+        for root, _dirs, files in os.walk(tmp):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                p = os.path.join(root, name)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o666 & ~mask)
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-")

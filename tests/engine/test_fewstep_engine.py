@@ -128,3 +128,14 @@ def test_rollout_mode_needs_a_few_step_student():
     cfg = resolve({**CFG, "generator": {"width": 32, "depth": 2}}, ["generator.rollout=ddim"])
     with pytest.raises(ConfigError, match="generator.rollout"):
         Distiller(cfg, None)
+
+
+@pytest.mark.parametrize("override,field", [("generator.step_weights=[1]", "generator.step_weights"),
+                                            ("generator.experts=per_step", "generator.experts")])
+def test_few_step_keys_on_a_one_step_student_name_the_key_given(override, field):
+    # found by an outside-in sweep: step_weights on a one-step student was reported as generator.rollout (a
+    # key the config did not set), experts as generator.steps
+    cfg = resolve({**CFG, "generator": {"width": 32, "depth": 2}}, [override])
+    with pytest.raises(ConfigError) as e:
+        Distiller(cfg, None)
+    assert e.value.field == field, str(e.value)

@@ -55,3 +55,29 @@ def test_two_rank_gloo_equals_one_process(tmp_path, reference_run):
     # measured max abs difference after 12 iterations: ~1e-7 (gradient all-reduce changes summation order)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_d_custom_mixture_runs_with_plots(tmp_path, capsys):
+    # found by an outside-in sweep: every recipe on a 1-D custom mixture crashed at its first evaluation (the
+    # scatter plot read a second coordinate); 1-D samples are now drawn as histograms
+    from helpers import run_main
+
+    cfg = tiny_config(teacher={"preset": None, "means": [[-2.0], [0.0], [3.0]], "stds": [0.1, 0.02, 0.3],
+                               "weights": [0.6, 0.35, 0.05]}, eval={"plots": True})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    code, err = run_main(["distill", str(path), "--out", str(run)], capsys)
+    assert code == 0, err
+    assert os.listdir(run / "samples") and (run / "comparison.png").exists()
+
+
+def test_mixture_weights_near_the_float_limit_are_normalised():
+    # found by an outside-in sweep: weights [1e308, 1e308] (finite, accepted) summed to inf, and the first teacher
+    # sample stopped with an "invalid multinomial distribution" traceback
+    from scoredistill.teachers.gmm import GMMTeacher
+
+    t = GMMTeacher([[0.0, 0.0], [1.0, 1.0]], 0.1, [1e308, 1e308])
+    assert torch.equal(t.weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.isfinite(t.sample(8, generator=torch.Generator().manual_seed(0))).all()

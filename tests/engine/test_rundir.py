@@ -95,3 +95,24 @@ def test_demo_refuses_a_folder_with_foreign_files(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert os.listdir(d) == ["data.csv"] and (d / "data.csv").read_text() == "1,2,3"
+
+
+def test_atomic_folders_get_a_plain_folders_modes(tmp_path):
+    # found by an outside-in sweep: generator/ and every checkpoint folder were 0700 (mkdtemp's mode) with a 0600
+    # model.safetensors, unreadable to the group where the rest of the run folder was readable
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from scoredistill.fileio import atomic_dir
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(str(tmp_path / "gen")) as tmp:
+            save_file({"w": torch.zeros(2)}, os.path.join(tmp, "model.safetensors"))
+            os.chmod(os.path.join(tmp, "model.safetensors"), 0o600)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "gen").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "gen" / "model.safetensors").st_mode) == 0o644

@@ -244,6 +244,7 @@ def run_toy_suite(out: str, recipes: dict[str, tuple[Path, str]], methods: Seque
                     row = run_one(method, recipe, teacher, seed, run_dir, plot, steps=steps,
                                   budget_seconds=budget_seconds, n_eval=n_eval, overrides=overrides,
                                   steps_eval=steps_eval, recipe_steps=recipe_steps)
+                    os.makedirs(os.path.dirname(cache), exist_ok=True)  # a run refused before its folder
                     with open(cache, "w") as f:
                         json.dump({"key": cache_key, "row": row}, f)
                 for r in expand_steps(row):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def _seeds(args) -> list[int]:
         raise ConfigError("--seeds", f"must be comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise ConfigError("--seeds", "needs at least one seed")
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise ConfigError("--seeds", f"seeds must be integers in [0, 2^63), got {bad[0]}")
     return seeds
 
 
@@ -102,6 +106,28 @@ def _command(args, methods, teachers, seeds) -> str:
     return " ".join(parts)
 
 
+def _check_out(out: str, claim: bool = False) -> None:
+    """The bench folder follows the run-folder rules (docs/cli.md): a new or empty folder, or one a bench wrote
+    (marker ``.scoredistill``, or from before the marker: ``results.md`` beside ``runs/``); it is then marked as
+    ours (``claim``; checked first without writing). A folder of anything else is refused, since a bench
+    replaces ``runs/<run>`` folders inside it."""
+    from scoredistill.engine.rundir import is_ours, write_marker
+    from scoredistill.errors import ConfigError
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError("--out", f"{out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not is_ours(out):
+        legacy = os.path.isfile(os.path.join(out, "results.md")) and os.path.isdir(os.path.join(out, "runs"))
+        if not legacy:
+            raise ConfigError("--out", f"{out} is not empty and was not created by scoredistill; nothing in it is "
+                              "touched: choose a new or empty folder")
+    if not claim:
+        return
+    os.makedirs(out, exist_ok=True)
+    if not is_ours(out):
+        write_marker(out, "bench")
+
+
 def cmd_bench(args):
     from scoredistill.errors import ConfigError
 
@@ -109,13 +135,22 @@ def cmd_bench(args):
         args.out = os.path.join("bench", args.suite)
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps", "must be >= 1")
-    if args.budget_seconds is not None and args.budget_seconds <= 0:
-        raise ConfigError("--budget-seconds", "must be > 0")
+    if args.budget_seconds is not None and not (math.isfinite(args.budget_seconds) and args.budget_seconds > 0):
+        raise ConfigError("--budget-seconds", f"must be a finite number of seconds > 0, got {args.budget_seconds}")
     if args.recipe_steps and args.suite != "toy":
         raise ConfigError("--recipe-steps", f"the {args.suite} suite already trains each recipe for its own steps "
                           "(or --steps); accepted with --suite toy")
     if args.n_eval < 16:
         raise ConfigError("--n-eval", "must be >= 16")
+    if args.set and args.suite == "sds":
+        raise ConfigError("--set", "the sds suite takes no overrides (its recipes are rescaled to --steps); accepted "
+                          "with --suite toy, digits or 3d")
+    from scoredistill.config import DISTILL, check_override_values
+    from scoredistill.optimize.config import OPTIMIZE
+
+    # a bad value would fail every run of the suite: refused here, before any training
+    check_override_values(args.set, OPTIMIZE if args.suite == "3d" else DISTILL)
+    _check_out(args.out)
     from scoredistill.bench.steps_eval import parse_steps_eval
 
     args.steps_eval_list = parse_steps_eval(args.steps_eval)
@@ -148,6 +183,7 @@ def _bench_toy(args):
               "- non-finite: samples of the final generator that are NaN/Inf / training steps skipped by the guard",
               "- metrics: precision (inside the 99.9 % radius of a component), modes holding >= 10 % of their "
               "share, weight TV between the precise samples' component frequencies and the weights, sliced W2"]
+    _check_out(args.out, claim=True)
     run_toy_suite(args.out, recipes, methods, teachers, seeds, steps=args.steps, budget_seconds=args.budget_seconds,
                   recipe_steps=args.recipe_steps,
                   n_eval=args.n_eval, overrides=args.set, fresh=args.fresh, header=header,
@@ -165,6 +201,7 @@ def _bench_sds(args):
     methods = _choose(args.methods, METHODS, (), "--methods")
     teachers = _choose(args.teachers, TEACHERS, (), "--teachers")
     seed = _seeds(args)[0]
+    _check_out(args.out, claim=True)
     rows = run_sds_suite(args.out, methods=methods, budget_steps=args.steps or 600, seed=seed,
                          teachers=teachers or None, recipes=args.recipes)
     print(f"wrote {len(rows)} rows to {os.path.join(args.out, 'results.md')}")
@@ -187,6 +224,7 @@ def _bench_digits(args):
     from scoredistill.bench.steps_eval import check_recipes
 
     check_recipes({m: str(folder / f"{m}.yaml") for m in methods}, args.steps_eval_list, overrides)
+    _check_out(args.out, claim=True)
     rows = run_digits_suite(dataset[0], n=args.n_eval, seed=_seeds(args)[0],
                             distill=[str(folder / f"{m}.yaml") for m in methods], overrides=overrides,
                             runs=os.path.join(args.out, "runs"), out_dir=args.out,
@@ -215,6 +253,7 @@ def _bench_3d(args):
               "particles); Chamfer: opacity-weighted, Gaussian centres to that scene's (scene units); Janus rate: "
               "share of side / back views closer to the scene's front template than to its true view; particles "
               "per scene: nearest scene by PSNR", ""]
+    _check_out(args.out, claim=True)
     rows = run_3d_suite(args.out, methods, teachers, args.steps, seed=seed, recipes=args.recipes, header=header,
                         overrides=args.set, log=lambda m: print(m, flush=True))
     print(f"wrote {len(rows)} rows to {os.path.join(args.out, 'results.md')}")

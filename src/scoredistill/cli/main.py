@@ -15,6 +15,7 @@ import sys
 
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
+MAX_SIZE = 2**24  # --n past this is a typo (config.MAX_SIZE; not imported here: torch loads lazily)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,16 +79,16 @@ def cmd_sample(args):
     from scoredistill.models.rollout import sample_noise_seed
 
     folder = os.path.join(args.run_dir, "generator")
+    if not 1 <= args.n <= MAX_SIZE:
+        raise ConfigError("--n", f"must be an integer in [1, 2^24], got {args.n}")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError("--seed", f"must be an integer in [0, 2^63), got {args.seed}")
     if not os.path.isdir(args.run_dir):
         raise ConfigError("RUN_DIR", f"folder not found: {args.run_dir}")
     try:
         gen, gcfg = load_model(folder)
     except FileNotFoundError:
         raise ConfigError("RUN_DIR", f"{args.run_dir} has no generator/ yet (train first)") from None
-    if args.n < 1:
-        raise ConfigError("--n", "must be >= 1")
-    if not 0 <= args.seed < 2**63:
-        raise ConfigError("--seed", f"must be an integer in [0, 2^63), got {args.seed}")
     gen.eval()
     g = torch.Generator().manual_seed(args.seed)
     shape = gcfg.get("data_shape") or getattr(gen, "data_shape", None)
@@ -134,8 +135,10 @@ def cmd_teacher_sample(args):
     cfg = resolve(load_yaml(args.config), args.set)
     if args.sampler not in SAMPLERS:
         raise ConfigError("--sampler", f"unknown value {args.sampler!r}; accepted: {', '.join(SAMPLERS)}")
-    if args.steps < 1 or args.n < 1:
-        raise ConfigError("--steps" if args.steps < 1 else "--n", "must be >= 1")
+    if not 1 <= args.n <= MAX_SIZE:
+        raise ConfigError("--n", f"must be an integer in [1, 2^24], got {args.n}")
+    if not 1 <= args.steps <= 10000:
+        raise ConfigError("--steps", f"must be an integer in [1, 10000], got {args.steps}")
     if not 0 <= args.seed < 2**63:
         raise ConfigError("--seed", f"must be an integer in [0, 2^63), got {args.seed}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
@@ -258,13 +261,33 @@ def main(argv=None):
             _fail(f"training aborted: {e}", EXIT_ABORTED)
         except CheckpointError as e:
             _fail(f"checkpoint: {e}")
+        except (MemoryError, RuntimeError) as e:
+            from scoredistill.errors import out_of_memory
+
+            if not out_of_memory(e):
+                raise
+            _fail(str(out_of_memory(e)))
     except _UsageError as e:
         _fail(str(e))
     except ConfigError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; resume with `scoredistill distill --resume RUN_DIR`", 130)
+        _fail(_interrupted(locals().get("args")), 130)
     return 0
+
+
+def _interrupted(args) -> str:
+    """What Ctrl-C leaves behind and how to go on: ``--resume`` a run folder with a checkpoint, the same command
+    for one without (it restarts in place, docs/cli.md), nothing for the other commands."""
+    command = getattr(args, "command", None)
+    run_dir = getattr(args, "resume", None) or getattr(args, "out", None)
+    if command not in ("distill", "optimize") or not run_dir:
+        return "interrupted"
+    from scoredistill.engine.rundir import has_checkpoint
+
+    if os.path.isdir(run_dir) and has_checkpoint(run_dir):
+        return f"interrupted; resume with `scoredistill {command} --resume {run_dir}`"
+    return "interrupted before the first checkpoint; run the same command again to start over"
 
 
 if __name__ == "__main__":

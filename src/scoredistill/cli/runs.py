@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from scoredistill.config import check_resume_overrides, load_yaml
 from scoredistill.engine.rundir import RunLock, check_new, clear_own, has_checkpoint
-from scoredistill.errors import CheckpointError, ConfigError
+from scoredistill.errors import CheckpointError, ConfigError, out_of_memory
 
 
 def load_saved_config(run_dir: str, field: str = "--resume") -> dict:
@@ -30,6 +30,11 @@ def load_saved_config(run_dir: str, field: str = "--resume") -> dict:
         raise ConfigError(field, f"folder not found: {run_dir}")
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
+        from scoredistill.engine.rundir import is_ours
+
+        if is_ours(run_dir):  # a run stopped between taking the folder and writing its config: nothing to resume
+            raise ConfigError(field, f"{run_dir} has no config.yaml yet (its run stopped before writing it, nothing "
+                              "to resume): run the CONFIG.yaml --out command again, it restarts in place")
         raise ConfigError(field, f"{run_dir} has no config.yaml (not a scoredistill run folder)")
     return load_yaml(path)
 
@@ -75,7 +80,13 @@ def run_in_folder(args, *, command: str, resolve: Callable, build: Callable, sch
                 check_new(run_dir, "--out", force=getattr(args, "force", False))
                 clear_own(run_dir)
         try:
-            res = driver.run(resume=resume)
+            try:
+                res = driver.run(resume=resume)
+            except (MemoryError, RuntimeError) as e:  # sizes too large for this machine: bad input too
+                oom = out_of_memory(e)
+                if oom is None:
+                    raise
+                raise oom from None
         except (ConfigError, CheckpointError):
             if created and lock is not None and not has_checkpoint(run_dir):
                 lock.release()

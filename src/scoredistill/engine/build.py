@@ -128,6 +128,11 @@ def build_generator(gcfg: dict | GeneratorConfig, teacher: Denoiser, two_time: b
     return gen
 
 
+def _few_step_key(g: GeneratorConfig) -> str:
+    """The K-step key a one-step generator's config set (the message names the key the user wrote)."""
+    return "generator.rollout" if g.rollout != "fresh" else "generator.step_weights"
+
+
 def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = False,
                      signed_time: bool = False, phases=None) -> torch.nn.Module:
     dim = int(np.prod(teacher.data_shape))
@@ -139,15 +144,16 @@ def _build_generator(g: GeneratorConfig, teacher: Denoiser, two_time: bool = Fal
             raise ConfigError("generator.kind", f"{g.kind!r} is a one-step generator here; K-step diffusers "
                               "students and experts are copies of the teacher: accepted: teacher, lora")
         if g.rollout != "fresh" or g.step_weights is not None:
-            raise ConfigError("generator.rollout", "applies to K-step students; accepted with generator.kind "
-                              f"{g.kind}: fresh, step_weights null")
+            raise ConfigError(_few_step_key(g), "applies to K-step students; accepted with generator.kind "
+                              f"{g.kind}: rollout fresh, step_weights null")
     elif g.steps is not None or g.timesteps is not None:
         return _native_few_step(g, teacher, dim, two_time, signed_time, phases)
     elif g.experts is not None or phases is not None:
-        raise ConfigError("generator.steps", "experts are the step networks of a K-step student; accepted: "
-                          "generator.steps >= 1 or generator.timesteps")
+        raise ConfigError("generator.experts" if g.experts is not None else "generator.steps",
+                          "experts are the step networks of a K-step student; accepted: generator.steps >= 1 or "
+                          "generator.timesteps")
     elif g.rollout != "fresh" or g.step_weights is not None:
-        raise ConfigError("generator.rollout", "applies to K-step students; set generator.steps or timesteps")
+        raise ConfigError(_few_step_key(g), "applies to K-step students; set generator.steps or timesteps")
     if g.kind == "mlp":
         return MLPGenerator(dim, g.width, g.depth, teacher.num_classes, blocks=g.blocks)
     if g.kind == "multi":  # MSD: one student per block of classes (models/multi.py)

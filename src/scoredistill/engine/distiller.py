@@ -148,6 +148,11 @@ class Distiller(Loop):
                                   "real samples; accepted: teacher, PATH.npy")
             self.real, self.real_cond = load_real_data(tc["real_data"], self.teacher, self.reference,
                                                        tc["real_pool"], tc["seed"], self.log)
+        elif isinstance(tc["real_data"], str) and tc["real_data"].endswith(".npy") and not os.path.isfile(
+                tc["real_data"]):  # unread by this objective, but a path that names nothing is a typo
+            raise ConfigError("train.real_data", f"file not found: {tc['real_data']} (objective "
+                              f"{self.objective.name} reads no real samples; accepted: teacher, none or an existing "
+                              "PATH.npy)")
         self.init_pool = None
         if self.init_steps:  # the teacher's samples that teacher score matching noises
             self.init_pool = load_real_data("teacher", self.teacher, self.reference, tc["real_pool"], tc["seed"],

@@ -101,11 +101,12 @@ def check_tangent_keys(params) -> None:
     cc.Tangent(params.jvp)
 
 
-def check_ranges(params, checks: dict[str, bool]) -> None:
-    """One line on the first key of ``checks`` (name -> in range) that is out of range."""
-    for k, ok in checks.items():
+def check_ranges(params, checks: dict[str, tuple[bool, str]]) -> None:
+    """One line on the first key of ``checks`` (name -> (in range, the accepted values in words)) that is out of
+    range, naming what it accepts."""
+    for k, (ok, accepts) in checks.items():
         if not ok:
-            raise ConfigError(f"objective.{k}", f"out of range: {getattr(params, k)!r}")
+            raise ConfigError(f"objective.{k}", f"must be {accepts}, got {getattr(params, k)!r}")
 
 
 class TangentObjective(ConsistencyObjective):

@@ -37,7 +37,7 @@ class HyperSDParams(CDParams):
 
     def validate(self):
         super().validate()
-        check_ranges(self, {"stage_steps": self.stage_steps >= 1})
+        check_ranges(self, {"stage_steps": (self.stage_steps >= 1, ">= 1")})
         if max(self.segments) > self.levels - 1:
             raise ConfigError("objective.segments", f"each k must be <= levels - 1 = {self.levels - 1}, "
                               f"got {list(self.segments)}")

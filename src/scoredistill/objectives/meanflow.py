@@ -45,8 +45,8 @@ class MeanFlowParams(ConsistencyParams):
     def validate(self):
         super().validate()
         check_tangent_keys(self)
-        checks = {"flow_fraction": 0 <= self.flow_fraction <= 1, "fd_step": self.fd_step > 0,
-                  "adaptive_p": self.adaptive_p >= 0, "adaptive_c": self.adaptive_c > 0}
+        checks = {"flow_fraction": (0 <= self.flow_fraction <= 1, "in [0, 1]"), "fd_step": (self.fd_step > 0, "> 0"),
+                  "adaptive_p": (self.adaptive_p >= 0, ">= 0"), "adaptive_c": (self.adaptive_c > 0, "> 0")}
         check_ranges(self, checks)
 
 

@@ -50,9 +50,10 @@ class SCMParams(ConsistencyParams):
     def validate(self):
         super().validate()
         check_tangent_keys(self)
-        checks = {"fd_step": self.fd_step > 0, "tangent_c": self.tangent_c >= 0, "warmup_steps": self.warmup_steps >= 0,
-                  "adaptive_bins": self.adaptive_bins >= 1, "adaptive_rate": 0 <= self.adaptive_rate < 1,
-                  "sigma_data": self.sigma_data is None or self.sigma_data > 0}
+        checks = {"fd_step": (self.fd_step > 0, "> 0"), "tangent_c": (self.tangent_c >= 0, ">= 0"),
+                  "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "adaptive_bins": (self.adaptive_bins >= 1, ">= 1"),
+                  "adaptive_rate": (0 <= self.adaptive_rate < 1, "in [0, 1)"),
+                  "sigma_data": (self.sigma_data is None or self.sigma_data > 0, "> 0 or null")}
         check_ranges(self, checks)
 
 

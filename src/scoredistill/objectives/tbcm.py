@@ -34,7 +34,7 @@ class TBCMParams(CDParams):
 
     def validate(self):
         super().validate()
-        check_ranges(self, {"points_per_trajectory": self.points_per_trajectory >= 1})
+        check_ranges(self, {"points_per_trajectory": (self.points_per_trajectory >= 1, ">= 1")})
 
 
 @torch.no_grad()

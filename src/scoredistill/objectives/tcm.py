@@ -43,11 +43,15 @@ class TCMParams(CDParams):
 
     def validate(self):
         super().validate()
-        check_ranges(self, {"stage1_steps": self.stage1_steps >= 0,
-                            "rho_prime": self.rho_min < self.rho_prime < self.rho_max,
-                            "boundary_fraction": 0 <= self.boundary_fraction <= 1,
-                            "denoise_fraction": 0 <= self.denoise_fraction <= 1 - self.boundary_fraction,
-                            "boundary_weight": self.boundary_weight >= 0, "denoise_weight": self.denoise_weight >= 0})
+        check_ranges(self, {
+            "stage1_steps": (self.stage1_steps >= 0, ">= 0"),
+            "rho_prime": (self.rho_min < self.rho_prime < self.rho_max, f"in (rho_min, rho_max) = ({self.rho_min:g}, "
+                          f"{self.rho_max:g})"),
+            "boundary_fraction": (0 <= self.boundary_fraction <= 1, "in [0, 1]"),
+            "denoise_fraction": (0 <= self.denoise_fraction <= 1 - self.boundary_fraction,
+                                 f"in [0, 1 - boundary_fraction] = [0, {1 - self.boundary_fraction:g}]"),
+            "boundary_weight": (self.boundary_weight >= 0, ">= 0"),
+            "denoise_weight": (self.denoise_weight >= 0, ">= 0")})
 
 
 def _rows(cond, mask):

@@ -60,9 +60,9 @@ class TwinFlowParams(ConsistencyParams):
             raise ConfigError("objective.target_ema_ramp", "ramps the target's EMA rate up to objective.target_ema, "
                               "which is 0 (an exact copy); set target_ema (the paper: 0.99) or leave the ramp off")
         check_velocity(self)
-        checks = {"dm_weight": self.dm_weight >= 0, "rcgm_delta": 0 < self.rcgm_delta < 1,
-                  "rcgm_steps": self.rcgm_steps >= 1, "mul_frac": 0 < self.mul_frac <= 1, "clamp": self.clamp > 0,
-                  "barron_c": self.barron_c > 0}
+        checks = {"dm_weight": (self.dm_weight >= 0, ">= 0"), "rcgm_delta": (0 < self.rcgm_delta < 1, "in (0, 1)"),
+                  "rcgm_steps": (self.rcgm_steps >= 1, ">= 1"), "mul_frac": (0 < self.mul_frac <= 1, "in (0, 1]"),
+                  "clamp": (self.clamp > 0, "> 0"), "barron_c": (self.barron_c > 0, "> 0")}
         check_ranges(self, checks)
 
 

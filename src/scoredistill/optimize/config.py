@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from scoredistill.config import (
     INT64_MAX,
+    MAX_LR,
     MAX_SIZE,
     MAX_WIDTH,
     ObjectiveConfig,
@@ -39,13 +40,14 @@ from scoredistill.errors import ConfigError
 from scoredistill.optimize.schedule import parse_schedule
 
 
-def schedulable(lo: float):
-    """A number ``>= lo`` or a schedule (:func:`~scoredistill.optimize.schedule.parse_schedule`) of such."""
+def schedulable(lo: float, hi: float | None = None):
+    """A number in ``[lo, hi]`` or a schedule (:func:`~scoredistill.optimize.schedule.parse_schedule`) of such."""
     def check(v, f):
         s = parse_schedule(v, f)
         vals = (s.start, s.end) if s is not None else (v,)
-        if not all(is_number(x) and x >= lo for x in vals):
-            raise ConfigError(f, f"must be a number >= {lo:g} or a schedule [start_step, start, end, end_step], "
+        if not all(is_number(x) and x >= lo and (hi is None or x <= hi) for x in vals):
+            what = f">= {lo:g}" if hi is None else f"in [{lo:g}, {hi:g}]"
+            raise ConfigError(f, f"must be a number {what} or a schedule [start_step, start, end, end_step], "
                               f"got {v!r}")
     return check
 
@@ -184,16 +186,16 @@ class OptimizeTrainConfig(Section):
     DOC: ClassVar[str] = "Optimization, cadences and resources of `optimize`."
     steps: int = steps_key(1000, "parameter updates (resume: may grow, never below the steps done)")
     seed: int = seed_key()
-    lr: Any = key(1e-2, "particle / parameter learning rate (schedulable)", check=schedulable(0),
-                  accepts="a number >= 0 or a schedule")
+    lr: Any = key(1e-2, "particle / parameter learning rate (schedulable)", check=schedulable(0, MAX_LR),
+                  accepts="a number in [0, 1e+06] or a schedule")
     betas: list[float] = betas_key([0.9, 0.99], "Adam betas of the parameters")
     eps: float = key(1e-15, "Adam eps (threestudio's)", lo=0)
     weight_decay: float = key(0.0, "weight decay of the parameters", lo=0)
     optimizer: str = optimizer_key("adam", "parameter optimizer")
     fake_optimizer: str | None = optimizer_key(None, "fake-score optimizer (default: optimizer)")
     disc_optimizer: str | None = optimizer_key(None, "discriminator optimizer (default: fake_optimizer)")
-    fake_lr: Any = key(1e-3, "fake-score learning rate (schedulable)", check=schedulable(0),
-                       accepts="a number >= 0 or a schedule")
+    fake_lr: Any = key(1e-3, "fake-score learning rate (schedulable)", check=schedulable(0, MAX_LR),
+                       accepts="a number in [0, 1e+06] or a schedule")
     fake_betas: list[float] = betas_key([0.9, 0.999], "Adam betas of the fake score")
     fake_steps: int = key(1, "fake-score updates per parameter update (ProlificDreamer K = 1)", lo=1, hi=10000)
     fake_warmup: int = key(0, "fake-score updates on the initial samples before the first step", lo=0,

@@ -45,6 +45,7 @@ class GMMTeacher(Denoiser):
             raise ConfigError("teacher.weights", "must all be > 0")
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
+        weights = weights / weights.max()  # first to [0, 1]: the sum of weights near 1e308 overflows to inf
         self.register_buffer("weights", weights / weights.sum())
         if classes is not None:
             classes = torch.as_tensor(classes, dtype=torch.long)

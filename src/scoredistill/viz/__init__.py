@@ -25,7 +25,8 @@ def pca_basis(x: torch.Tensor) -> torch.Tensor | None:
 
 def scatter_panels(panels: list[tuple[str, torch.Tensor]], path: str, means: torch.Tensor | None = None,
                    basis_from: torch.Tensor | None = None, title: str | None = None, max_points: int = 2000):
-    """One row of scatter plots (first two coordinates, or a shared PCA plane for D > 2)."""
+    """One row of scatter plots (first two coordinates, or a shared PCA plane for D > 2); 1-D samples: one
+    histogram (density) per panel on a shared range, with the means as vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,9 +37,18 @@ def scatter_panels(panels: list[tuple[str, torch.Tensor]], path: str, means: tor
     lo, hi = ref.min(0).values, ref.max(0).values
     pad = 0.25 * (hi - lo) + 0.1
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.3), squeeze=False)
+    one_d = ref.shape[1] == 1
     for ax, (name, x) in zip(axes[0], panels):
         p = _project(x[:max_points], basis)
         p = p[torch.isfinite(p).all(1)]
+        if one_d:  # a scatter plot needs two coordinates
+            ax.hist(p[:, 0].numpy(), bins=60, range=(float(lo[0] - pad[0]), float(hi[0] + pad[0])), density=True,
+                    color="tab:blue", alpha=0.7)
+            for m in ([] if means is None else _project(means, basis)[:, 0].tolist()):
+                ax.axvline(m, color="tab:red", lw=0.8)
+            ax.set_title(name, fontsize=9)
+            ax.tick_params(labelsize=7)
+            continue
         ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.5, color="tab:blue", rasterized=True)
         if means is not None:
             m = _project(means, basis)
