@@ -116,3 +116,29 @@ def test_atomic_folders_get_a_plain_folders_modes(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE(os.stat(tmp_path / "gen").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(tmp_path / "gen" / "model.safetensors").st_mode) == 0o644
+
+
+def test_a_plot_killed_before_its_rename_leaves_a_temporary_the_rules_remove(tmp_path, monkeypatch):
+    # a kill between savefig and the rename used to leave "comparison.png.tmp.png", which the run-folder rules
+    # counted as a user's file; the temporary now has the ".tmp-" prefix they clean on resume
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scoredistill.viz import save_figure
+
+    d = str(tmp_path / "run")
+    mark_ours(d, "distill")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(plt.figure(), os.path.join(d, "comparison.png"))
+    monkeypatch.undo()
+    left = [n for n in os.listdir(d) if n != MARKER]
+    assert left == [".tmp-comparison.png"]
+    remove_stray_temporaries(d)
+    assert os.listdir(d) == [MARKER]

@@ -52,7 +52,7 @@ def parse_schedule(value, field: str) -> Schedule | None:
     if isinstance(value, (list, tuple)):
         if len(value) != 4 or not all(_num(v) for v in value):
             raise ConfigError(field,
-                              f"a schedule is [start_step, start, end, end_step] (4 numbers), got {value!r}")
+                              f"a schedule is [start_step, start, end, end_step] (4 finite numbers), got {value!r}")
         spec = dict(zip(("start_step", "start", "end", "end_step"), value))
         kind = "linear"
     elif isinstance(value, dict) and ("start" in value or "end_step" in value or value.get("kind") in KINDS):

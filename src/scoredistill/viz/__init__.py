@@ -68,8 +68,10 @@ def save_figure(fig, path: str, title: str | None = None) -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # the run-folder rules know ".tmp-" names as leftovers of killed writes (removed on resume, never "foreign")
+    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
