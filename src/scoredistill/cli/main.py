@@ -264,9 +264,10 @@ def main(argv=None):
         except (MemoryError, RuntimeError) as e:
             from scoredistill.errors import out_of_memory
 
-            if not out_of_memory(e):
+            oom = out_of_memory(e)
+            if oom is None:
                 raise
-            _fail(str(out_of_memory(e)))
+            _fail(str(oom))
     except _UsageError as e:
         _fail(str(e))
     except ConfigError as e:

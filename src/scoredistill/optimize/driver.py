@@ -18,7 +18,6 @@ this driver's own sampling RNG and fake warm-up flag, from which ``resume`` cont
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -121,14 +120,7 @@ class PriorOptimizer(Loop):
         convention = cfg["teacher"].get("guidance_convention", "canonical")
         obj_cfg, self.obj_schedules = extract_schedules(cfg["objective"], "objective")
         if self.obj_schedules:  # a schedule's end is checked like its start (a t_min ending at 1.5 ran silently)
-            end_cfg = copy.deepcopy(obj_cfg)
-            for k, sch in self.obj_schedules.items():
-                *outer, last = k.split(".")
-                node = end_cfg
-                for part in outer:
-                    node = node[part]
-                node[last] = sch.end
-            build_objective(end_cfg, convention)
+            build_objective(extract_schedules(cfg["objective"], "objective", end=True)[0], convention)
         self.obj_schedules = {k: sch.map(functools.partial(canonical_param, k, convention=convention))
                               for k, sch in self.obj_schedules.items()}
         self.objective = build_objective(obj_cfg, convention)

@@ -74,16 +74,17 @@ def parse_schedule(value, field: str) -> Schedule | None:
     return Schedule(s0, float(spec["start"]), float(spec["end"]), s1, kind)
 
 
-def extract_schedules(section: dict, prefix: str,
-                      nested=("time", "fake_time")) -> tuple[dict, dict[str, Schedule]]:
-    """Replace every schedule in ``section`` (and its ``nested`` mappings) by its value at step 0.
+def extract_schedules(section: dict, prefix: str, nested=("time", "fake_time"),
+                      end: bool = False) -> tuple[dict, dict[str, Schedule]]:
+    """Replace every schedule in ``section`` (and its ``nested`` mappings) by its value at step 0 (its end value
+    with ``end``, so that both ends can be validated alike).
 
     Returns the cleaned copy and ``{dotted_key_relative_to_section: Schedule}``.
     """
     out, found = {}, {}
     for k, v in section.items():
         if k in nested and isinstance(v, dict):
-            sub, subf = extract_schedules(v, f"{prefix}.{k}", nested=())
+            sub, subf = extract_schedules(v, f"{prefix}.{k}", nested=(), end=end)
             out[k] = sub
             found.update({f"{k}.{kk}": s for kk, s in subf.items()})
             continue
@@ -91,6 +92,6 @@ def extract_schedules(section: dict, prefix: str,
         if sch is None:
             out[k] = v
         else:
-            out[k] = sch(0)
+            out[k] = sch.end if end else sch(0)
             found[k] = sch
     return out, found
