@@ -68,10 +68,11 @@ def save_figure(fig, path: str, title: str | None = None) -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # the run-folder rules know ".tmp-" names as leftovers of killed writes (removed on resume, never "foreign")
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from scoredistill.fileio import atomic_file
+
+    # a ".tmp-" sibling, which the run-folder rules remove on resume (a killed write never looks like a user's file)
+    try:
+        with atomic_file(os.path.abspath(path), "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
